@@ -1,0 +1,703 @@
+"""
+Hand-written LLaMA (1/2/3, Mistral-style GQA) and OPT in plain PyTorch, plus
+loading of Hugging Face-format checkpoint folders and their tokenizers.
+
+Every model exposes the interface the pruning code drives:
+    x = model.embed(idx)          # (B, T) token ids -> (B, T, C) hidden states
+    for block in model.blocks:    # decoder blocks, each (B, T, C) -> (B, T, C)
+        x = block(x)              # block.linears(): prunable nn.Linear by name
+    logits = model.head(x)        # final norm (+ projection) + lm_head
+"""
+
+import json
+import math
+import mmap
+import os
+import shutil
+import sys
+import tempfile
+import warnings
+from dataclasses import dataclass, field
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+
+class UserError(Exception):
+    """Bad input from the user (a file, a flag, a config): the message says what and how to fix it."""
+
+
+# -----------------------------------------------------------------------------
+# LLaMA
+
+
+@dataclass
+class LlamaConfig:
+    vocab_size: int
+    hidden_size: int
+    intermediate_size: int
+    num_hidden_layers: int
+    num_attention_heads: int
+    num_key_value_heads: int = None  # None: multi-head attention
+    head_dim: int = None  # None: hidden_size // num_attention_heads
+    rms_norm_eps: float = 1e-6
+    rope_theta: float = 10000.0
+    rope_scaling: dict = None  # None, {"rope_type": "linear"|"llama3", ...}
+    max_position_embeddings: int = 2048
+    attention_bias: bool = False
+    mlp_bias: bool = False
+    tie_word_embeddings: bool = False
+    bos_token_id: int = 1
+    eos_token_id: int = 2
+    raw: dict = field(default_factory=dict, repr=False)  # config.json as read, written back on export
+
+    def __post_init__(self):
+        if self.num_key_value_heads is None:
+            self.num_key_value_heads = self.num_attention_heads
+        if self.head_dim is None:
+            self.head_dim = self.hidden_size // self.num_attention_heads
+        if self.num_attention_heads % self.num_key_value_heads:
+            raise UserError(f"config.json: num_attention_heads={self.num_attention_heads} is not a multiple of "
+                            f"num_key_value_heads={self.num_key_value_heads}; the checkpoint's config is inconsistent.")
+
+
+def rope_inv_freq(cfg):
+    """RoPE inverse frequencies (head_dim/2,), float32, with the `linear` or `llama3` rescaling."""
+    d = cfg.head_dim
+    inv_freq = 1.0 / (cfg.rope_theta ** (torch.arange(0, d, 2, dtype=torch.int64, device="cpu").float() / d))
+    scaling = cfg.rope_scaling or {}
+    kind = scaling.get("rope_type", scaling.get("type", "default"))
+    if kind == "default":
+        return inv_freq
+    if kind == "linear":
+        return inv_freq / scaling["factor"]
+    if kind == "llama3":
+        # LLaMA-3.1: keep high frequencies, divide low ones by `factor`, interpolate in between
+        factor, lo, hi = scaling["factor"], scaling["low_freq_factor"], scaling["high_freq_factor"]
+        old_len = scaling["original_max_position_embeddings"]
+        wavelen = 2 * math.pi / inv_freq
+        scaled = torch.where(wavelen > old_len / lo, inv_freq / factor, inv_freq)
+        smooth = (old_len / wavelen - lo) / (hi - lo)
+        smoothed = (1 - smooth) * scaled / factor + smooth * scaled
+        medium = (wavelen >= old_len / hi) & (wavelen <= old_len / lo)
+        return torch.where(medium, smoothed, scaled)
+    raise UserError(f"config.json: rope_scaling type {kind!r} is not supported (supported: default, linear, llama3).")
+
+
+def rotate_half(x):
+    x1, x2 = x.chunk(2, dim=-1)
+    return torch.cat((-x2, x1), dim=-1)
+
+
+class RMSNorm(nn.Module):
+    def __init__(self, dim, eps):
+        super().__init__()
+        self.eps = eps
+        self.weight = nn.Parameter(torch.ones(dim))
+
+    def forward(self, x):
+        # normalise in float32 even when the model runs in bf16/fp16, as the reference does
+        xf = x.float()
+        xf = xf * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + self.eps)
+        return self.weight * xf.to(x.dtype)
+
+
+class LlamaAttention(nn.Module):
+    def __init__(self, cfg):
+        super().__init__()
+        self.n_head, self.n_kv_head, self.head_dim = cfg.num_attention_heads, cfg.num_key_value_heads, cfg.head_dim
+        C, bias = cfg.hidden_size, cfg.attention_bias
+        self.q_proj = nn.Linear(C, self.n_head * self.head_dim, bias=bias)
+        self.k_proj = nn.Linear(C, self.n_kv_head * self.head_dim, bias=bias)
+        self.v_proj = nn.Linear(C, self.n_kv_head * self.head_dim, bias=bias)
+        self.o_proj = nn.Linear(self.n_head * self.head_dim, C, bias=bias)
+        # a plain attribute, not a buffer: model.to(bfloat16) must not round the frequencies
+        self.inv_freq = rope_inv_freq(cfg)
+
+    def forward(self, x):
+        B, T, C = x.shape
+        # QKV
+        q = self.q_proj(x).view(B, T, self.n_head, self.head_dim).transpose(1, 2)  # (B, nh, T, hd)
+        k = self.k_proj(x).view(B, T, self.n_kv_head, self.head_dim).transpose(1, 2)  # (B, nkv, T, hd)
+        v = self.v_proj(x).view(B, T, self.n_kv_head, self.head_dim).transpose(1, 2)  # (B, nkv, T, hd)
+        # RoPE, angles in float32 (HF checkpoints permute q/k for the rotate-half convention)
+        pos = torch.arange(T, device=x.device, dtype=torch.float32)
+        freqs = torch.outer(pos, self.inv_freq.to(x.device))  # (T, hd/2)
+        emb = torch.cat((freqs, freqs), dim=-1)  # (T, hd)
+        cos, sin = emb.cos().to(x.dtype), emb.sin().to(x.dtype)
+        q = q * cos + rotate_half(q) * sin
+        k = k * cos + rotate_half(k) * sin
+        # causal attention; grouped-query heads share K/V without materialising copies
+        y = F.scaled_dot_product_attention(q, k, v, is_causal=True, enable_gqa=self.n_kv_head != self.n_head)
+        # output projection
+        y = y.transpose(1, 2).reshape(B, T, self.n_head * self.head_dim)  # (B, T, nh*hd)
+        return self.o_proj(y)
+
+
+class LlamaMLP(nn.Module):
+    def __init__(self, cfg):
+        super().__init__()
+        C, H, bias = cfg.hidden_size, cfg.intermediate_size, cfg.mlp_bias
+        self.gate_proj = nn.Linear(C, H, bias=bias)
+        self.up_proj = nn.Linear(C, H, bias=bias)
+        self.down_proj = nn.Linear(H, C, bias=bias)
+
+    def forward(self, x):
+        return self.down_proj(F.silu(self.gate_proj(x)) * self.up_proj(x))
+
+
+class Block(nn.Module):
+    """Common part of both families' decoder blocks: the prunable layers in execution order."""
+
+    def linears(self):
+        return {name: m for name, m in self.named_modules() if isinstance(m, nn.Linear)}
+
+
+class LlamaBlock(Block):
+    def __init__(self, cfg):
+        super().__init__()
+        self.input_layernorm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
+        self.self_attn = LlamaAttention(cfg)
+        self.post_attention_layernorm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
+        self.mlp = LlamaMLP(cfg)
+
+    def forward(self, x):
+        x = x + self.self_attn(self.input_layernorm(x))
+        return x + self.mlp(self.post_attention_layernorm(x))
+
+
+class Llama(nn.Module):
+    def __init__(self, cfg):
+        super().__init__()
+        self.cfg = cfg
+        self.embed_tokens = nn.Embedding(cfg.vocab_size, cfg.hidden_size)
+        self.blocks = nn.ModuleList(LlamaBlock(cfg) for _ in range(cfg.num_hidden_layers))
+        self.norm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
+        self.lm_head = nn.Linear(cfg.hidden_size, cfg.vocab_size, bias=False)
+        if cfg.tie_word_embeddings:
+            self.lm_head.weight = self.embed_tokens.weight
+
+    def embed(self, idx):
+        return self.embed_tokens(idx)
+
+    def head(self, x):
+        return self.lm_head(self.norm(x))
+
+    def forward(self, idx):
+        x = self.embed(idx)
+        for block in self.blocks:
+            x = block(x)
+        return self.head(x)
+
+
+# -----------------------------------------------------------------------------
+# OPT
+
+
+@dataclass
+class OPTConfig:
+    vocab_size: int
+    hidden_size: int
+    ffn_dim: int
+    num_hidden_layers: int
+    num_attention_heads: int
+    max_position_embeddings: int = 2048
+    do_layer_norm_before: bool = True  # False: post-LN blocks (OPT-350M)
+    word_embed_proj_dim: int = None  # != hidden_size: project_in / project_out (OPT-350M)
+    enable_bias: bool = True
+    layer_norm_elementwise_affine: bool = True
+    activation_function: str = "relu"
+    _remove_final_layer_norm: bool = False
+    bos_token_id: int = 2  # OPT prepends </s>
+    eos_token_id: int = 2
+    raw: dict = field(default_factory=dict, repr=False)
+
+    def __post_init__(self):
+        if self.word_embed_proj_dim is None:
+            self.word_embed_proj_dim = self.hidden_size
+        if self.activation_function not in OPT_ACTIVATIONS:
+            raise UserError(f"config.json: activation_function {self.activation_function!r} is not supported "
+                            f"(supported: {', '.join(OPT_ACTIVATIONS)}).")
+        self.has_final_norm = self.do_layer_norm_before and not self._remove_final_layer_norm
+
+
+OPT_ACTIVATIONS = {"relu": F.relu, "gelu": F.gelu}
+
+
+class OPTAttention(nn.Module):
+    def __init__(self, cfg):
+        super().__init__()
+        C, bias = cfg.hidden_size, cfg.enable_bias
+        self.n_head = cfg.num_attention_heads
+        self.q_proj = nn.Linear(C, C, bias=bias)
+        self.k_proj = nn.Linear(C, C, bias=bias)
+        self.v_proj = nn.Linear(C, C, bias=bias)
+        self.out_proj = nn.Linear(C, C, bias=bias)
+
+    def forward(self, x):
+        B, T, C = x.shape
+        q = self.q_proj(x).view(B, T, self.n_head, C // self.n_head).transpose(1, 2)  # (B, nh, T, hd)
+        k = self.k_proj(x).view(B, T, self.n_head, C // self.n_head).transpose(1, 2)  # (B, nh, T, hd)
+        v = self.v_proj(x).view(B, T, self.n_head, C // self.n_head).transpose(1, 2)  # (B, nh, T, hd)
+        y = F.scaled_dot_product_attention(q, k, v, is_causal=True)
+        y = y.transpose(1, 2).reshape(B, T, C)  # (B, T, C)
+        return self.out_proj(y)
+
+
+class OPTBlock(Block):
+    def __init__(self, cfg):
+        super().__init__()
+        C, affine = cfg.hidden_size, cfg.layer_norm_elementwise_affine
+        self.pre_ln = cfg.do_layer_norm_before
+        self.act = OPT_ACTIVATIONS[cfg.activation_function]
+        self.self_attn_layer_norm = nn.LayerNorm(C, elementwise_affine=affine)
+        self.self_attn = OPTAttention(cfg)
+        self.final_layer_norm = nn.LayerNorm(C, elementwise_affine=affine)
+        self.fc1 = nn.Linear(C, cfg.ffn_dim, bias=cfg.enable_bias)
+        self.fc2 = nn.Linear(cfg.ffn_dim, C, bias=cfg.enable_bias)
+
+    def forward(self, x):
+        if self.pre_ln:
+            x = x + self.self_attn(self.self_attn_layer_norm(x))
+            return x + self.fc2(self.act(self.fc1(self.final_layer_norm(x))))
+        # post-LN variant: normalise after each residual sum
+        x = self.self_attn_layer_norm(x + self.self_attn(x))
+        return self.final_layer_norm(x + self.fc2(self.act(self.fc1(x))))
+
+
+class OPT(nn.Module):
+    POSITION_OFFSET = 2  # OPT's learned position table starts at index 2 (a fairseq legacy)
+
+    def __init__(self, cfg):
+        super().__init__()
+        self.cfg = cfg
+        C, E = cfg.hidden_size, cfg.word_embed_proj_dim
+        self.embed_tokens = nn.Embedding(cfg.vocab_size, E)
+        self.embed_positions = nn.Embedding(cfg.max_position_embeddings + self.POSITION_OFFSET, C)
+        self.project_in = nn.Linear(E, C, bias=False) if E != C else None
+        self.blocks = nn.ModuleList(OPTBlock(cfg) for _ in range(cfg.num_hidden_layers))
+        self.final_layer_norm = nn.LayerNorm(C, elementwise_affine=cfg.layer_norm_elementwise_affine) \
+            if cfg.has_final_norm else None
+        self.project_out = nn.Linear(C, E, bias=False) if E != C else None
+        self.lm_head = nn.Linear(E, cfg.vocab_size, bias=False)
+        self.lm_head.weight = self.embed_tokens.weight  # OPT always ties the output embedding
+
+    def embed(self, idx):
+        B, T = idx.shape
+        x = self.embed_tokens(idx)  # (B, T, E)
+        if self.project_in is not None:
+            x = self.project_in(x)  # (B, T, C)
+        pos = torch.arange(T, device=idx.device) + self.POSITION_OFFSET
+        return x + self.embed_positions(pos)
+
+    def head(self, x):
+        if self.final_layer_norm is not None:
+            x = self.final_layer_norm(x)
+        if self.project_out is not None:
+            x = self.project_out(x)  # (B, T, E)
+        return self.lm_head(x)
+
+    def forward(self, idx):
+        x = self.embed(idx)
+        for block in self.blocks:
+            x = block(x)
+        return self.head(x)
+
+
+# -----------------------------------------------------------------------------
+# config.json -> config dataclass, and the checkpoint's tensor names
+
+
+def read_config(ckpt_dir):
+    """Parse `ckpt_dir/config.json` into LlamaConfig or OPTConfig."""
+    if not os.path.isdir(ckpt_dir):
+        raise UserError(f"checkpoint folder {ckpt_dir!r} does not exist; pass --ckpt a Hugging Face model folder "
+                        "(config.json plus *.safetensors or pytorch_model.bin).")
+    path = os.path.join(ckpt_dir, "config.json")
+    if not os.path.isfile(path):
+        raise UserError(f"{ckpt_dir!r} has no config.json, so it is not a Hugging Face model folder; "
+                        "point --ckpt at the folder that holds config.json and the weights.")
+    try:
+        with open(path) as f:
+            raw = json.load(f)
+        assert isinstance(raw, dict)
+    except (json.JSONDecodeError, UnicodeDecodeError, AssertionError) as e:
+        raise UserError(f"{path} is not a valid JSON object ({e}); re-download or repair the file.") from None
+    return config_from_dict(raw, path)
+
+
+def config_from_dict(raw, path="config.json"):
+    kind = raw.get("model_type")
+    if kind in LLAMA_TYPES:
+        fields, make = LlamaConfig.__dataclass_fields__, LlamaConfig
+    elif kind == "opt":
+        fields, make = OPTConfig.__dataclass_fields__, OPTConfig
+    else:
+        raise UserError(f"{path}: model_type {kind!r} is not supported; supported model types: "
+                        f"{', '.join(sorted(LLAMA_TYPES | {'opt'}))}.")
+    kw = {k: v for k, v in raw.items() if k in fields and k != "raw"}
+    rope = raw.get("rope_parameters")  # transformers >= 5 moves rope_theta/rope_scaling here
+    if kind in LLAMA_TYPES and isinstance(rope, dict):
+        kw["rope_theta"] = rope.get("rope_theta", kw.get("rope_theta", 10000.0))
+        kw["rope_scaling"] = None if rope.get("rope_type", "default") == "default" else rope
+    for eos in ("eos_token_id", "bos_token_id"):
+        if isinstance(kw.get(eos), list):  # LLaMA-3 lists several end-of-turn ids
+            kw[eos] = kw[eos][0]
+    try:
+        return make(**kw, raw=raw)
+    except TypeError as e:
+        raise UserError(f"{path}: a required field is missing ({e}); the config is incomplete.") from None
+
+
+LLAMA_TYPES = {"llama", "mistral"}
+
+
+def build_model(cfg):
+    return Llama(cfg) if isinstance(cfg, LlamaConfig) else OPT(cfg)
+
+
+def hf_name_map(cfg):
+    """Our state-dict key -> the checkpoint's key ('{}' is the block index)."""
+    if isinstance(cfg, LlamaConfig):
+        top = {"embed_tokens.weight": "model.embed_tokens.weight", "norm.weight": "model.norm.weight"}
+        if not cfg.tie_word_embeddings:
+            top["lm_head.weight"] = "lm_head.weight"
+        prefix = "model.layers.{}."
+    else:
+        top = {"embed_tokens.weight": "model.decoder.embed_tokens.weight",
+               "embed_positions.weight": "model.decoder.embed_positions.weight"}
+        for name in ("project_in", "project_out"):
+            if cfg.word_embed_proj_dim != cfg.hidden_size:
+                top[f"{name}.weight"] = f"model.decoder.{name}.weight"
+        if cfg.has_final_norm and cfg.layer_norm_elementwise_affine:
+            top.update({f"final_layer_norm.{p}": f"model.decoder.final_layer_norm.{p}" for p in ("weight", "bias")})
+        prefix = "model.decoder.layers.{}."
+    names = dict(top)
+    with torch.device("meta"):
+        block = build_model_block(cfg)
+    for i in range(cfg.num_hidden_layers):
+        for key in block.state_dict():
+            names[f"blocks.{i}.{key}"] = prefix.format(i) + key
+    return names
+
+
+def build_model_block(cfg):
+    return LlamaBlock(cfg) if isinstance(cfg, LlamaConfig) else OPTBlock(cfg)
+
+
+# keys a checkpoint may carry that hold nothing we need
+HARMLESS_KEYS = ("rotary_emb.inv_freq", "lm_head.weight", "embed_positions._float_tensor")
+
+
+# -----------------------------------------------------------------------------
+# safetensors: 8-byte little-endian header length, a JSON header, then raw little-endian data
+
+SAFETENSORS_DTYPES = {"F64": torch.float64, "F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16,
+                      "I64": torch.int64, "I32": torch.int32, "I16": torch.int16, "I8": torch.int8,
+                      "U8": torch.uint8, "BOOL": torch.bool}
+
+
+def read_safetensors_header(path):
+    """Return (header dict without __metadata__, byte offset where the data starts)."""
+    size = os.path.getsize(path)
+    with open(path, "rb") as f:
+        head = f.read(8)
+        n = int.from_bytes(head, "little") if len(head) == 8 else -1
+        if n < 2 or 8 + n > size:
+            raise UserError(f"{path} is not a valid safetensors file (truncated, or its header length {n} does not "
+                            f"fit the file's {size} bytes); re-download it.")
+        try:
+            header = json.loads(f.read(n))
+        except (json.JSONDecodeError, UnicodeDecodeError) as e:
+            raise UserError(f"{path}: the safetensors header is corrupt ({e}); re-download the file.") from None
+    header.pop("__metadata__", None)
+    for name, info in header.items():
+        if info.get("dtype") not in SAFETENSORS_DTYPES:
+            raise UserError(f"{path}: tensor {name!r} has dtype {info.get('dtype')!r}, which is not supported "
+                            f"(supported: {', '.join(SAFETENSORS_DTYPES)}).")
+        begin, end = info["data_offsets"]
+        if 8 + n + end > size:
+            raise UserError(f"{path}: tensor {name!r} lies past the end of the file; the file is truncated, "
+                            "re-download it.")
+    return header, 8 + n
+
+
+def iter_safetensors(path, dtype=None):
+    """Yield (name, tensor) one at a time from a memory map, each cast to `dtype` and copied out of the map."""
+    assert sys.byteorder == "little", "safetensors data is little-endian"
+    header, start = read_safetensors_header(path)
+    with open(path, "rb") as f, mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_READ) as mm:
+        for name, info in header.items():
+            begin, end = (start + o for o in info["data_offsets"])
+            file_dtype = SAFETENSORS_DTYPES[info["dtype"]]
+            with warnings.catch_warnings():  # the map is read-only; we copy before anyone could write
+                warnings.simplefilter("ignore")
+                t = torch.frombuffer(mm, dtype=torch.uint8, count=end - begin, offset=begin) if end > begin \
+                    else torch.empty(0, dtype=torch.uint8)
+            t = t.view(file_dtype).reshape(info["shape"])
+            t = t.to(dtype if dtype is not None and t.is_floating_point() else file_dtype, copy=True)
+            # hand the mapped pages back so resident memory stays near one copy of the model
+            page = mmap.PAGESIZE
+            lo = begin // page * page
+            if end > lo:
+                mm.madvise(mmap.MADV_DONTNEED, lo, end - lo)
+            yield name, t
+
+
+def save_safetensors(tensors, path):
+    """Write {name: tensor} as a safetensors file (atomically: a temporary file, then rename)."""
+    inverse = {v: k for k, v in SAFETENSORS_DTYPES.items()}
+    header, offset = {}, 0
+    for name, t in tensors.items():
+        nbytes = t.numel() * t.element_size()
+        header[name] = {"dtype": inverse[t.dtype], "shape": list(t.shape), "data_offsets": [offset, offset + nbytes]}
+        offset += nbytes
+    header["__metadata__"] = {"format": "pt"}
+    blob = json.dumps(header, separators=(",", ":")).encode()
+    blob += b" " * (-len(blob) % 8)  # the data section starts 8-byte aligned
+    tmp = path + ".tmp"
+    with open(tmp, "wb") as f:
+        f.write(len(blob).to_bytes(8, "little"))
+        f.write(blob)
+        for t in tensors.values():
+            f.write(t.detach().contiguous().cpu().reshape(-1).view(torch.uint8).numpy().tobytes())
+    os.replace(tmp, path)
+
+
+# -----------------------------------------------------------------------------
+# checkpoint folder -> model
+
+
+def checkpoint_files(ckpt_dir):
+    """The weight files of a checkpoint folder: safetensors (single or sharded) or pytorch_model.bin."""
+    for single, index in (("model.safetensors", "model.safetensors.index.json"),
+                          ("pytorch_model.bin", "pytorch_model.bin.index.json")):
+        if os.path.isfile(os.path.join(ckpt_dir, index)):
+            path = os.path.join(ckpt_dir, index)
+            try:
+                with open(path) as f:
+                    shards = sorted(set(json.load(f)["weight_map"].values()))
+            except (json.JSONDecodeError, KeyError, TypeError) as e:
+                raise UserError(f"{path} is not a valid shard index ({e}); re-download it.") from None
+            files = [os.path.join(ckpt_dir, s) for s in shards]
+            missing = [p for p in files if not os.path.isfile(p)]
+            if missing:
+                raise UserError(f"{path} lists shard {missing[0]!r}, which is missing; download every shard.")
+            return files
+        if os.path.isfile(os.path.join(ckpt_dir, single)):
+            return [os.path.join(ckpt_dir, single)]
+    raise UserError(f"{ckpt_dir!r} has no weights: expected model.safetensors, sharded model-*.safetensors with "
+                    "model.safetensors.index.json, or pytorch_model.bin.")
+
+
+def iter_checkpoint(ckpt_dir, dtype):
+    for path in checkpoint_files(ckpt_dir):
+        if path.endswith(".safetensors"):
+            yield from ((name, t, path) for name, t in iter_safetensors(path, dtype))
+            continue
+        try:
+            sd = torch.load(path, map_location="cpu", weights_only=True, mmap=True)
+        except Exception as e:
+            raise UserError(f"{path} could not be read as a PyTorch state dict ({e}); re-download it.") from None
+        for name in list(sd):
+            t = sd.pop(name)
+            yield name, (t.to(dtype) if t.is_floating_point() else t), path
+
+
+def load_model(ckpt_dir, dtype=torch.float32):
+    """Build the model described by `ckpt_dir/config.json` and fill it from the folder's weights."""
+    cfg = read_config(ckpt_dir)
+    with torch.device("meta"):
+        model = build_model(cfg)
+    names = hf_name_map(cfg)
+    ours = {hf: key for key, hf in names.items()}
+    expected = model.state_dict()
+    loaded = {}
+    for name, t, path in iter_checkpoint(ckpt_dir, dtype):
+        key = ours.get(name) or ours.get("model." + name)  # older OPT files omit the "model." prefix
+        if key is None:
+            if name.endswith(HARMLESS_KEYS):
+                continue
+            raise UserError(f"{path}: tensor {name!r} is not part of a {cfg.raw.get('model_type')} model with this "
+                            "config.json; the weights and config.json do not belong together.")
+        if tuple(t.shape) != tuple(expected[key].shape):
+            raise UserError(f"{path}: tensor {name!r} has shape {tuple(t.shape)} but config.json implies "
+                            f"{tuple(expected[key].shape)}; the weights and config.json do not belong together.")
+        loaded[key] = t
+    missing = [names[k] for k in names if k not in loaded]
+    if missing:
+        raise UserError(f"{ckpt_dir}: tensor {missing[0]!r} is missing from the weights ({len(missing)} missing in "
+                        "all); the checkpoint is incomplete or for another architecture.")
+    model.load_state_dict(loaded, assign=True, strict=False)
+    if getattr(cfg, "tie_word_embeddings", True):
+        model.lm_head.weight = model.embed_tokens.weight
+    return model.eval()
+
+
+def save_model(model, out_dir, tokenizer_dir=None):
+    """Write `model` as a Hugging Face-format folder (config.json, model.safetensors, tokenizer files)."""
+    cfg = model.cfg
+    sd = model.state_dict()
+    tensors = {hf: sd[key] for key, hf in hf_name_map(cfg).items()}
+    tmp = tempfile.mkdtemp(dir=os.path.dirname(os.path.abspath(out_dir)) or ".", prefix=".export-")
+    save_safetensors(tensors, os.path.join(tmp, "model.safetensors"))
+    raw = dict(cfg.raw)
+    raw["torch_dtype"] = str(next(iter(tensors.values())).dtype).removeprefix("torch.")
+    with open(os.path.join(tmp, "config.json"), "w") as f:
+        json.dump(raw, f, indent=2)
+    if tokenizer_dir:
+        for name in TOKENIZER_FILES + ("tokenizer_config.json", "special_tokens_map.json"):
+            if os.path.isfile(os.path.join(tokenizer_dir, name)):
+                shutil.copy(os.path.join(tokenizer_dir, name), tmp)
+    if os.path.isdir(out_dir):
+        shutil.rmtree(out_dir)
+    os.replace(tmp, out_dir)
+
+
+# -----------------------------------------------------------------------------
+# tokenizers: encode(text) -> ids (with the model's BOS), decode(ids) -> text
+
+TOKENIZER_FILES = ("tokenizer.model", "tokenizer.json", "vocab.json", "merges.txt")
+
+# the pre-tokenisation regex of GPT-2's byte-level BPE (OPT uses it too)
+GPT2_PATTERN = r"""'s|'t|'re|'ve|'m|'ll|'d| ?\p{L}+| ?\p{N}+| ?[^\s\p{L}\p{N}]+|\s+(?!\S)|\s+"""
+
+
+def bytes_to_unicode():
+    """GPT-2's reversible map from bytes to printable characters used in vocab.json/merges.txt."""
+    bs = list(range(ord("!"), ord("~") + 1)) + list(range(ord("¡"), ord("¬") + 1)) + list(range(ord("®"), ord("ÿ") + 1))
+    cs = bs[:]
+    n = 0
+    for b in range(256):
+        if b not in bs:
+            bs.append(b)
+            cs.append(256 + n)
+            n += 1
+    return dict(zip(bs, map(chr, cs)))
+
+
+class SentencePieceTokenizer:
+    """LLaMA-1/2 `tokenizer.model`; BOS once at the start, as the original tokenizer adds it."""
+
+    def __init__(self, path, bos_id, eos_id):
+        import sentencepiece as spm
+        try:
+            self.sp = spm.SentencePieceProcessor(model_file=path)
+        except Exception as e:
+            raise UserError(f"{path} is not a valid SentencePiece model ({e}); re-download it.") from None
+        self.bos_id, self.eos_id = bos_id, eos_id
+        self.vocab_size = self.sp.get_piece_size()
+
+    def encode(self, text, bos=True):
+        return [self.bos_id] * bos + self.sp.encode(text)
+
+    def decode(self, ids):
+        return self.sp.decode([i for i in ids if i != self.bos_id])
+
+
+class BPETokenizer:
+    """Byte-level BPE (GPT-2/OPT vocab.json + merges.txt, LLaMA-3 tokenizer.json) run by tiktoken.
+
+    tiktoken merges the pair whose concatenation has the lowest rank, so ranks must follow merges.txt;
+    vocab ids need not (OPT's follow fairseq's frequency order). We rank by merge order and map ranks to ids.
+    """
+
+    def __init__(self, vocab, merges, pattern, bos_id, eos_id, name="bpe"):
+        import tiktoken
+        byte_of = {c: b for b, c in bytes_to_unicode().items()}
+
+        def to_bytes(token):
+            return bytes(byte_of[c] for c in token)
+
+        ranks = {bytes([b]): b for b in range(256)}
+        for a, b in merges:
+            ranks.setdefault(to_bytes(a) + to_bytes(b), len(ranks))
+        rank_to_id = [-1] * len(ranks)
+        special = {}
+        for token, i in vocab.items():
+            try:
+                r = ranks.get(to_bytes(token))
+            except KeyError:  # a character outside the byte alphabet: an added special token
+                r = None
+            if r is None:
+                special[token] = i
+            else:
+                rank_to_id[r] = i
+        if -1 in rank_to_id:
+            raise UserError(f"{name}: merges.txt produces a token that vocab.json does not contain; the two files "
+                            "do not belong together.")
+        special_ranks = {tok: len(ranks) + j for j, tok in enumerate(special)}
+        rank_to_id += list(special.values())
+        self.enc = tiktoken.Encoding(name=name, pat_str=pattern, mergeable_ranks=ranks, special_tokens=special_ranks)
+        self.rank_to_id = torch.tensor(rank_to_id)
+        self.id_to_rank = {i: r for r, i in enumerate(rank_to_id)}
+        self.bos_id, self.eos_id = bos_id, eos_id
+        self.vocab_size = len(rank_to_id)
+
+    def encode(self, text, bos=True):
+        ranks = self.enc.encode_ordinary(text)
+        return [self.bos_id] * bos + self.rank_to_id[ranks].tolist()
+
+    def decode(self, ids):
+        ranks = [self.id_to_rank[i] for i in ids if i != self.bos_id]
+        return self.enc.decode(ranks)
+
+
+def load_tokenizer(ckpt_dir, bos_id, eos_id):
+    """The tokenizer in `ckpt_dir`: tokenizer.model, tokenizer.json (BPE), or vocab.json + merges.txt."""
+    path = lambda name: os.path.join(ckpt_dir, name)  # noqa: E731
+    if os.path.isfile(path("tokenizer.model")):
+        return SentencePieceTokenizer(path("tokenizer.model"), bos_id, eos_id)
+    if os.path.isfile(path("tokenizer.json")):
+        try:
+            with open(path("tokenizer.json")) as f:
+                tj = json.load(f)
+            m = tj["model"]
+        except (json.JSONDecodeError, KeyError, UnicodeDecodeError) as e:
+            raise UserError(f"{path('tokenizer.json')} is not a valid tokenizer file ({e}).") from None
+        if m.get("type") != "BPE":
+            raise UserError(f"{path('tokenizer.json')}: tokenizer type {m.get('type')!r} is not supported here "
+                            "(supported: byte-level BPE; LLaMA-1/2 ship tokenizer.model, which is).")
+        merges = [tuple(x.split(" ", 1)) if isinstance(x, str) else tuple(x) for x in m["merges"]]
+        vocab = dict(m["vocab"])
+        vocab.update({t["content"]: t["id"] for t in tj.get("added_tokens", [])})
+        return BPETokenizer(vocab, merges, find_split_pattern(tj.get("pre_tokenizer")) or GPT2_PATTERN,
+                            bos_id, eos_id, name=path("tokenizer.json"))
+    if os.path.isfile(path("vocab.json")) and os.path.isfile(path("merges.txt")):
+        with open(path("vocab.json"), encoding="utf-8") as f:
+            vocab = json.load(f)
+        with open(path("merges.txt"), encoding="utf-8") as f:
+            merges = [tuple(line.split()) for line in f.read().split("\n")
+                      if line and not line.startswith("#version")]
+        return BPETokenizer(vocab, merges, GPT2_PATTERN, bos_id, eos_id, name=path("vocab.json"))
+    raise UserError(f"{ckpt_dir!r} has no tokenizer: expected tokenizer.model (SentencePiece), tokenizer.json "
+                    "(BPE) or vocab.json + merges.txt; copy the tokenizer files from the original model.")
+
+
+def find_split_pattern(pre):
+    """The regex of a tokenizer.json `Split` pre-tokenizer (LLaMA-3 uses its own), if any."""
+    if not isinstance(pre, dict):
+        return None
+    if pre.get("type") == "Split":
+        return pre.get("pattern", {}).get("Regex")
+    for p in pre.get("pretokenizers", []):
+        found = find_split_pattern(p)
+        if found:
+            return found
+    return None
+
+
+def load(ckpt_dir, dtype=torch.float32):
+    """Model and tokenizer of a checkpoint folder."""
+    model = load_model(ckpt_dir, dtype)
+    tok = load_tokenizer(ckpt_dir, model.cfg.bos_token_id, model.cfg.eos_token_id)
+    return model, tok
+
+
+@torch.no_grad()
+def generate(model, idx, n):
+    """Greedy decoding of `n` tokens (no KV cache: used for parity checks, not speed)."""
+    for _ in range(n):
+        idx = torch.cat([idx, model(idx)[:, -1].argmax(-1, keepdim=True)], dim=1)
+    return idx
