@@ -1,0 +1,279 @@
+"""
+Post-training pruning baselines in plain PyTorch: magnitude, Wanda, SparseGPT,
+unstructured and N:M, driven block by block for LLaMA and OPT alike.
+
+A sparsity is either a fraction s in [0, 1) or an (n, m) pair: keep n of every
+m consecutive input weights of a row (2:4 and 4:8 are 50 %, 1:4 is 75 %).
+"""
+
+import math
+import sys
+import time
+
+import torch
+
+# -----------------------------------------------------------------------------
+# scores and masks (mask: True = weight kept)
+
+
+def wanda_score(W, act_norm):
+    """Wanda (Sun et al. 2023, eq. 1): S_ij = |W_ij| * ||X_j||_2.  W: (out, in), act_norm: (in,)."""
+    return W.abs().float() * act_norm.float().view(1, -1)
+
+
+def row_ranks(score):
+    """Each weight's rank within its row, 0 = lowest score; ties keep column order (stable sort)."""
+    order = torch.argsort(score, dim=1, stable=True)  # (out, in)
+    ranks = torch.empty_like(order)
+    ranks.scatter_(1, order, torch.arange(score.shape[1], device=score.device).expand_as(order))
+    return ranks
+
+
+def mask_from_ranks(ranks, s):
+    """Per-row mask keeping the `in - int(in * s)` highest-ranked weights; nested in s by construction."""
+    return ranks >= int(ranks.shape[1] * s)
+
+
+def row_mask(score, s):
+    """Per-row unstructured mask: every row keeps exactly `in - int(in * s)` weights."""
+    return mask_from_ranks(row_ranks(score), s)
+
+
+def nm_mask(score, n, m):
+    """N:M mask: in every run of m consecutive input columns of a row keep the n highest scores."""
+    out_f, in_f = score.shape
+    if in_f % m:
+        raise ValueError(f"N:M sparsity {n}:{m} needs in_features divisible by {m}, got {in_f}")
+    groups = score.view(out_f, in_f // m, m)
+    pruned = torch.argsort(groups, dim=-1, stable=True)[..., : m - n]  # (out, in/m, m-n) lowest scores
+    mask = torch.ones_like(groups, dtype=torch.bool)
+    mask.scatter_(-1, pruned, False)
+    return mask.view(out_f, in_f)
+
+
+def magnitude_mask(W, sparsity):
+    """Magnitude baseline: one threshold per matrix (fraction), or N:M on |W|."""
+    if isinstance(sparsity, tuple):
+        return nm_mask(W.abs().float(), *sparsity)
+    k = int(W.numel() * sparsity)
+    mask = torch.ones(W.numel(), dtype=torch.bool, device=W.device)
+    mask[torch.argsort(W.abs().float().flatten(), stable=True)[:k]] = False
+    return mask.view_as(W)
+
+
+def wanda_mask(W, act_norm, sparsity):
+    score = wanda_score(W, act_norm)
+    return nm_mask(score, *sparsity) if isinstance(sparsity, tuple) else row_mask(score, sparsity)
+
+
+# -----------------------------------------------------------------------------
+# SparseGPT (Frantar & Alistarh 2023, Algorithm 1)
+
+
+def damped_hinv_chol(H, percdamp, warn=print):
+    """Upper Cholesky factor of (H + damp*I)^-1; retry with 10x dampening if H is not positive definite."""
+    damp = percdamp * torch.mean(torch.diag(H))
+    eye = torch.eye(H.shape[0], device=H.device, dtype=H.dtype)
+    for attempt in range(6):
+        L, info = torch.linalg.cholesky_ex(H + damp * eye)
+        if info == 0:
+            Hinv = torch.cholesky_inverse(L)
+            U, info = torch.linalg.cholesky_ex(Hinv, upper=True)
+            if info == 0:
+                return U
+        if attempt == 0:
+            warn(f"SparseGPT: H is not positive definite at dampening {percdamp}; retrying with 10x more")
+        damp = damp * 10
+    raise RuntimeError("SparseGPT: Cholesky failed even with 1e5x the dampening; the Hessian is degenerate")
+
+
+def sparsegpt_prune(W, H, sparsity, blocksize=128, percdamp=0.01, warn=print):
+    """Prune W (out, in) given H = 2/n X X^T (in, in); returns the pruned, error-compensated weight.
+
+    Unlike the reference code, which prunes `int(count * s) + 1` weights per block through `<=` on a
+    threshold, this prunes exactly `int(count * s)`, so sparsity 0 leaves W unchanged.
+    """
+    W = W.clone().float()
+    H = H.clone().float()
+    out_f, in_f = W.shape
+    dead = torch.diag(H) == 0  # inputs that were always zero carry no information: prune them freely
+    H[dead, dead] = 1
+    W[:, dead] = 0
+    Hinv = damped_hinv_chol(H, percdamp, warn)  # (in, in), upper triangular
+    nm = sparsity if isinstance(sparsity, tuple) else None
+
+    for i1 in range(0, in_f, blocksize):
+        i2 = min(i1 + blocksize, in_f)
+        count = i2 - i1
+        W1 = W[:, i1:i2].clone()
+        Q1 = torch.zeros_like(W1)
+        Err1 = torch.zeros_like(W1)
+        Hinv1 = Hinv[i1:i2, i1:i2]
+        d = torch.diag(Hinv1)
+
+        # the mask for the whole block at once, from the OBS saliency w^2 / [H^-1]_ii^2
+        if nm is None:
+            score = W1 ** 2 / d.view(1, -1) ** 2
+            k = int(score.numel() * sparsity)
+            pruned = torch.zeros(score.numel(), dtype=torch.bool, device=W.device)
+            pruned[torch.argsort(score.flatten(), stable=True)[:k]] = True
+            pruned = pruned.view_as(score)
+        else:
+            pruned = torch.zeros_like(W1, dtype=torch.bool)
+
+        for i in range(count):
+            w = W1[:, i]
+            if nm is not None and i % nm[1] == 0:
+                n, m = nm
+                score = W1[:, i:i + m] ** 2 / d[i:i + m].view(1, -1) ** 2
+                pruned[:, i:i + m] = ~nm_mask(score, n, m)
+            q = w.clone()
+            q[pruned[:, i]] = 0
+            Q1[:, i] = q
+            err = (w - q) / d[i]
+            # update the block's remaining columns to compensate the error (OBS update)
+            W1[:, i:] -= err.unsqueeze(1) @ Hinv1[i, i:].unsqueeze(0)
+            Err1[:, i] = err
+
+        W[:, i1:i2] = Q1
+        W[:, i2:] -= Err1 @ Hinv[i1:i2, i2:]  # lazy batch update of all later columns
+    return W
+
+
+# -----------------------------------------------------------------------------
+# statistics: forward hooks that only accumulate
+
+
+class InputStats:
+    """Accumulates a linear layer's inputs: column sums of squares (Wanda) and optionally X^T X (SparseGPT)."""
+
+    def __init__(self, n_in, hessian, device):
+        self.sq = torch.zeros(n_in, dtype=torch.float32, device=device)
+        self.XtX = torch.zeros(n_in, n_in, dtype=torch.float32, device=device) if hessian else None
+        self.n = 0  # tokens seen
+
+    def add(self, x):
+        x = x.detach().reshape(-1, x.shape[-1]).float()  # (tokens, in)
+        self.sq += x.pow(2).sum(0)
+        if self.XtX is not None:
+            self.XtX += x.t() @ x
+        self.n += x.shape[0]
+
+    @property
+    def act_norm(self):
+        return self.sq.sqrt()  # ||X_j||_2 over all calibration tokens
+
+    @property
+    def H(self):
+        return 2 * self.XtX / self.n
+
+
+def run_block(block, X, device, batch_size, stats=None):
+    """Run `block` over the stream X (N, T, C) in batches; optionally feed `stats` {name: InputStats}."""
+    hooks = [] if stats is None else [
+        lin.register_forward_hook(lambda mod, inp, out, s=stats[name]: s.add(inp[0]))
+        for name, lin in block.linears().items()]
+    out = torch.empty_like(X)
+    with torch.no_grad():
+        for i in range(0, X.shape[0], batch_size):
+            out[i:i + batch_size] = block(X[i:i + batch_size].to(device)).to(out.device)
+    for h in hooks:
+        h.remove()
+    return out
+
+
+def new_stats(block, hessian, device):
+    return {name: InputStats(lin.in_features, hessian, device) for name, lin in block.linears().items()}
+
+
+@torch.no_grad()
+def embed_calibration(model, calib, device, batch_size):
+    """The first block's inputs (N, T, C) for calibration ids (N, T), kept where the model lives."""
+    home = model.embed_tokens.weight.device
+    return torch.cat([model.embed(calib[i:i + batch_size].to(home)) for i in range(0, len(calib), batch_size)])
+
+
+# -----------------------------------------------------------------------------
+# the block-wise driver, one for every model family
+
+
+class Progress:
+    """Per-block progress on stderr with elapsed time and an estimate of what remains."""
+
+    def __init__(self, total, what):
+        self.total, self.what, self.t0, self.done = total, what, time.time(), 0
+
+    def step(self, start_done=0, extra=""):
+        self.done += 1
+        elapsed = time.time() - self.t0
+        eta = elapsed / self.done * (self.total - start_done - self.done)
+        print(f"{self.what}: block {start_done + self.done}/{self.total} done, {elapsed:.1f}s elapsed, "
+              f"~{eta:.1f}s left{extra}", file=sys.stderr, flush=True)
+
+
+def prune_model(model, method, sparsity, calib=None, device="cpu", batch_size=8, blocksize=128, percdamp=0.01,
+                warn=print):
+    """Prune every Linear in every decoder block of `model` in place with `method`.
+
+    The statistics of block i come from inputs that went through the already-pruned blocks 0..i-1
+    (as in Wanda and SparseGPT). Only the current block and one batch of its inputs visit `device`.
+    """
+    assert method in ("magnitude", "wanda", "sparsegpt"), method
+    home = model.embed_tokens.weight.device
+    X = None if method == "magnitude" else embed_calibration(model, calib, device, batch_size)
+    progress = Progress(len(model.blocks), method)
+    for block in model.blocks:
+        block.to(device)
+        if method == "magnitude":
+            for lin in block.linears().values():
+                lin.weight.mul_(magnitude_mask(lin.weight, sparsity))
+        else:
+            stats = new_stats(block, method == "sparsegpt", device)
+            run_block(block, X, device, batch_size, stats)
+            for name, lin in block.linears().items():
+                W = lin.weight.data
+                if method == "wanda":
+                    W.mul_(wanda_mask(W, stats[name].act_norm, sparsity))
+                else:
+                    W.copy_(sparsegpt_prune(W, stats[name].H, sparsity, blocksize, percdamp, warn))
+            del stats
+            X = run_block(block, X, device, batch_size)  # next block's inputs, from this pruned block
+        block.to(home)
+        progress.step()
+    return model
+
+
+def sparsity_report(model):
+    """Fraction of zero weights per prunable layer ('blocks.i.name') and over all of them."""
+    per_layer, zeros, total = {}, 0, 0
+    for i, block in enumerate(model.blocks):
+        for name, lin in block.linears().items():
+            z = (lin.weight == 0).sum().item()
+            per_layer[f"blocks.{i}.{name}"] = z / lin.weight.numel()
+            zeros, total = zeros + z, total + lin.weight.numel()
+    return per_layer, zeros / total
+
+
+def parse_sparsity(text):
+    """'0.5' -> 0.5, '2:4' -> (2, 4); ValueError with the reason otherwise."""
+    text = text.strip()
+    if ":" in text:
+        try:
+            n, m = (int(v) for v in text.split(":"))
+        except ValueError:
+            raise ValueError(f"N:M sparsity {text!r} must be two integers such as 2:4") from None
+        if not 0 < n < m:
+            raise ValueError(f"N:M sparsity {text!r} must keep n of m weights with 0 < n < m, e.g. 2:4 or 4:8")
+        return (n, m)
+    try:
+        s = float(text)
+    except ValueError:
+        raise ValueError(f"sparsity {text!r} is neither a fraction such as 0.5 nor an N:M pattern such as 2:4") \
+            from None
+    if not (0 <= s < 1) or math.isnan(s):
+        raise ValueError(f"sparsity {s} is outside [0, 1); use a fraction of weights to remove, e.g. 0.5")
+    return s
+
+
+def format_sparsity(sparsity):
+    return f"{sparsity[0]}:{sparsity[1]}" if isinstance(sparsity, tuple) else sparsity
