@@ -90,6 +90,15 @@ def train_lm(model, ids, steps, batch_size, seqlen, lr, seed, log=None):
     return model.eval()
 
 
+def train_checkpoint(config, ids, out_dir, tokenizer_dir, steps, batch_size, seqlen, lr, seed, log=None):
+    """Train a fresh model of `config` (a config.json dict) on `ids` and write it in Hugging Face format."""
+    torch.manual_seed(seed)
+    model = M.build_model(M.config_from_dict(config))
+    train_lm(model, ids, steps, batch_size, seqlen, lr, seed, log)
+    M.save_model(model, out_dir, tokenizer_dir=tokenizer_dir)
+    return out_dir
+
+
 def build_default(out_dir):
     """Train the tokenizer and the model and write them, with calibration/evaluation text, to out_dir."""
     log = lambda msg: print(f"built-in model: {msg}", file=sys.stderr, flush=True)  # noqa: E731
@@ -106,10 +115,7 @@ def build_default(out_dir):
                                    CONFIG["eos_token_id"])
     ids = torch.tensor([i for d in train_docs for i in tok.encode(d)], dtype=torch.long)
     log(f"tokenizer trained, {len(ids):,} training tokens")
-    torch.manual_seed(TRAIN["seed"])
-    model = M.build_model(M.config_from_dict(CONFIG))
-    train_lm(model, ids, TRAIN["steps"], TRAIN["batch_size"], TRAIN["seqlen"], TRAIN["lr"], TRAIN["seed"], log)
-    M.save_model(model, os.path.join(tmp, "model"), tokenizer_dir=tmp)
+    train_checkpoint(CONFIG, ids, os.path.join(tmp, "model"), tokenizer_dir=tmp, log=log, **TRAIN)
     for name in ("calib.txt", "eval.txt"):
         shutil.move(os.path.join(tmp, name), os.path.join(tmp, "model", name))
     os.replace(os.path.join(tmp, "model"), out_dir)

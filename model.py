@@ -532,7 +532,7 @@ def load_model(ckpt_dir, dtype=torch.float32):
     model.load_state_dict(loaded, assign=True, strict=False)
     if getattr(cfg, "tie_word_embeddings", True):
         model.lm_head.weight = model.embed_tokens.weight
-    return model.eval()
+    return model.eval().requires_grad_(False)  # pruning never trains the weights themselves
 
 
 def save_model(model, out_dir, tokenizer_dir=None):

@@ -211,6 +211,7 @@ class Progress:
               f"~{eta:.1f}s left{extra}", file=sys.stderr, flush=True)
 
 
+@torch.no_grad()
 def prune_model(model, method, sparsity, calib=None, device="cpu", batch_size=8, blocksize=128, percdamp=0.01,
                 warn=print):
     """Prune every Linear in every decoder block of `model` in place with `method`.

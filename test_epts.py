@@ -271,3 +271,369 @@ def test_error_no_weights_and_no_tokenizer(tmp_path):
         M.load_model(str(tmp_path))
     with pytest.raises(UserError, match="has no tokenizer"):
         M.load_tokenizer(str(tmp_path), 1, 2)
+
+
+# -----------------------------------------------------------------------------
+# data.py and eval.py
+
+
+def test_perplexity_equals_transformers_loss(tmp_path):
+    """exp(mean NLL) over non-overlapping windows equals exp of transformers' mean loss on the same windows."""
+    ref = hf_tiny("llama_gqa")
+    ref.save_pretrained(tmp_path)
+    ours = M.load_model(str(tmp_path))
+    ids = torch.randint(0, 101, (5 * 32 + 7,), generator=torch.Generator().manual_seed(0))  # remainder dropped
+    windows = ids[: 5 * 32].view(5, 32)
+    with torch.no_grad():
+        loss = ref(windows, labels=windows).loss  # mean over all 5 * 31 predicted tokens
+    assert abs(perplexity(ours, ids, 32, batch_size=2) / math.exp(loss.item()) - 1) <= 1e-5
+
+
+class CharTokenizer:
+    bos_id, eos_id = 0, 0
+
+    def encode(self, text, bos=True):
+        return [0] * bos + [ord(c) % 256 + 1 for c in text]
+
+
+def test_calibration_is_reproducible_and_seeded(tmp_path):
+    """Same seed, same windows; another seed, other windows; never the global RNG."""
+    path = tmp_path / "c.txt"
+    path.write_text("".join(f"sentence number {i} of a long text. " for i in range(2000)))
+    tok = CharTokenizer()
+    a = data.calibration(str(path), tok, 8, 64, seed=0)
+    torch.manual_seed(123)
+    import random
+    random.seed(123)
+    b = data.calibration(str(path), tok, 8, 64, seed=0)
+    c = data.calibration(str(path), tok, 8, 64, seed=1)
+    assert a.shape == (8, 64) and torch.equal(a, b) and not torch.equal(a, c)
+
+
+def test_c4_json_gz_documents_and_windows(tmp_path):
+    """A C4 shard (.json.gz) is read back; windows come from documents longer than seqlen only."""
+    docs = [{"text": "short"}] * 5 + [{"text": f"long document {i} " * 40, "url": "x"} for i in range(5)]
+    path = tmp_path / "c4-train.00000-of-01024.json.gz"
+    with gzip.open(path, "wt") as f:
+        f.writelines(json.dumps(d) + "\n" for d in docs)
+    kind, read = data.read_documents(str(path))
+    assert kind == "c4" and read == [d["text"] for d in docs]
+    w = data.calibration(str(path), CharTokenizer(), 6, 100, seed=0)
+    texts = ["".join(chr(i - 1) for i in row.tolist()) for row in w]
+    assert all("long document" in t for t in texts)
+    with pytest.raises(UserError, match="longest has 6"):
+        data.calibration(str(path), CharTokenizer(), 2, 1000, seed=0)
+
+
+def test_c4_validation_stream_convention(tmp_path):
+    """C4 evaluation: the first 1100 documents joined with ' ', cut to 256 x seqlen tokens."""
+    path = tmp_path / "c4-validation.00000-of-00008.json"
+    path.write_text("".join(json.dumps({"text": f"d{i}"}) + "\n" for i in range(1200)))
+    ids = data.eval_tokens(str(path), CharTokenizer(), 4)
+    expected = CharTokenizer().encode(" ".join(f"d{i}" for i in range(1100)))[: 256 * 4]
+    assert ids.tolist() == expected
+
+
+def test_wikitext_join_matches_the_datasets_rows(tmp_path):
+    """WikiText rows (blank lines as '', others with their newline) joined with two newlines, tokenized once."""
+    raw = " \n = Title = \n \n Body text @-@ here . \n"
+    assert data.wikitext_join(raw) == "\n\n = Title = \n" + "\n\n" + "\n\n" + " Body text @-@ here . \n"
+    folder = tmp_path / "wikitext-2-raw"
+    folder.mkdir()
+    (folder / "wiki.test.raw").write_text(raw * 20)
+    ids = data.eval_tokens(str(folder), CharTokenizer(), 8)
+    assert ids.tolist() == CharTokenizer().encode(data.wikitext_join(raw * 20))
+
+
+def test_data_errors_name_the_problem(tmp_path):
+    """Missing, empty and unknown-format files, and a too-short evaluation text, each say what is wrong."""
+    with pytest.raises(UserError, match="does not exist"):
+        data.eval_tokens(str(tmp_path / "none.txt"), CharTokenizer(), 8)
+    (tmp_path / "empty.txt").write_text("  \n")
+    with pytest.raises(UserError, match="holds no text"):
+        data.eval_tokens(str(tmp_path / "empty.txt"), CharTokenizer(), 8)
+    (tmp_path / "x.parquet").write_text("x")
+    with pytest.raises(UserError, match="unknown data format"):
+        data.eval_tokens(str(tmp_path / "x.parquet"), CharTokenizer(), 8)
+    (tmp_path / "short.txt").write_text("abc")
+    with pytest.raises(UserError, match="fewer than one window"):
+        data.eval_tokens(str(tmp_path / "short.txt"), CharTokenizer(), 8)
+
+
+# -----------------------------------------------------------------------------
+# prune.py: the definitions
+
+
+def test_row_mask_exact_zeros_per_row_and_nested():
+    """Every row keeps exactly in - int(in*s) weights; masks at higher sparsity are subsets of lower ones."""
+    score = torch.rand(16, 50)
+    score[:, :10] = 0.5  # ties are broken by column order, deterministically
+    masks = [prune.row_mask(score, s) for s in (0.0, 0.3, 0.5, 0.7, 0.9)]
+    for s, m in zip((0.0, 0.3, 0.5, 0.7, 0.9), masks):
+        assert (m.sum(1) == 50 - int(50 * s)).all()
+    for lo, hi in zip(masks, masks[1:]):
+        assert (hi <= lo).all()
+
+
+def test_nm_mask_pattern():
+    """In every run of m columns of a row exactly n weights survive, and they are the highest-scoring ones."""
+    score = torch.rand(8, 32)
+    for n, m in ((2, 4), (4, 8), (1, 4)):
+        mask = prune.nm_mask(score, n, m).view(8, 32 // m, m)
+        assert (mask.sum(-1) == n).all()
+        groups = score.view(8, 32 // m, m)
+        assert (groups[mask].view(8, -1, n).min(-1).values >= groups[~mask].view(8, -1, m - n).max(-1).values).all()
+
+
+def test_wanda_score_brute_force_and_nested_wanda_magnitude():
+    """wanda_score = |W_ij| * ||X_j||; Wanda and magnitude masks are nested across sparsities."""
+    W, X = torch.randn(6, 10), torch.randn(40, 10)
+    act_norm = prune.InputStats(10, False, "cpu")
+    act_norm.add(X)
+    brute = torch.tensor([[abs(W[i, j].item()) * math.sqrt(sum(X[t, j].item() ** 2 for t in range(40)))
+                           for j in range(10)] for i in range(6)])
+    assert torch.allclose(prune.wanda_score(W, act_norm.act_norm), brute, rtol=1e-5)
+    for make in (lambda s: prune.wanda_mask(W, act_norm.act_norm, s), lambda s: prune.magnitude_mask(W, s)):
+        a, b = make(0.4), make(0.7)
+        assert (b <= a).all()
+    assert (~prune.magnitude_mask(W, 0.5)).sum() == 30  # one threshold per matrix
+
+
+def correlated_layer(seed=0, n_in=64, n_out=32, tokens=2048):
+    g = torch.Generator().manual_seed(seed)
+    basis = torch.randn(8, n_in, generator=g)
+    X = torch.randn(tokens, 8, generator=g) @ basis + 0.1 * torch.randn(tokens, n_in, generator=g)
+    X = X * torch.linspace(0.2, 3.0, n_in)  # columns of very different scale
+    return torch.randn(n_out, n_in, generator=g), X
+
+
+def test_reconstruction_error_sparsegpt_below_wanda_below_magnitude():
+    """On strongly correlated inputs ||WX - ŴX|| orders SparseGPT < Wanda < magnitude, for 50 % and 2:4."""
+    W, X = correlated_layer()
+    stats = prune.InputStats(64, True, "cpu")
+    stats.add(X)
+    for s in (0.5, (2, 4)):
+        err = {
+            "magnitude": W * prune.magnitude_mask(W, s),
+            "wanda": W * prune.wanda_mask(W, stats.act_norm, s),
+            "sparsegpt": prune.sparsegpt_prune(W, stats.H, s, blocksize=16),
+        }
+        err = {k: ((X @ W.t() - X @ Wp.t()) ** 2).sum().item() for k, Wp in err.items()}
+        assert err["sparsegpt"] < err["wanda"] < err["magnitude"], (s, err)
+
+
+def test_sparsegpt_sparsity_and_identity_at_zero():
+    """SparseGPT leaves W unchanged at sparsity 0 and reaches the requested sparsity / N:M pattern exactly."""
+    W, X = correlated_layer(1)
+    stats = prune.InputStats(64, True, "cpu")
+    stats.add(X)
+    assert torch.equal(prune.sparsegpt_prune(W, stats.H, 0.0), W)
+    assert ((prune.sparsegpt_prune(W, stats.H, 0.5, blocksize=16) == 0).sum() == W.numel() // 2)
+    nm = prune.sparsegpt_prune(W, stats.H, (2, 4), blocksize=16)
+    assert ((nm != 0).view(32, 16, 4).sum(-1) == 2).all()
+
+
+def test_hessian_accumulates_over_batches_like_one_shot():
+    """H from several batches equals 2/n X^T X computed at once."""
+    X = torch.randn(3, 50, 16)
+    stats = prune.InputStats(16, True, "cpu")
+    for b in X:
+        stats.add(b)
+    flat = X.reshape(-1, 16)
+    assert torch.allclose(stats.H, 2 * flat.t() @ flat / 150, atol=1e-5)
+
+
+def test_cholesky_fallback_dampens_more_and_warns_once():
+    """An indefinite H triggers the 10x-dampening retry with one warning instead of a crash."""
+    Q, _ = torch.linalg.qr(torch.randn(16, 16))
+    H = Q @ torch.diag(torch.cat([torch.ones(15), torch.tensor([-0.02])])) @ Q.t()
+    warnings_seen = []
+    W = torch.randn(4, 16)
+    out = prune.sparsegpt_prune(W, H, 0.5, blocksize=8, percdamp=0.01, warn=warnings_seen.append)
+    assert len(warnings_seen) == 1 and "10x" in warnings_seen[0]
+    assert torch.isfinite(out).all() and (out == 0).sum() == 32
+
+
+def test_parse_sparsity():
+    """Fractions and N:M parse; out-of-range and malformed values are refused with the reason."""
+    assert prune.parse_sparsity("0.5") == 0.5 and prune.parse_sparsity("2:4") == (2, 4)
+    for bad, why in (("1.0", "outside"), ("-0.1", "outside"), ("3:2", "0 < n < m"), ("a:b", "two integers"),
+                     ("x", "neither")):
+        with pytest.raises(ValueError, match=why):
+            prune.parse_sparsity(bad)
+
+
+# -----------------------------------------------------------------------------
+# epts.py: MS-HiLoRA, reconstruction, mixer, elastic file, deployment
+
+
+def tiny_llama(seed=0, **over):
+    torch.manual_seed(seed)
+    cfg = dict(model_type="llama", vocab_size=64, hidden_size=32, intermediate_size=48, num_hidden_layers=2,
+               num_attention_heads=4, num_key_value_heads=2)
+    cfg.update(over)
+    return M.build_model(M.config_from_dict(cfg)).eval().requires_grad_(False)
+
+
+def calib_ids(n=4, T=16, vocab=64, seed=0):
+    return torch.randint(0, vocab, (n, T), generator=torch.Generator().manual_seed(seed))
+
+
+def dense_act_norms(model, calib):
+    """Wanda's ||X_j|| of every layer, from the DENSE model's activations, block by block."""
+    X, norms = model.embed(calib), []
+    for block in model.blocks:
+        stats = prune.new_stats(block, False, "cpu")
+        X = prune.run_block(block, X, "cpu", 8, stats)
+        norms.append({n: s.act_norm for n, s in stats.items()})
+    return norms
+
+
+def test_untrained_adapters_deploy_equals_wanda_with_dense_scores(tmp_path):
+    """With B = 0 (lr 0), the deployed weight is W masked by Wanda's per-row mask from dense activations."""
+    model, calib = tiny_llama(), calib_ids()
+    elastic = epts.run_epts(model, calib, str(tmp_path), epochs=1, lr=0.0)
+    norms = dense_act_norms(model, calib)
+    deployed = epts.deploy(tiny_llama(), elastic, 0.5)
+    for block, dep, norm in zip(model.blocks, deployed.blocks, norms):
+        for name, lin in block.linears().items():
+            expected = lin.weight * prune.row_mask(prune.wanda_score(lin.weight, norm[name]), 0.5)
+            assert torch.equal(dep.linears()[name].weight, expected), name
+
+
+def elastic_linear(n_groups=3, rank=2, out_f=12, in_f=20, dtype=torch.float32, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    lin = torch.nn.Linear(in_f, out_f).to(dtype)
+    layer = epts.ElasticLinear(lin, torch.rand(in_f, generator=g) + 0.1, n_groups, rank, generator=g)
+    with torch.no_grad():
+        layer.B.normal_(generator=g)
+    return layer
+
+
+def test_merged_weight_exact_zeros_per_row_and_nested_masks():
+    """W_eff keeps exactly in - int(in*s) weights per row in every group; masks are nested across sparsities."""
+    layer = elastic_linear()
+    for g, s in ((0, 0.3), (1, 0.5), (2, 0.7)):
+        W = layer.weight(g, layer.mask(s))
+        assert ((W != 0).sum(1) == 20 - int(20 * s)).all()
+    m3, m5, m7 = layer.mask(0.3), layer.mask(0.5), layer.mask(0.7)
+    assert (m5 <= m3).all() and (m7 <= m5).all()
+    x = torch.randn(3, 20)
+    assert torch.allclose(layer(x, 1, m5), x @ layer.weight(1, m5).t() + layer.bias)
+
+
+def test_group_gradient_reaches_only_adapters_up_to_g():
+    """The loss at group g trains adapters 0..g and leaves the higher groups' adapters untouched."""
+    layer = elastic_linear(n_groups=4)
+    for g in range(4):
+        layer.zero_grad()
+        layer(torch.randn(5, 20), g, layer.mask(0.5)).pow(2).sum().backward()
+        for k in range(4):
+            touched = layer.A.grad[k].abs().sum() > 0 and layer.B.grad[k].abs().sum() > 0
+            assert touched == (k <= g), (g, k)
+
+
+def test_adapters_and_optimizer_state_stay_float32_under_bfloat16():
+    """Adapters and Adam's moments are float32 while the merged weight matches the model's bf16."""
+    layer = elastic_linear(dtype=torch.bfloat16)
+    opt = torch.optim.Adam([layer.A, layer.B])
+    out = layer(torch.randn(2, 20, dtype=torch.bfloat16), 2, layer.mask(0.5))
+    out.float().pow(2).sum().backward()
+    opt.step()
+    assert out.dtype == torch.bfloat16 and layer.A.dtype == layer.B.dtype == torch.float32
+    assert all(v.dtype == torch.float32 for st in opt.state.values() for k, v in st.items() if k != "step")
+
+
+def test_reconstruction_loss_falls_on_a_tiny_block():
+    """Training one block's adapters lowers the multi-group reconstruction loss epoch over epoch."""
+    model, calib = tiny_llama(), calib_ids(8)
+    block = model.blocks[0]
+    X = model.embed(calib)
+    stats = prune.new_stats(block, False, "cpu")
+    Y = prune.run_block(block, X, "cpu", 8, stats)
+    layers = epts.elastic_layers(block, {n: s.act_norm for n, s in stats.items()}, 7, 4,
+                                 torch.Generator().manual_seed(0))
+    losses = epts.train_block(block, layers, X, Y, epts.DEFAULT_EDGES, 6, 1e-2, 2, "cpu",
+                              torch.Generator().manual_seed(0))
+    assert losses[-1] < 0.8 * losses[0], losses
+
+
+def test_low_group_flag_switches_adapter_zero_off_when_it_hurts():
+    """A helpful adapter 0 stays on; one made harmful (large random B_0) is switched off."""
+    model, calib = tiny_llama(), calib_ids(8)
+    block = model.blocks[0]
+    X = model.embed(calib) + 0.3 * torch.randn(8, 16, 32, generator=torch.Generator().manual_seed(1))
+    stats = prune.new_stats(block, False, "cpu")
+    Y = prune.run_block(block, model.embed(calib), "cpu", 8, stats)
+    layers = epts.elastic_layers(block, {n: s.act_norm for n, s in stats.items()}, 7, 4,
+                                 torch.Generator().manual_seed(0))
+    epts.train_block(block, layers, X, Y, epts.DEFAULT_EDGES, 8, 1e-2, 2, "cpu", torch.Generator().manual_seed(0))
+    assert epts.low_group_check(block, layers, X, Y, 0.3, "cpu", 4)
+    with torch.no_grad():
+        for layer in layers.values():
+            layer.B[0].normal_(0, 1.0, generator=torch.Generator().manual_seed(2))
+    assert not epts.low_group_check(block, layers, X, Y, 0.3, "cpu", 4)
+
+
+def test_groups_draws_and_mixer_weights():
+    """Groups extend in 0.05 steps; draws are stratified inside the group; mixer weights sum to 1."""
+    assert epts.extend_edges(epts.DEFAULT_EDGES, 0.8)[-3:] == [0.7, 0.75, 0.8]
+    assert epts.group_of(epts.DEFAULT_EDGES, 0.3) == 0 and epts.group_of(epts.DEFAULT_EDGES, 0.4) == 0
+    assert epts.group_of(epts.DEFAULT_EDGES, 0.41) == 1 and epts.group_of(epts.DEFAULT_EDGES, 0.7) == 6
+    with pytest.raises(UserError, match="above the elastic model's range"):
+        epts.group_of(epts.DEFAULT_EDGES, 0.75)
+    draws = sorted(epts.stratified_draws(0.5, 0.55, 10, torch.Generator().manual_seed(0)))
+    assert all(0.5 + 0.005 * k < d <= 0.5 + 0.005 * (k + 1) + 1e-12 for k, d in enumerate(draws))
+    assert epts.mixer_weights(7) == pytest.approx([.1, .1, .1, .1, .2, .2, .2])
+    for G in range(1, 10):
+        assert sum(epts.mixer_weights(G)) == pytest.approx(1.0)
+
+
+def test_resume_gives_bit_identical_adapters(tmp_path, monkeypatch):
+    """A run interrupted after block 0 and re-run ends with the same elastic model as an uninterrupted run."""
+    calib = calib_ids(4)
+    full = epts.run_epts(tiny_llama(num_hidden_layers=3), calib, str(tmp_path / "a"), epochs=2)
+    real, calls = epts.train_block, []
+
+    def interrupted(*args, **kw):
+        calls.append(1)
+        if len(calls) == 2:
+            raise KeyboardInterrupt
+        return real(*args, **kw)
+
+    monkeypatch.setattr(epts, "train_block", interrupted)
+    with pytest.raises(KeyboardInterrupt):
+        epts.run_epts(tiny_llama(num_hidden_layers=3), calib, str(tmp_path / "b"), epochs=2)
+    assert os.path.isfile(tmp_path / "b" / "partial" / "block_000.pt")
+    monkeypatch.setattr(epts, "train_block", real)
+    resumed = epts.run_epts(tiny_llama(num_hidden_layers=3), calib, str(tmp_path / "b"), epochs=2)
+    for a, b in zip(full["blocks"], resumed["blocks"]):
+        for key in ("A", "B", "act_norm"):
+            assert all(torch.equal(a[key][n], b[key][n]) for n in a[key])
+        assert a["use_adapter0"] == b["use_adapter0"]
+    with pytest.raises(UserError, match="other settings"):  # a different run refuses to mix with the partial one
+        os.makedirs(tmp_path / "c" / "partial")
+        (tmp_path / "c" / "partial" / "run.json").write_text(json.dumps({"epochs": 99}))
+        epts.run_epts(tiny_llama(num_hidden_layers=3), calib, str(tmp_path / "c"), epochs=2)
+
+
+def test_elastic_file_deploys_like_memory_and_refuses_other_checkpoints(tmp_path):
+    """Deploying from elastic.pt equals deploying the in-memory result; another checkpoint is refused."""
+    elastic = epts.run_epts(tiny_llama(), calib_ids(), str(tmp_path), epochs=2)
+    from_file = epts.load_elastic(str(tmp_path))
+    a = epts.deploy(tiny_llama(), elastic, [0.35, 0.6])  # one sparsity per block
+    b = epts.deploy(tiny_llama(), from_file, [0.35, 0.6])
+    assert all(torch.equal(x, y) for x, y in zip(a.state_dict().values(), b.state_dict().values()))
+    other = tiny_llama(seed=1)
+    with pytest.raises(UserError, match="different checkpoint"):
+        epts.deploy(other, from_file, 0.5)
+    with pytest.raises(UserError, match="no elastic model"):
+        epts.load_elastic(str(tmp_path / "nowhere"))
+    # only what is new: per layer G*r*(in+out) adapter values and `in` activation norms, no weights
+    G, r = len(from_file["edges"]) - 1, from_file["rank"]
+    stored = sum(t.numel() for blk in from_file["blocks"] for key in ("A", "B", "act_norm")
+                 for t in blk[key].values())
+    expected = sum(G * r * (lin.in_features + lin.out_features) + lin.in_features
+                   for blk in tiny_llama().blocks for lin in blk.linears().values())
+    assert stored == expected
+    assert set(from_file["blocks"][0]) == {"A", "B", "act_norm", "use_adapter0", "losses"}
