@@ -637,3 +637,124 @@ def test_elastic_file_deploys_like_memory_and_refuses_other_checkpoints(tmp_path
                    for blk in tiny_llama().blocks for lin in blk.linears().values())
     assert stored == expected
     assert set(from_file["blocks"][0]) == {"A", "B", "act_norm", "use_adapter0", "losses"}
+
+
+# -----------------------------------------------------------------------------
+# small trained models: the methods' real effect, end to end through the command line
+
+
+SMALL = {
+    "llama": dict(model_type="llama", vocab_size=512, hidden_size=64, intermediate_size=168, num_hidden_layers=4,
+                  num_attention_heads=2, num_key_value_heads=1, max_position_embeddings=128, rms_norm_eps=1e-5,
+                  bos_token_id=1, eos_token_id=2),
+    "opt": dict(model_type="opt", vocab_size=512, hidden_size=64, ffn_dim=256, num_hidden_layers=4,
+                num_attention_heads=2, max_position_embeddings=128, word_embed_proj_dim=64,
+                do_layer_norm_before=True, bos_token_id=1, eos_token_id=2),
+}
+
+
+@pytest.fixture(scope="session")
+def small(tmp_path_factory):
+    """A small trained LLaMA and OPT (Python's documentation, a 512-piece SentencePiece vocabulary).
+
+    The capacity sits in the blocks and each block parameter sees ~8 training tokens, so pruning hurts visibly
+    (50 % magnitude: ~+25 % perplexity) while the fixture trains in about half a minute per model.
+    """
+    import builtin
+    root = tmp_path_factory.mktemp("small")
+    docs = builtin.corpus()
+    train, test = docs[: -len(docs) // 10], docs[-len(docs) // 10:]
+    (root / "train.txt").write_text("\n\n".join(train))
+    (root / "test.txt").write_text("\n\n".join(test)[:200_000])
+    builtin.train_sentencepiece(str(root / "train.txt"), str(root / "tokenizer"), 512)
+    tok = M.SentencePieceTokenizer(str(root / "tokenizer.model"), 1, 2)
+    ids = torch.tensor(tok.encode("\n\n".join(train)), dtype=torch.long)
+    for kind, cfg in SMALL.items():
+        builtin.train_checkpoint(cfg, ids, str(root / kind), tokenizer_dir=str(root), steps=800, batch_size=16,
+                                 seqlen=128, lr=1e-2, seed=0)
+    return root
+
+
+def run_cli(small, kind, tmp_path, **kw):
+    args = dict(ckpt=str(small / kind), calib=str(small / "train.txt"), evals=[str(small / "test.txt")],
+                nsamples=16, seqlen=128, epochs=2, json_path=str(tmp_path / "r.json"), out=str(tmp_path / "run"))
+    args.update(kw)
+    report = epts.main(**args)
+    return {(r["method"], r["sparsity"]): r["ppl"] for r in report["results"]}, report
+
+
+def test_baselines_order_at_half_sparsity(small, tmp_path):
+    """At 50 % and 2:4: dense < SparseGPT < Wanda and magnitude on a small trained LLaMA.
+
+    Wanda's edge over magnitude comes from the outlier input features of large LLMs, which models this small
+    do not grow: here the two land within a few percent of each other (see README, "Results").
+    """
+    ppl, report = run_cli(small, "llama", tmp_path, sparsities=[0.5, (2, 4)],
+                          methods=["dense", "magnitude", "wanda", "sparsegpt"])
+    print(ppl)
+    for s in (0.5, "2:4"):
+        assert ppl[("dense", 0.0)] < ppl[("sparsegpt", s)] < min(ppl[("wanda", s)], ppl[("magnitude", s)])
+        assert abs(ppl[("wanda", s)] / ppl[("magnitude", s)] - 1) < 0.05
+    assert ppl[("magnitude", 0.5)] > 1.1 * ppl[("dense", 0.0)]  # the fixture is sensitive to pruning
+    rows = {(r["method"], r["sparsity"]): r for r in report["results"]}
+    assert rows[("wanda", "2:4")]["achieved_sparsity"] == 0.5
+    assert json.load(open(tmp_path / "r.json"))["results"] == report["results"]
+
+
+@pytest.mark.parametrize("kind", ["llama", "opt"])
+def test_one_epts_run_beats_wanda(small, tmp_path, kind):
+    """One EPTS run at 0.3/0.5/0.7: lower perplexity than Wanda at 0.5 and 0.7, no worse at 0.3."""
+    ppl, report = run_cli(small, kind, tmp_path, sparsities=[0.3, 0.5, 0.7], methods=["dense", "wanda", "epts"])
+    print(kind, ppl)
+    assert ppl[("epts", 0.7)] < ppl[("wanda", 0.7)]
+    assert ppl[("epts", 0.5)] < ppl[("wanda", 0.5)]
+    assert ppl[("epts", 0.3)] <= ppl[("wanda", 0.3)] * 1.002
+    # the saved elastic model deploys other sparsities later, without calibration data
+    again, _ = run_cli(small, kind, tmp_path, sparsities=[0.5, 0.6], methods=["epts"], calib=None,
+                       elastic_path=str(tmp_path / "run"), json_path=None)
+    assert again[("epts", 0.5)] == ppl[("epts", 0.5)]
+    assert again[("epts", 0.5)] < again[("epts", 0.6)] < ppl[("epts", 0.7)]
+
+
+def test_export_reloads_in_transformers_with_identical_logits(small, tmp_path):
+    """--export writes a sparse Hugging Face folder that transformers loads with our logits."""
+    run_cli(small, "llama", tmp_path, sparsities=[0.5], methods=["wanda"], export=str(tmp_path / "exp"))
+    ours = M.load_model(str(tmp_path / "exp"))
+    assert prune.sparsity_report(ours)[1] == pytest.approx(0.5, abs=1e-3)
+    ref = transformers.AutoModelForCausalLM.from_pretrained(str(tmp_path / "exp")).eval()
+    idx = torch.randint(0, 512, (2, 64))
+    with torch.no_grad():
+        assert (ref(idx).logits - ours(idx)).abs().max() <= 1e-4
+    assert os.path.isfile(tmp_path / "exp" / "tokenizer.model")
+
+
+# -----------------------------------------------------------------------------
+# the command line: user errors are one clear message and exit status 2
+
+
+def cli(*args):
+    return subprocess.run([sys.executable, os.path.join(HERE, "epts.py"), *args], capture_output=True, text=True,
+                          timeout=120, cwd=HERE)
+
+
+@pytest.mark.parametrize("args,message", [
+    (["--bogus"], "unrecognized arguments: --bogus"),
+    (["--methods", "dense,obs"], "unknown method obs"),
+    (["--sparsities", "1.2"], "outside [0, 1)"),
+    (["--sparsities", "3:2"], "0 < n < m"),
+    (["--ckpt", "/nonexistent/model"], "does not exist"),
+    (["--ckpt", "{tmp}"], "no config.json"),
+    (["--ckpt", "{bad_type}"], "model_type 'bert' is not supported"),
+    (["--ckpt", "{bad_json}"], "not a valid JSON"),
+    (["--ckpt", "{tmp}", "--device", "cuda"], "no CUDA GPU"),
+])
+def test_cli_user_errors(tmp_path, args, message):
+    """Each bad input exits with status 2 and one message naming the problem, no traceback."""
+    if not torch.cuda.is_available() or "--device" not in args:
+        write_config(tmp_path / "bad_type", model_type="bert")
+        (tmp_path / "bad_json").mkdir()
+        (tmp_path / "bad_json" / "config.json").write_text("{")
+        args = [a.format(tmp=tmp_path, bad_type=tmp_path / "bad_type", bad_json=tmp_path / "bad_json") for a in args]
+        r = cli(*args)
+        assert r.returncode == 2, r.stderr
+        assert message in r.stderr and "Traceback" not in r.stderr

@@ -1,0 +1,20 @@
+PYTHON ?= python3
+
+.PHONY: setup test demo bench
+
+# runtime and test dependencies (torch is pinned: an unpinned torch pulls CUDA wheels)
+setup:
+	$(PYTHON) -m pip install -q -r requirements-test.txt
+
+# pytest exits 5 when it collects nothing; say so instead of failing obscurely
+test:
+	$(PYTHON) -m pytest -q test_epts.py; rc=$$?; \
+	if [ $$rc -eq 5 ]; then echo "no tests were collected"; exit 0; fi; exit $$rc
+
+# the main job on the built-in model (trains it the first time, a few minutes on a laptop CPU)
+demo:
+	$(PYTHON) epts.py --methods dense,wanda,sparsegpt,epts --sparsities 0.3,0.5,0.7
+
+bench:
+	$(PYTHON) -m pip install -q -r requirements-bench.txt
+	$(PYTHON) bench/bench.py
