@@ -277,7 +277,7 @@ def run_epts(model, calib, out_dir, edges=DEFAULT_EDGES, epochs=10, lr=1e-3, ran
     home = model.embed_tokens.weight.device
     X_dense = prune.embed_calibration(model, calib, device, batch_size)  # (N, T, C)
     X_pruned = X_dense.clone()
-    s_check = min(check_sparsity, edges[1])
+    s_check = min(max(check_sparsity, edges[0]), edges[1])  # inside group 0's range
     progress = prune.Progress(len(model.blocks), "epts")
     if done:
         print(f"epts: resuming {out_dir}: blocks 0..{len(done) - 1} are done, replaying their outputs",

@@ -758,3 +758,57 @@ def test_cli_user_errors(tmp_path, args, message):
         r = cli(*args)
         assert r.returncode == 2, r.stderr
         assert message in r.stderr and "Traceback" not in r.stderr
+
+
+# -----------------------------------------------------------------------------
+# offloading and the benchmark's outputs
+
+
+def test_offload_moves_each_block_to_the_device_and_back(tmp_path, monkeypatch):
+    """Pruning and EPTS visit the device one block at a time, return every block home, and compute the same."""
+    moves = []
+    real_to = torch.nn.Module.to
+
+    def spy(self, *args, **kw):
+        if isinstance(self, M.Block):
+            moves.append((id(self), str(args[0]) if args else str(kw.get("device"))))
+        return real_to(self, *args, **kw)
+
+    calib = calib_ids(4)
+    plain = prune.prune_model(tiny_llama(), "sparsegpt", 0.5, calib)
+    monkeypatch.setattr(torch.nn.Module, "to", spy)
+    model = tiny_llama()
+    offloaded = prune.prune_model(model, "sparsegpt", 0.5, calib, device="cpu")
+    assert [d for _, d in moves] == ["cpu", "cpu"] * len(model.blocks)  # to the device, then home, per block
+    assert [i for i, _ in moves] == [id(b) for b in model.blocks for _ in range(2)]
+    assert all(torch.equal(a, b) for a, b in zip(plain.state_dict().values(), offloaded.state_dict().values()))
+    moves.clear()
+    epts.run_epts(tiny_llama(), calib, str(tmp_path), epochs=1)
+    assert len(moves) == 2 * len(model.blocks)
+
+
+def test_bench_table_json_and_readme_section(tmp_path):
+    """The benchmark turns results into a table with every method and sparsity, and rewrites only its section."""
+    sys.path.insert(0, os.path.join(HERE, "bench"))
+    import bench
+    rows = [{"method": "dense", "sparsity": 0.0, "ppl": 10.0, "seconds": 0}]
+    for m in ("magnitude", "wanda", "sparsegpt", "lora-single", "epts"):
+        rows += [{"method": m, "sparsity": s, "ppl": 11.0 + s, "seconds": 1.0} for s in bench.SPARSITIES]
+    rows += [{"method": "wanda", "sparsity": "2:4", "ppl": 13.5, "seconds": 1.0}]
+    timing = {"epts_one_run_s": 7.0, "wanda_sum_s": 5.0, "sparsegpt_sum_s": 5.0, "lora_single_sum_s": 5.0,
+              "epts_over_lora_single": 1.4, "epts_over_wanda": 1.4, "epts_over_sparsegpt": 1.4}
+    results = {"date": "2026-11-22", "command": "make bench", "machine": {"cpu": "x", "threads": 2, "torch": "t"},
+               "models": {"llama": {"results": rows, "timing": timing}},
+               "gflops": {"reconstruction": 1.0, "matmul": 2.0}}
+    table = bench.table(results)
+    assert "| llama | epts | 11.30 | 11.40 | 11.50 | 11.60 | 11.70 | — |" in table
+    assert "| llama | wanda | 11.30 | 11.40 | 11.50 | 11.60 | 11.70 | 13.50 |" in table
+    readme = tmp_path / "README.md"
+    readme.write_text(f"before\n{bench.README_START}\nold\n{bench.README_END}\nafter\n")
+    bench.write_readme(results, str(readme))
+    text = readme.read_text()
+    assert text.startswith("before\n") and text.endswith("after\n") and "old" not in text
+    assert "| llama | 7.0 | 5.0 | 5.0 | 5.0 | 1.40 |" in text
+    pytest.importorskip("matplotlib")
+    bench.plot(results, str(tmp_path / "p.png"))
+    assert (tmp_path / "p.png").read_bytes()[:4] == b"\x89PNG"

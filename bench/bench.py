@@ -1,0 +1,292 @@
+"""
+make bench: two pruning-sensitive fixture models built from ../shared/data, every method at 0.3-0.7
+(and 2:4 for the baselines), timings, bench/results.json, bench/results.png and the README's table.
+
+    python bench/bench.py [--quick]
+"""
+
+import argparse
+import json
+import os
+import platform
+import sys
+import time
+from datetime import date
+
+import torch
+
+HERE = os.path.dirname(os.path.abspath(__file__))
+ROOT = os.path.dirname(HERE)
+sys.path.insert(0, ROOT)
+
+import builtin  # noqa: E402
+import data  # noqa: E402
+import epts  # noqa: E402
+import model as M  # noqa: E402
+import prune  # noqa: E402
+from eval import perplexity  # noqa: E402
+
+SHARED = os.path.join(ROOT, "..", "shared", "data")
+CACHE = os.path.join(HERE, "cache")
+SPARSITIES = [0.3, 0.4, 0.5, 0.6, 0.7]
+FIXTURES = {
+    "llama": dict(model_type="llama", vocab_size=4096, hidden_size=256, intermediate_size=688, num_hidden_layers=4,
+                  num_attention_heads=8, num_key_value_heads=2, max_position_embeddings=256, rms_norm_eps=1e-5,
+                  bos_token_id=1, eos_token_id=2),
+    "opt": dict(model_type="opt", vocab_size=4096, hidden_size=256, ffn_dim=1024, num_hidden_layers=4,
+                num_attention_heads=8, max_position_embeddings=256, word_embed_proj_dim=256,
+                do_layer_norm_before=True, bos_token_id=2, eos_token_id=2, pad_token_id=1),
+}
+TRAIN = dict(steps=600, batch_size=16, seqlen=256, lr=3e-3, seed=0)  # ~2.5M tokens, no weight decay
+RUN = dict(nsamples=32, seqlen=256, epochs=4, seed=0)
+EVAL_LINES = 700  # the first 700 lines of WikiText-2 test (~50k tokens), to keep a CPU run short
+README_START, README_END = "<!-- bench:start -->", "<!-- bench:end -->"
+
+
+def log(msg):
+    print(f"bench: {msg}", file=sys.stderr, flush=True)
+
+
+# -----------------------------------------------------------------------------
+# fixtures
+
+
+def training_text():
+    parts = [os.path.join(SHARED, "wikitext-2", "valid.txt"), os.path.join(SHARED, "tinyshakespeare", "input.txt")]
+    return "\n".join(open(p, encoding="utf-8").read() for p in parts)
+
+
+def train_bpe(text, folder, vocab_size):
+    """A byte-level BPE (OPT/GPT-2 style vocab.json + merges.txt) trained with `tokenizers`."""
+    import tokenizers
+    tok = tokenizers.Tokenizer(tokenizers.models.BPE())
+    tok.pre_tokenizer = tokenizers.pre_tokenizers.ByteLevel(add_prefix_space=False)
+    trainer = tokenizers.trainers.BpeTrainer(vocab_size=vocab_size, special_tokens=["<s>", "<pad>", "</s>", "<unk>"],
+                                             initial_alphabet=tokenizers.pre_tokenizers.ByteLevel.alphabet())
+    tok.train_from_iterator(text.split("\n"), trainer)
+    tok.model.save(folder)
+
+
+def build_fixture(kind):
+    """Train (once, cached) the fixture model of `kind` and print how much pruning hurts it."""
+    folder = os.path.join(CACHE, kind)
+    if os.path.isfile(os.path.join(folder, "model.safetensors")):
+        return folder
+    os.makedirs(CACHE, exist_ok=True)
+    tok_dir = os.path.join(CACHE, f"{kind}-tokenizer")
+    os.makedirs(tok_dir, exist_ok=True)
+    text = training_text()
+    cfg = FIXTURES[kind]
+    if kind == "llama":
+        with open(os.path.join(tok_dir, "train.txt"), "w", encoding="utf-8") as f:
+            f.write(text)
+        builtin.train_sentencepiece(os.path.join(tok_dir, "train.txt"), os.path.join(tok_dir, "tokenizer"),
+                                    cfg["vocab_size"])
+    else:
+        train_bpe(text, tok_dir, cfg["vocab_size"])
+    tok = M.load_tokenizer(tok_dir, cfg["bos_token_id"], cfg["eos_token_id"])
+    ids = torch.tensor(tok.encode(text), dtype=torch.long)
+    log(f"training the {kind} fixture on {len(ids):,} tokens ({TRAIN['steps']} steps)")
+    t0 = time.time()
+    builtin.train_checkpoint(cfg, ids, folder, tokenizer_dir=tok_dir, log=lambda m: log(f"{kind}: {m}"), **TRAIN)
+    log(f"{kind} fixture trained in {time.time() - t0:.0f}s")
+    return folder
+
+
+def eval_file():
+    """The first EVAL_LINES lines of WikiText-2 test, cached as a file in WikiText format."""
+    path = os.path.join(CACHE, "wiki.test.head.tokens")
+    if not os.path.isfile(path):
+        lines = open(os.path.join(SHARED, "wikitext-2", "test.txt"), encoding="utf-8").read().splitlines(True)
+        with open(path, "w", encoding="utf-8") as f:
+            f.writelines(lines[:EVAL_LINES])
+    return path
+
+
+# -----------------------------------------------------------------------------
+# measurements
+
+
+def single_sparsity_runs(ckpt, calib, s_list, out_root):
+    """The 'one session per sparsity' way: our EPTS code with one group pinned at the target sparsity."""
+    model, tok = M.load(ckpt)
+    calib_ids = data.calibration(calib, tok, RUN["nsamples"], RUN["seqlen"], RUN["seed"])
+    results = {}
+    for s in s_list:
+        t0 = time.time()
+        elastic = epts.run_epts(model, calib_ids, os.path.join(out_root, f"single-{s}"), edges=[s - 1e-6, s],
+                                epochs=RUN["epochs"], seed=RUN["seed"])
+        results[s] = (elastic, time.time() - t0)
+    return results
+
+
+def matmul_gflops(n=1024, repeat=20):
+    A, B = torch.randn(n, n), torch.randn(n, n)
+    A @ B
+    t0 = time.time()
+    for _ in range(repeat):
+        A @ B
+    return 2 * n ** 3 * repeat / (time.time() - t0) / 1e9
+
+
+def reconstruction_gflops(ckpt, calib):
+    """Achieved GFLOP/s of one block's EPTS training loop, counting the block's matmuls (fwd + 2x for bwd)."""
+    model, tok = M.load(ckpt)
+    calib_ids = data.calibration(calib, tok, 8, RUN["seqlen"], 0)
+    block = model.blocks[0]
+    X = model.embed(calib_ids)
+    stats = prune.new_stats(block, False, "cpu")
+    Y = prune.run_block(block, X, "cpu", 8, stats)
+    G = len(epts.DEFAULT_EDGES) - 1
+    layers = epts.elastic_layers(block, {n: s.act_norm for n, s in stats.items()}, G, 8)
+    t0 = time.time()
+    epts.train_block(block, layers, X, Y, epts.DEFAULT_EDGES, 1, 1e-3, 1, "cpu", torch.Generator().manual_seed(0))
+    seconds = time.time() - t0
+    T, C = RUN["seqlen"], model.cfg.hidden_size
+    weights = sum(lin.in_features * lin.out_features for lin in block.linears().values())
+    forward = sum(2 * T * weights  # the Linear layers on T tokens
+                  + 4 * T * T * C  # attention scores and weighted values
+                  + 2 * weights * 8 * (g + 1)  # merging the cumulative adapters B A (rank 8) into W
+                  for g in range(G))
+    flops = 3 * forward * len(calib_ids)  # backward costs about twice the forward
+    return flops / seconds / 1e9
+
+
+def run_fixture(kind, ckpt, calib, evals):
+    out = os.path.join(CACHE, f"run-{kind}")
+    report = epts.main(ckpt=ckpt, sparsities=SPARSITIES + [(2, 4)],
+                       methods=["dense", "magnitude", "wanda", "sparsegpt", "epts"], calib=calib, evals=[evals],
+                       nsamples=RUN["nsamples"], seqlen=RUN["seqlen"], epochs=RUN["epochs"], seed=RUN["seed"],
+                       out=out, eval_batch_size=8)
+    singles = single_sparsity_runs(ckpt, calib, SPARSITIES, out)
+    model, tok = M.load(ckpt)
+    ids = data.eval_tokens(evals, tok, RUN["seqlen"])
+    for s, (elastic, seconds) in singles.items():
+        m = epts.deploy(M.load_model(ckpt), elastic, s)
+        ppl = perplexity(m, ids, RUN["seqlen"], 8)
+        report["results"].append({"method": "lora-single", "sparsity": s, "eval": os.path.basename(evals),
+                                  "ppl": ppl, "seconds": round(seconds, 3)})
+    rows = report["results"]
+    secs = lambda m: sum(r["seconds"] for r in rows if r["method"] == m and r["sparsity"] in SPARSITIES)  # noqa
+    train = report["epts"]["train_seconds"]
+    report["timing"] = {"epts_one_run_s": train, "wanda_sum_s": secs("wanda"), "sparsegpt_sum_s": secs("sparsegpt"),
+                        "lora_single_sum_s": secs("lora-single"),
+                        "epts_over_lora_single": train / secs("lora-single"),
+                        "epts_over_wanda": train / secs("wanda"), "epts_over_sparsegpt": train / secs("sparsegpt")}
+    return report
+
+
+# -----------------------------------------------------------------------------
+# outputs: JSON, plot, README table
+
+
+def table(results):
+    """Markdown table: one row per (model, method), one column per sparsity, perplexity in the cells."""
+    cols = [str(s) for s in SPARSITIES] + ["2:4"]
+    lines = []
+    for kind, rep in results["models"].items():
+        rows = rep["results"]
+        dense = next(r["ppl"] for r in rows if r["method"] == "dense")
+        lines.append(f"| {kind} | dense | " + " | ".join(f"{dense:.2f}" if c == "0.3" else "" for c in cols) + " |")
+        for method in ("magnitude", "wanda", "sparsegpt", "lora-single", "epts"):
+            cells = {str(r["sparsity"]): f"{r['ppl']:.2f}" for r in rows if r["method"] == method}
+            if cells:
+                lines.append(f"| {kind} | {method} | " + " | ".join(cells.get(c, "—") for c in cols) + " |")
+    head = "| model | method | " + " | ".join(cols) + " |\n|" + "---|" * (len(cols) + 2)
+    return head + "\n" + "\n".join(lines)
+
+
+def timing_table(results):
+    lines = ["| model | EPTS one run (s) | Σ Wanda (s) | Σ SparseGPT (s) | Σ single-sparsity LoRA (s) | "
+             "EPTS / Σ LoRA |", "|---|---|---|---|---|---|"]
+    for kind, rep in results["models"].items():
+        t = rep["timing"]
+        lines.append(f"| {kind} | {t['epts_one_run_s']:.1f} | {t['wanda_sum_s']:.1f} | {t['sparsegpt_sum_s']:.1f} "
+                     f"| {t['lora_single_sum_s']:.1f} | {t['epts_over_lora_single']:.2f} |")
+    return "\n".join(lines)
+
+
+def readme_section(results):
+    m = results["machine"]
+    return "\n".join([
+        README_START,
+        f"Measured {results['date']} on {m['cpu']} ({m['threads']} threads), torch {m['torch']}, by "
+        f"`{results['command']}`. Perplexity on the first {EVAL_LINES} lines of "
+        f"WikiText-2 test (`../shared/data`, v1 tokenized text), seqlen {RUN['seqlen']}, {RUN['nsamples']} "
+        f"calibration windows of WikiText-2 valid, seed {RUN['seed']}, EPTS {RUN['epochs']} epochs.",
+        "",
+        table(results),
+        "",
+        timing_table(results),
+        "",
+        f"Reconstruction loop: {results['gflops']['reconstruction']:.1f} GFLOP/s against "
+        f"{results['gflops']['matmul']:.1f} GFLOP/s for a dense 1024² fp32 matmul on the same machine.",
+        "",
+        "![perplexity against sparsity](bench/results.png)",
+        README_END])
+
+
+def write_readme(results, path=os.path.join(ROOT, "README.md")):
+    text = open(path, encoding="utf-8").read()
+    start, end = text.index(README_START), text.index(README_END) + len(README_END)
+    with open(path + ".tmp", "w", encoding="utf-8") as f:
+        f.write(text[:start] + readme_section(results) + text[end:])
+    os.replace(path + ".tmp", path)
+
+
+def plot(results, path):
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    fig, axes = plt.subplots(1, len(results["models"]), figsize=(6 * len(results["models"]), 4.5), squeeze=False)
+    for ax, (kind, rep) in zip(axes[0], results["models"].items()):
+        rows = rep["results"]
+        dense = next(r["ppl"] for r in rows if r["method"] == "dense")
+        for method in ("magnitude", "wanda", "sparsegpt", "lora-single", "epts"):
+            pts = sorted((r["sparsity"], r["ppl"]) for r in rows if r["method"] == method
+                         and not isinstance(r["sparsity"], str))
+            if pts:
+                ax.plot(*zip(*pts), marker="o", label=method)
+        ax.axhline(dense, color="gray", linestyle="--", label="dense")
+        ax.set_yscale("log")
+        ax.set_xlabel("sparsity")
+        ax.set_ylabel("WikiText-2 perplexity (log scale)")
+        ax.set_title(f"{kind} fixture")
+        ax.grid(True, which="both", alpha=0.3)
+        ax.legend()
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+
+
+def machine():
+    cpu = platform.processor() or platform.machine()
+    try:
+        with open("/proc/cpuinfo") as f:
+            cpu = next(line.split(":", 1)[1].strip() for line in f if line.startswith("model name"))
+    except (OSError, StopIteration):
+        pass
+    return {"cpu": cpu, "threads": torch.get_num_threads(), "torch": torch.__version__}
+
+
+def main():
+    if not os.path.isdir(SHARED):
+        print(f"make bench needs ../shared/data (WikiText-2, tinyshakespeare), which is absent at {SHARED}; "
+              "nothing to do.")
+        return
+    results = {"date": str(date.today()), "command": "make bench", "machine": machine(), "models": {}}
+    calib = os.path.join(SHARED, "wikitext-2", "valid.txt")
+    for kind in FIXTURES:
+        ckpt = build_fixture(kind)
+        results["models"][kind] = run_fixture(kind, ckpt, calib, eval_file())
+    results["gflops"] = {"reconstruction": reconstruction_gflops(build_fixture("llama"), calib),
+                         "matmul": matmul_gflops()}
+    epts.write_json(results, os.path.join(HERE, "results.json"))
+    plot(results, os.path.join(HERE, "results.png"))
+    write_readme(results)
+    print(table(results))
+    print(timing_table(results))
+
+
+if __name__ == "__main__":
+    argparse.ArgumentParser(description=__doc__).parse_args()
+    main()
