@@ -146,7 +146,7 @@ def train_block(block, layers, X, Y, edges, epochs, lr, batch_size, device, gen)
     epoch_losses = []
     for epoch in range(epochs):
         order = torch.randperm(N, generator=gen)
-        total = 0.0
+        total = torch.zeros(())
         for b in range(per_epoch):
             step = epoch * per_epoch + b
             idx = order[b * batch_size:(b + 1) * batch_size]
@@ -159,11 +159,11 @@ def train_block(block, layers, X, Y, edges, epochs, lr, batch_size, device, gen)
                 else:
                     loss = 0.5 * F.mse_loss(out, y) + 0.5 * F.mse_loss(out, out0)
                 loss.backward()  # gradients of all groups accumulate before the one step
-                total += loss.item()
+                total += loss.detach().cpu()
             opt.step()
             opt.zero_grad(set_to_none=True)
             sched.step()
-        epoch_losses.append(total / (per_epoch * G))
+        epoch_losses.append(total.item() / (per_epoch * G))
     return epoch_losses
 
 
@@ -272,13 +272,19 @@ def run_epts(model, calib, out_dir, edges=DEFAULT_EDGES, epochs=10, lr=1e-3, ran
     settings = {"edges": edges, "epochs": epochs, "lr": lr, "rank": rank, "batch_size": batch_size, "seed": seed,
                 "nsamples": calib.shape[0], "seqlen": calib.shape[1], "check_sparsity": check_sparsity,
                 "fingerprint": source_fingerprint or fingerprint(model)}
+    final = os.path.join(out_dir, "elastic.pt")
+    if os.path.isfile(final):
+        elastic = load_elastic(final)
+        if {k: elastic.get(k) for k in settings} == settings:
+            print(f"epts: {final} already holds a finished run with these settings; reusing it", file=sys.stderr)
+            return elastic
     partial = os.path.join(out_dir, "partial")
     done = resume_records(partial, settings)
     home = model.embed_tokens.weight.device
     X_dense = prune.embed_calibration(model, calib, device, batch_size)  # (N, T, C)
     X_pruned = X_dense.clone()
     s_check = min(max(check_sparsity, edges[0]), edges[1])  # inside group 0's range
-    progress = prune.Progress(len(model.blocks), "epts")
+    progress = prune.Progress(len(model.blocks), "epts", start=len(done))
     if done:
         print(f"epts: resuming {out_dir}: blocks 0..{len(done) - 1} are done, replaying their outputs",
               file=sys.stderr)
@@ -307,11 +313,11 @@ def run_epts(model, calib, out_dir, edges=DEFAULT_EDGES, epochs=10, lr=1e-3, ran
         del layers
         block.to(home)
         if i >= len(done):
-            progress.step(len(done), f", loss {rec['losses'][0]:.3g} -> {rec['losses'][-1]:.3g}, "
+            progress.step(f", loss {rec['losses'][0]:.3g} -> {rec['losses'][-1]:.3g}, "
                                      f"adapter 0 {'on' if rec['use_adapter0'] else 'off'}")
     elastic = {"format": FORMAT, "model_type": model.cfg.raw.get("model_type"), **settings,
                "scale": 1.0, "blocks": records}
-    atomic_save(elastic, os.path.join(out_dir, "elastic.pt"))
+    atomic_save(elastic, final)
     shutil.rmtree(partial, ignore_errors=True)
     return elastic
 
@@ -397,21 +403,23 @@ def main(ckpt=None, sparsities=(0.5,), methods=("dense", "epts"), calib=None, ev
     load = lambda: M.load_model(ckpt, DTYPES[dtype]).to("cpu" if offload else device)  # noqa: E731
     model = load()
     tok = M.load_tokenizer(ckpt, model.cfg.bos_token_id, model.cfg.eos_token_id)
-    pruned = [m for m in methods if m != "dense"]
     if not evals:
         raise UserError("no evaluation data: pass --eval FILE (e.g. WikiText-2 wiki.test.raw) to measure "
                         "perplexity.")
-    if pruned and not calib and not (methods == ["epts"] or elastic_path) and pruned != ["magnitude"]:
+    needs_calib = any(m in ("wanda", "sparsegpt") for m in methods) or ("epts" in methods and not elastic_path)
+    if needs_calib and not calib:
         raise UserError("no calibration data: pass --calib FILE (e.g. a C4 train shard .json.gz or WikiText-2 "
                         "wiki.train.raw).")
     fractional = [s for s in sparsities if not isinstance(s, tuple)]
     if "epts" in methods and len(fractional) < len(sparsities):
         print("note: epts deploys fractional sparsities only; N:M patterns run for the baselines",
               file=sys.stderr)
-    if export and len([(m, s) for m in pruned for s in sparsities if m != "epts" or not isinstance(s, tuple)]) != 1:
-        raise UserError("--export writes one pruned model: give exactly one pruned method and one sparsity.")
+    pruned_rows = [(m, s) for m in methods if m != "dense" for s in (fractional if m == "epts" else sparsities)]
+    if export and len(pruned_rows) != 1:
+        raise UserError(f"--export writes one pruned model, but {len(pruned_rows)} were requested: give exactly "
+                        "one pruned method and one sparsity.")
     eval_sets = {os.path.basename(p): data.eval_tokens(p, tok, seqlen) for p in evals}
-    calib_ids = data.calibration(calib, tok, nsamples, seqlen, seed) if calib and pruned else None
+    calib_ids = data.calibration(calib, tok, nsamples, seqlen, seed) if needs_calib else None
     report = {"ckpt": ckpt, "seqlen": seqlen, "nsamples": nsamples, "seed": seed, "dtype": dtype, "results": []}
 
     def record(method, sparsity, m, seconds, extra=None):
@@ -546,3 +554,6 @@ if __name__ == "__main__":
     except UserError as e:
         print(f"error: {e}", file=sys.stderr)
         sys.exit(2)
+    except KeyboardInterrupt:
+        print("interrupted: finished EPTS blocks are saved; run the same command again to resume", file=sys.stderr)
+        sys.exit(130)

@@ -200,14 +200,14 @@ def embed_calibration(model, calib, device, batch_size):
 class Progress:
     """Per-block progress on stderr with elapsed time and an estimate of what remains."""
 
-    def __init__(self, total, what):
-        self.total, self.what, self.t0, self.done = total, what, time.time(), 0
+    def __init__(self, total, what, start=0):
+        self.total, self.what, self.start, self.done, self.t0 = total, what, start, 0, time.time()
 
-    def step(self, start_done=0, extra=""):
+    def step(self, extra=""):
         self.done += 1
         elapsed = time.time() - self.t0
-        eta = elapsed / self.done * (self.total - start_done - self.done)
-        print(f"{self.what}: block {start_done + self.done}/{self.total} done, {elapsed:.1f}s elapsed, "
+        eta = elapsed / self.done * (self.total - self.start - self.done)
+        print(f"{self.what}: block {self.start + self.done}/{self.total} done, {elapsed:.1f}s elapsed, "
               f"~{eta:.1f}s left{extra}", file=sys.stderr, flush=True)
 
 

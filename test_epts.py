@@ -611,6 +611,10 @@ def test_resume_gives_bit_identical_adapters(tmp_path, monkeypatch):
         for key in ("A", "B", "act_norm"):
             assert all(torch.equal(a[key][n], b[key][n]) for n in a[key])
         assert a["use_adapter0"] == b["use_adapter0"]
+    monkeypatch.setattr(epts, "train_block", None)  # a finished run with the same settings is reused, not redone
+    again = epts.run_epts(tiny_llama(num_hidden_layers=3), calib, str(tmp_path / "b"), epochs=2)
+    assert torch.equal(again["blocks"][2]["B"]["mlp.down_proj"], full["blocks"][2]["B"]["mlp.down_proj"])
+    monkeypatch.setattr(epts, "train_block", real)
     with pytest.raises(UserError, match="other settings"):  # a different run refuses to mix with the partial one
         os.makedirs(tmp_path / "c" / "partial")
         (tmp_path / "c" / "partial" / "run.json").write_text(json.dumps({"epochs": 99}))
@@ -730,6 +734,20 @@ def test_export_reloads_in_transformers_with_identical_logits(small, tmp_path):
 
 # -----------------------------------------------------------------------------
 # the command line: user errors are one clear message and exit status 2
+
+
+def test_main_refuses_missing_calibration_and_ambiguous_export(tmp_path):
+    """Methods that need calibration say so; --export with several pruned models is refused."""
+    hf_tiny("llama_mha").save_pretrained(tmp_path / "ckpt")
+    train_bpe(tmp_path / "ckpt")
+    (tmp_path / "t.txt").write_text("some evaluation text " * 200)
+    base = dict(ckpt=str(tmp_path / "ckpt"), evals=[str(tmp_path / "t.txt")], seqlen=16, nsamples=2)
+    with pytest.raises(UserError, match="no calibration data"):
+        epts.main(methods=["wanda"], **base)
+    with pytest.raises(UserError, match="2 were requested"):
+        epts.main(methods=["magnitude"], sparsities=[0.3, 0.5], export=str(tmp_path / "x"), **base)
+    with pytest.raises(UserError, match="no evaluation data"):
+        epts.main(methods=["dense"], **dict(base, evals=[]))
 
 
 def cli(*args):
