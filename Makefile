@@ -17,4 +17,5 @@ demo:
 
 bench:
 	$(PYTHON) -m pip install -q -r requirements-bench.txt
+	$(PYTHON) bench/load_bench.py
 	$(PYTHON) bench/bench.py
