@@ -271,6 +271,7 @@ def run_epts(model, calib, out_dir, edges=DEFAULT_EDGES, epochs=10, lr=1e-3, ran
     edges, G = [float(e) for e in edges], len(edges) - 1
     settings = {"edges": edges, "epochs": epochs, "lr": lr, "rank": rank, "batch_size": batch_size, "seed": seed,
                 "nsamples": calib.shape[0], "seqlen": calib.shape[1], "check_sparsity": check_sparsity,
+                "calib_sha256": hashlib.sha256(calib.numpy().tobytes()).hexdigest()[:16],
                 "fingerprint": source_fingerprint or fingerprint(model)}
     final = os.path.join(out_dir, "elastic.pt")
     if os.path.isfile(final):
@@ -314,9 +315,8 @@ def run_epts(model, calib, out_dir, edges=DEFAULT_EDGES, epochs=10, lr=1e-3, ran
         block.to(home)
         if i >= len(done):
             progress.step(f", loss {rec['losses'][0]:.3g} -> {rec['losses'][-1]:.3g}, "
-                                     f"adapter 0 {'on' if rec['use_adapter0'] else 'off'}")
-    elastic = {"format": FORMAT, "model_type": model.cfg.raw.get("model_type"), **settings,
-               "scale": 1.0, "blocks": records}
+                          f"adapter 0 {'on' if rec['use_adapter0'] else 'off'}")
+    elastic = {"format": FORMAT, "model_type": model.cfg.raw.get("model_type"), **settings, "blocks": records}
     atomic_save(elastic, final)
     shutil.rmtree(partial, ignore_errors=True)
     return elastic

@@ -90,7 +90,21 @@ def build_fixture(kind):
     t0 = time.time()
     builtin.train_checkpoint(cfg, ids, folder, tokenizer_dir=tok_dir, log=lambda m: log(f"{kind}: {m}"), **TRAIN)
     log(f"{kind} fixture trained in {time.time() - t0:.0f}s")
+    sensitivity_check(kind, folder)
     return folder
+
+
+def sensitivity_check(kind, folder):
+    """Print how much magnitude pruning hurts the fixture: a robust model would make every method look alike."""
+    model, tok = M.load(folder)
+    ids = data.eval_tokens(eval_file(), tok, RUN["seqlen"])
+    dense = perplexity(model, ids, RUN["seqlen"], 8)
+    cells = []
+    for s in (0.5, 0.7):
+        pruned = prune.prune_model(M.load_model(folder), "magnitude", s)
+        ppl = perplexity(pruned, ids, RUN["seqlen"], 8)
+        cells.append(f"magnitude {s}: {ppl:.2f} ({ppl / dense:.2f}x)")
+    log(f"{kind} fixture check: dense {dense:.2f}; " + "; ".join(cells))
 
 
 def eval_file():
