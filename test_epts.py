@@ -830,3 +830,18 @@ def test_bench_table_json_and_readme_section(tmp_path):
     pytest.importorskip("matplotlib")
     bench.plot(results, str(tmp_path / "p.png"))
     assert (tmp_path / "p.png").read_bytes()[:4] == b"\x89PNG"
+
+
+def test_builtin_default_builds_caches_and_loads(tmp_path, monkeypatch):
+    """With no --ckpt the built-in model is trained once into the cache (HF format), then reused."""
+    import builtin
+    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path))
+    monkeypatch.setattr(builtin, "CONFIG", dict(builtin.CONFIG, vocab_size=512, num_hidden_layers=1))
+    monkeypatch.setattr(builtin, "TRAIN", dict(builtin.TRAIN, steps=2, batch_size=2))
+    ckpt, defaults = builtin.ensure_default()
+    assert ckpt.startswith(str(tmp_path)) and os.path.isfile(os.path.join(ckpt, "tokenizer.model"))
+    model, tok = M.load(ckpt)
+    assert len(model.blocks) == 1 and tok.vocab_size == 512
+    assert os.path.getsize(defaults["eval"]) > 100_000 and os.path.getsize(defaults["calib"]) > 1_000_000
+    monkeypatch.setattr(builtin, "build_default", None)  # a second call must not rebuild
+    assert builtin.ensure_default()[0] == ckpt
