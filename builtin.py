@@ -19,7 +19,7 @@ import torch.nn.functional as F
 
 import model as M
 
-VERSION = "default-v1"
+VERSION = "default-v2"
 CONFIG = dict(model_type="llama", vocab_size=4096, hidden_size=256, intermediate_size=688, num_hidden_layers=4,
               num_attention_heads=8, num_key_value_heads=2, max_position_embeddings=256, rms_norm_eps=1e-5,
               rope_theta=10000.0, tie_word_embeddings=False, bos_token_id=1, eos_token_id=2)
@@ -90,10 +90,23 @@ def train_lm(model, ids, steps, batch_size, seqlen, lr, seed, log=None):
     return model.eval()
 
 
+def init_weights(model, std=0.02):
+    """The usual LLM initialisation (transformers' initializer_range): N(0, 0.02) weights, zero biases.
+
+    PyTorch's N(0, 1) embeddings would make a tied output layer (OPT) start with a loss in the hundreds.
+    """
+    for m in model.modules():
+        if isinstance(m, (torch.nn.Linear, torch.nn.Embedding)):
+            torch.nn.init.normal_(m.weight, std=std)
+        if isinstance(m, torch.nn.Linear) and m.bias is not None:
+            torch.nn.init.zeros_(m.bias)
+
+
 def train_checkpoint(config, ids, out_dir, tokenizer_dir, steps, batch_size, seqlen, lr, seed, log=None):
     """Train a fresh model of `config` (a config.json dict) on `ids` and write it in Hugging Face format."""
     torch.manual_seed(seed)
     model = M.build_model(M.config_from_dict(config))
+    init_weights(model)
     train_lm(model, ids, steps, batch_size, seqlen, lr, seed, log)
     M.save_model(model, out_dir, tokenizer_dir=tokenizer_dir)
     return out_dir

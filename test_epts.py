@@ -662,7 +662,7 @@ def small(tmp_path_factory):
     """A small trained LLaMA and OPT (Python's documentation, a 512-piece SentencePiece vocabulary).
 
     The capacity sits in the blocks and each block parameter sees ~8 training tokens, so pruning hurts visibly
-    (50 % magnitude: ~+25 % perplexity) while the fixture trains in about half a minute per model.
+    (50 % magnitude: ~+30 % perplexity) while the fixture trains in about half a minute per model.
     """
     import builtin
     root = tmp_path_factory.mktemp("small")
@@ -688,18 +688,13 @@ def run_cli(small, kind, tmp_path, **kw):
 
 
 def test_baselines_order_at_half_sparsity(small, tmp_path):
-    """At 50 % and 2:4: dense < SparseGPT < Wanda and magnitude on a small trained LLaMA.
-
-    Wanda's edge over magnitude comes from the outlier input features of large LLMs, which models this small
-    do not grow: here the two land within a few percent of each other (see README, "Results").
-    """
+    """At 50 % and 2:4 on a small trained LLaMA: dense < SparseGPT < Wanda < magnitude."""
     ppl, report = run_cli(small, "llama", tmp_path, sparsities=[0.5, (2, 4)],
                           methods=["dense", "magnitude", "wanda", "sparsegpt"])
     print(ppl)
     for s in (0.5, "2:4"):
-        assert ppl[("dense", 0.0)] < ppl[("sparsegpt", s)] < min(ppl[("wanda", s)], ppl[("magnitude", s)])
-        assert abs(ppl[("wanda", s)] / ppl[("magnitude", s)] - 1) < 0.05
-    assert ppl[("magnitude", 0.5)] > 1.1 * ppl[("dense", 0.0)]  # the fixture is sensitive to pruning
+        assert ppl[("dense", 0.0)] < ppl[("sparsegpt", s)] < ppl[("wanda", s)] < ppl[("magnitude", s)]
+    assert ppl[("magnitude", 0.5)] > 1.2 * ppl[("dense", 0.0)]  # the fixture is sensitive to pruning
     rows = {(r["method"], r["sparsity"]): r for r in report["results"]}
     assert rows[("wanda", "2:4")]["achieved_sparsity"] == 0.5
     assert json.load(open(tmp_path / "r.json"))["results"] == report["results"]
