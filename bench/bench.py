@@ -30,14 +30,16 @@ SHARED = os.path.join(ROOT, "..", "shared", "data")
 CACHE = os.path.join(HERE, "cache")
 SPARSITIES = [0.3, 0.4, 0.5, 0.6, 0.7]
 FIXTURES = {
-    "llama": dict(model_type="llama", vocab_size=4096, hidden_size=256, intermediate_size=688, num_hidden_layers=4,
-                  num_attention_heads=8, num_key_value_heads=2, max_position_embeddings=256, rms_norm_eps=1e-5,
+    "llama": dict(model_type="llama", vocab_size=2048, hidden_size=128, intermediate_size=344, num_hidden_layers=4,
+                  num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=256, rms_norm_eps=1e-5,
                   bos_token_id=1, eos_token_id=2),
-    "opt": dict(model_type="opt", vocab_size=4096, hidden_size=256, ffn_dim=1024, num_hidden_layers=4,
-                num_attention_heads=8, max_position_embeddings=256, word_embed_proj_dim=256,
+    "opt": dict(model_type="opt", vocab_size=2048, hidden_size=128, ffn_dim=512, num_hidden_layers=4,
+                num_attention_heads=4, max_position_embeddings=256, word_embed_proj_dim=128,
                 do_layer_norm_before=True, bos_token_id=2, eos_token_id=2, pad_token_id=1),
 }
-TRAIN = dict(steps=600, batch_size=16, seqlen=256, lr=3e-3, seed=0)  # ~2.5M tokens, no weight decay
+# ~3.3M tokens, no weight decay. A d=256 model trained on 2.5M tokens of this text barely noticed pruning
+# (OPT: magnitude 70 % at 1.04x dense perplexity); narrower blocks trained longer behave like real LLMs.
+TRAIN = dict(steps=800, batch_size=16, seqlen=256, lr=5e-3, seed=0)
 RUN = dict(nsamples=32, seqlen=256, epochs=4, seed=0)
 EVAL_LINES = 700  # the first 700 lines of WikiText-2 test (~50k tokens), to keep a CPU run short
 README_START, README_END = "<!-- bench:start -->", "<!-- bench:end -->"
