@@ -430,14 +430,15 @@ def main(ckpt=None, sparsities=(0.5,), methods=("dense", "epts"), calib=None, ev
                 row["achieved_sparsity"] = round(prune.sparsity_report(m)[1], 6)
             row.update(extra or {})
             report["results"].append(row)
-            print_row(row)
+            print_row(row, widths)
         if json_path:
             write_json(report, json_path)
         if export and method != "dense":
             M.save_model(m, export, tokenizer_dir=ckpt)
             print(f"exported {method} at {prune.format_sparsity(sparsity)} to {export}", file=sys.stderr)
 
-    print_header()
+    widths = table_widths(eval_sets)
+    print_header(widths)
     if "dense" in methods:
         record("dense", 0.0, model, 0.0)
     for method in ("magnitude", "wanda", "sparsegpt"):
@@ -476,18 +477,19 @@ def main(ckpt=None, sparsities=(0.5,), methods=("dense", "epts"), calib=None, ev
     return report
 
 
-COLUMNS = (("method", 10), ("sparsity", 9), ("eval", 14), ("ppl", 10), ("seconds", 9))
+def table_widths(eval_names):
+    return {"method": 10, "sparsity": 9, "eval": max(14, *map(len, eval_names)) + 1, "ppl": 10, "seconds": 9}
 
 
-def print_header():
-    print(" ".join(f"{name:<{w}}" for name, w in COLUMNS))
+def print_header(widths):
+    print(" ".join(f"{name:<{w}}" for name, w in widths.items()))
 
 
-def print_row(row):
-    cells = {k: row[k] for k, _ in COLUMNS}
+def print_row(row, widths):
+    cells = {k: row[k] for k in widths}
     cells["ppl"] = f"{row['ppl']:.3f}"
     cells["seconds"] = f"{row['seconds']:.1f}"
-    print(" ".join(f"{str(cells[name]):<{w}}" for name, w in COLUMNS), flush=True)
+    print(" ".join(f"{str(cells[name]):<{w}}" for name, w in widths.items()), flush=True)
 
 
 def write_json(report, path):

@@ -2,7 +2,7 @@
 make bench: two pruning-sensitive fixture models built from ../shared/data, every method at 0.3-0.7
 (and 2:4 for the baselines), timings, bench/results.json, bench/results.png and the README's table.
 
-    python bench/bench.py [--quick]
+    python bench/bench.py [--render]
 """
 
 import argparse
@@ -252,6 +252,7 @@ def write_readme(results, path=os.path.join(ROOT, "README.md")):
 
 def plot(results, path):
     import matplotlib
+    import matplotlib.ticker
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
     fig, axes = plt.subplots(1, len(results["models"]), figsize=(6 * len(results["models"]), 4.5), squeeze=False)
@@ -265,6 +266,9 @@ def plot(results, path):
                 ax.plot(*zip(*pts), marker="o", label=method)
         ax.axhline(dense, color="gray", linestyle="--", label="dense")
         ax.set_yscale("log")
+        plain = matplotlib.ticker.FuncFormatter(lambda v, _: f"{v:g}")
+        ax.yaxis.set_major_formatter(plain)
+        ax.yaxis.set_minor_formatter(plain)
         ax.set_xlabel("sparsity")
         ax.set_ylabel("WikiText-2 perplexity (log scale)")
         ax.set_title(f"{kind} fixture")
@@ -303,6 +307,18 @@ def main():
     print(timing_table(results))
 
 
+def render(path=os.path.join(HERE, "results.json")):
+    """Redraw the plot and the README section from an existing results.json."""
+    with open(path) as f:
+        results = json.load(f)
+    plot(results, os.path.join(HERE, "results.png"))
+    write_readme(results)
+
+
 if __name__ == "__main__":
-    argparse.ArgumentParser(description=__doc__).parse_args()
-    main()
+    p = argparse.ArgumentParser(description=__doc__)
+    p.add_argument("--render", action="store_true", help="only redraw plot and README table from results.json")
+    if p.parse_args().render:
+        render()
+    else:
+        main()
