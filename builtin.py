@@ -19,13 +19,14 @@ import torch.nn.functional as F
 
 import model as M
 
-VERSION = "default-v2"
+VERSION = "default-v1"
 CONFIG = dict(model_type="llama", vocab_size=4096, hidden_size=256, intermediate_size=688, num_hidden_layers=4,
               num_attention_heads=8, num_key_value_heads=2, max_position_embeddings=256, rms_norm_eps=1e-5,
               rope_theta=10000.0, tie_word_embeddings=False, bos_token_id=1, eos_token_id=2)
 # what `python epts.py` uses on the built-in model unless flags say otherwise
 DEFAULTS = dict(seqlen=256, nsamples=32, epochs=2)
-TRAIN = dict(steps=200, batch_size=16, seqlen=256, lr=3e-3, seed=0)
+# PyTorch's default init: in this 200-step budget N(0, 0.02) reached perplexity 241 instead of 143
+TRAIN = dict(steps=200, batch_size=16, seqlen=256, lr=3e-3, seed=0, init_std=None)
 
 
 def cache_dir():
@@ -102,11 +103,16 @@ def init_weights(model, std=0.02):
             torch.nn.init.zeros_(m.bias)
 
 
-def train_checkpoint(config, ids, out_dir, tokenizer_dir, steps, batch_size, seqlen, lr, seed, log=None):
-    """Train a fresh model of `config` (a config.json dict) on `ids` and write it in Hugging Face format."""
+def train_checkpoint(config, ids, out_dir, tokenizer_dir, steps, batch_size, seqlen, lr, seed, init_std=0.02,
+                     log=None):
+    """Train a fresh model of `config` (a config.json dict) on `ids` and write it in Hugging Face format.
+
+    init_std=None keeps PyTorch's default initialisation.
+    """
     torch.manual_seed(seed)
     model = M.build_model(M.config_from_dict(config))
-    init_weights(model)
+    if init_std is not None:
+        init_weights(model, init_std)
     train_lm(model, ids, steps, batch_size, seqlen, lr, seed, log)
     M.save_model(model, out_dir, tokenizer_dir=tokenizer_dir)
     return out_dir
