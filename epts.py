@@ -267,13 +267,13 @@ def block_device(block):
 
 
 def run_epts(model, calib, out_dir, edges=DEFAULT_EDGES, epochs=10, lr=1e-3, rank=8, batch_size=1, seed=0,
-             device="cpu", check_sparsity=0.3, source_fingerprint=None):
+             device="cpu", check_sparsity=0.3):
     """Train the elastic model block by block; saves each finished block in out_dir and resumes from them."""
     edges, G = [float(e) for e in edges], len(edges) - 1
     settings = {"edges": edges, "epochs": epochs, "lr": lr, "rank": rank, "batch_size": batch_size, "seed": seed,
                 "nsamples": calib.shape[0], "seqlen": calib.shape[1], "check_sparsity": check_sparsity,
                 "calib_sha256": hashlib.sha256(calib.numpy().tobytes()).hexdigest()[:16],
-                "fingerprint": source_fingerprint or fingerprint(model)}
+                "fingerprint": fingerprint(model)}
     final = os.path.join(out_dir, "elastic.pt")
     if os.path.isfile(final):
         elastic = load_elastic(final)
@@ -450,7 +450,6 @@ def main(ckpt=None, sparsities=(0.5,), methods=("dense", "epts"), calib=None, ev
                                   warn=lambda msg: print(msg, file=sys.stderr))
                 record(method, s, m, time.time() - t0)
     if "epts" in methods and fractional:
-        source = fingerprint(model)
         if elastic_path:
             elastic = load_elastic(elastic_path)
             train_seconds = 0.0
@@ -459,8 +458,7 @@ def main(ckpt=None, sparsities=(0.5,), methods=("dense", "epts"), calib=None, ev
             out_dir = out or os.path.join("runs", f"epts-{os.path.basename(os.path.normpath(ckpt))}")
             os.makedirs(out_dir, exist_ok=True)
             t0 = time.time()
-            elastic = run_epts(load(), calib_ids, out_dir, edges, epochs, lr, rank, batch_size, seed, device,
-                               source_fingerprint=source)
+            elastic = run_epts(model, calib_ids, out_dir, edges, epochs, lr, rank, batch_size, seed, device)
             train_seconds = time.time() - t0
             size = os.path.getsize(os.path.join(out_dir, "elastic.pt"))
             model_bytes = sum(t.numel() * t.element_size() for t in model.state_dict().values())
