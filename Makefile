@@ -18,4 +18,5 @@ demo:
 bench:
 	$(PYTHON) -m pip install -q -r requirements-bench.txt
 	$(PYTHON) bench/load_bench.py
+	$(PYTHON) bench/memory_check.py
 	$(PYTHON) bench/bench.py
