@@ -423,13 +423,12 @@ def main(ckpt=None, sparsities=(0.5,), methods=("dense", "epts"), calib=None, ev
     calib_ids = data.calibration(calib, tok, nsamples, seqlen, seed) if needs_calib else None
     report = {"ckpt": ckpt, "seqlen": seqlen, "nsamples": nsamples, "seed": seed, "dtype": dtype, "results": []}
 
-    def record(method, sparsity, m, seconds, extra=None):
+    def record(method, sparsity, m, seconds):
         for name, ppl in evaluate(m, eval_sets, seqlen, device, eval_batch_size).items():
             row = {"method": method, "sparsity": prune.format_sparsity(sparsity), "eval": name, "ppl": ppl,
                    "seconds": round(seconds, 3)}
             if method != "dense":
                 row["achieved_sparsity"] = round(prune.sparsity_report(m)[1], 6)
-            row.update(extra or {})
             report["results"].append(row)
             print_row(row, widths)
         if json_path:
@@ -452,7 +451,6 @@ def main(ckpt=None, sparsities=(0.5,), methods=("dense", "epts"), calib=None, ev
     if "epts" in methods and fractional:
         if elastic_path:
             elastic = load_elastic(elastic_path)
-            train_seconds = 0.0
         else:
             edges = extend_edges(groups or DEFAULT_EDGES, max(fractional))
             out_dir = out or os.path.join("runs", f"epts-{os.path.basename(os.path.normpath(ckpt))}")
@@ -461,7 +459,7 @@ def main(ckpt=None, sparsities=(0.5,), methods=("dense", "epts"), calib=None, ev
             elastic = run_epts(model, calib_ids, out_dir, edges, epochs, lr, rank, batch_size, seed, device)
             train_seconds = time.time() - t0
             size = os.path.getsize(os.path.join(out_dir, "elastic.pt"))
-            model_bytes = sum(t.numel() * t.element_size() for t in model.state_dict().values())
+            model_bytes = sum(p.numel() * p.element_size() for p in model.parameters())  # a tied head once
             print(f"epts: one optimisation took {train_seconds:.1f}s; elastic model {out_dir}/elastic.pt is "
                   f"{size / 2**20:.2f} MiB ({100 * size / model_bytes:.1f}% of the model's "
                   f"{model_bytes / 2**20:.1f} MiB)", file=sys.stderr)

@@ -12,6 +12,8 @@ import time
 
 import torch
 
+from model import UserError
+
 # -----------------------------------------------------------------------------
 # scores and masks (mask: True = weight kept)
 
@@ -43,7 +45,8 @@ def nm_mask(score, n, m):
     """N:M mask: in every run of m consecutive input columns of a row keep the n highest scores."""
     out_f, in_f = score.shape
     if in_f % m:
-        raise ValueError(f"N:M sparsity {n}:{m} needs in_features divisible by {m}, got {in_f}")
+        raise UserError(f"N:M sparsity {n}:{m} needs every layer's in_features divisible by {m}, but one has "
+                        f"{in_f}; choose an M that divides it, e.g. 2:4 or 4:8.")
     groups = score.view(out_f, in_f // m, m)
     pruned = torch.argsort(groups, dim=-1, stable=True)[..., : m - n]  # (out, in/m, m-n) lowest scores
     mask = torch.ones_like(groups, dtype=torch.bool)
@@ -51,14 +54,19 @@ def nm_mask(score, n, m):
     return mask.view(out_f, in_f)
 
 
+def matrix_mask(score, s):
+    """One threshold per matrix: the `int(numel * s)` lowest scores are pruned exactly (ties by position)."""
+    k = int(score.numel() * s)
+    mask = torch.ones(score.numel(), dtype=torch.bool, device=score.device)
+    mask[torch.argsort(score.flatten(), stable=True)[:k]] = False
+    return mask.view_as(score)
+
+
 def magnitude_mask(W, sparsity):
     """Magnitude baseline: one threshold per matrix (fraction), or N:M on |W|."""
     if isinstance(sparsity, tuple):
         return nm_mask(W.abs().float(), *sparsity)
-    k = int(W.numel() * sparsity)
-    mask = torch.ones(W.numel(), dtype=torch.bool, device=W.device)
-    mask[torch.argsort(W.abs().float().flatten(), stable=True)[:k]] = False
-    return mask.view_as(W)
+    return matrix_mask(W.abs().float(), sparsity)
 
 
 def wanda_mask(W, act_norm, sparsity):
@@ -113,11 +121,7 @@ def sparsegpt_prune(W, H, sparsity, blocksize=128, percdamp=0.01, warn=print):
 
         # the mask for the whole block at once, from the OBS saliency w^2 / [H^-1]_ii^2
         if nm is None:
-            score = W1 ** 2 / d.view(1, -1) ** 2
-            k = int(score.numel() * sparsity)
-            pruned = torch.zeros(score.numel(), dtype=torch.bool, device=W.device)
-            pruned[torch.argsort(score.flatten(), stable=True)[:k]] = True
-            pruned = pruned.view_as(score)
+            pruned = ~matrix_mask(W1 ** 2 / d.view(1, -1) ** 2, sparsity)
         else:
             pruned = torch.zeros_like(W1, dtype=torch.bool)
 

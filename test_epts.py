@@ -382,6 +382,8 @@ def test_nm_mask_pattern():
         assert (mask.sum(-1) == n).all()
         groups = score.view(8, 32 // m, m)
         assert (groups[mask].view(8, -1, n).min(-1).values >= groups[~mask].view(8, -1, m - n).max(-1).values).all()
+    with pytest.raises(UserError, match="divisible by 7"):
+        prune.nm_mask(score, 3, 7)
 
 
 def test_wanda_score_brute_force_and_nested_wanda_magnitude():
