@@ -283,7 +283,10 @@ def run_epts(model, calib, out_dir, edges=DEFAULT_EDGES, epochs=10, lr=1e-3, ran
     partial = os.path.join(out_dir, "partial")
     done = resume_records(partial, settings)
     home = model.embed_tokens.weight.device
-    X_dense = prune.embed_calibration(model, calib, device, batch_size)  # (N, T, C)
+    # four streams: dense inputs, their outputs (the target), pruned inputs, mixed outputs; beside them one
+    # block's weights, ranks, saved tensors and activations, about 6x its weights (README, "Scale")
+    X_dense = prune.embed_calibration(model, calib, device, batch_size, n_streams=4,
+                                      reserve_bytes=6 * prune.block_bytes(model.blocks[0]))  # (N, T, C)
     X_pruned = X_dense.clone()
     s_check = min(max(check_sparsity, edges[0]), edges[1])  # inside group 0's range
     progress = prune.Progress(len(model.blocks), "epts", start=len(done))

@@ -190,11 +190,47 @@ def new_stats(block, hessian, device):
     return {name: InputStats(lin.in_features, hessian, device) for name, lin in block.linears().items()}
 
 
+def free_device_bytes(device):
+    """Bytes a CUDA device can still give: free on the card plus what PyTorch's cache holds unused."""
+    free, _ = torch.cuda.mem_get_info(device)
+    return free + torch.cuda.memory_reserved(device) - torch.cuda.memory_allocated(device)
+
+
+def stream_device(device, stream_bytes, reserve_bytes, free_bytes=None):
+    """Where the calibration streams live: on the compute device when they fit beside `reserve_bytes` (one
+    block's working set), else in CPU memory, from where each batch moves to the device when it is used."""
+    device = torch.device(device)
+    if device.type == "cpu":
+        return device
+    if free_bytes is None:
+        free_bytes = free_device_bytes(device)
+    return device if stream_bytes + reserve_bytes <= free_bytes else torch.device("cpu")
+
+
 @torch.no_grad()
-def embed_calibration(model, calib, device, batch_size):
-    """The first block's inputs (N, T, C) for calibration ids (N, T), kept where the model lives."""
+def embed_calibration(model, calib, device, batch_size, n_streams, reserve_bytes):
+    """The first block's inputs (N, T, C) for calibration ids (N, T).
+
+    The caller keeps `n_streams` tensors of this size alive at once (inputs, targets, ...); they go where
+    stream_device() says, which is CPU memory when they would not fit on the device beside one block.
+    """
     home = model.embed_tokens.weight.device
-    return torch.cat([model.embed(calib[i:i + batch_size].to(home)) for i in range(0, len(calib), batch_size)])
+    first = model.embed(calib[:1].to(home))  # (1, T, C)
+    shape = (len(calib), *first.shape[1:])
+    stream_bytes = n_streams * math.prod(shape) * first.element_size()
+    where = stream_device(device, stream_bytes, reserve_bytes)
+    if where != torch.device(device):
+        print(f"calibration streams ({stream_bytes / 2**30:.1f} GiB) do not fit on {device} beside one block "
+              f"({reserve_bytes / 2**30:.1f} GiB); keeping them in CPU memory, moved per batch",
+              file=sys.stderr)
+    X = torch.empty(shape, dtype=first.dtype, device=where)
+    for i in range(0, len(calib), batch_size):
+        X[i:i + batch_size] = model.embed(calib[i:i + batch_size].to(home)).to(where)
+    return X
+
+
+def block_bytes(block):
+    return sum(p.numel() * p.element_size() for p in block.parameters())
 
 
 # -----------------------------------------------------------------------------
@@ -225,7 +261,9 @@ def prune_model(model, method, sparsity, calib=None, device="cpu", batch_size=8,
     """
     assert method in ("magnitude", "wanda", "sparsegpt"), method
     home = model.embed_tokens.weight.device
-    X = None if method == "magnitude" else embed_calibration(model, calib, device, batch_size)
+    # two streams (inputs and outputs of a block); the block, SparseGPT's Hessians and temporaries beside them
+    X = None if method == "magnitude" else embed_calibration(model, calib, device, batch_size, n_streams=2,
+                                                              reserve_bytes=4 * block_bytes(model.blocks[0]))
     progress = Progress(len(model.blocks), method)
     for block in model.blocks:
         block.to(device)

@@ -801,6 +801,29 @@ def test_offload_moves_each_block_to_the_device_and_back(tmp_path, monkeypatch):
     assert len(moves) == 2 * len(model.blocks)
 
 
+def test_calibration_streams_go_to_cpu_when_they_would_not_fit(tmp_path, monkeypatch):
+    """The placement rule, and that both drivers ask it with the right sizes and get the same embeddings."""
+    cuda = torch.device("cuda:0")
+    assert prune.stream_device("cpu", 10**12, 10**12) == torch.device("cpu")  # CPU is always home
+    assert prune.stream_device(cuda, 60, 40, free_bytes=100) == cuda  # exactly fits
+    assert prune.stream_device(cuda, 61, 40, free_bytes=100) == torch.device("cpu")
+    assert prune.stream_device(cuda, 10, 95, free_bytes=100) == torch.device("cpu")  # the block needs room too
+
+    asked = []
+    real = prune.stream_device
+    monkeypatch.setattr(prune, "stream_device", lambda *a, **kw: asked.append(a) or real(*a, **kw))
+    model, calib = tiny_llama(), calib_ids(4)  # 4 windows of 16 tokens, hidden 32, float32
+    stream = 4 * 16 * 32 * 4  # N T C bytes
+    X = prune.embed_calibration(model, calib, "cpu", batch_size=3, n_streams=4, reserve_bytes=7)
+    assert torch.equal(X, model.embed(calib))
+    assert asked == [("cpu", 4 * stream, 7)]
+    asked.clear()
+    prune.prune_model(tiny_llama(), "wanda", 0.5, calib)
+    epts.run_epts(tiny_llama(), calib, str(tmp_path), epochs=1)
+    block = prune.block_bytes(model.blocks[0])
+    assert asked == [("cpu", 2 * stream, 4 * block), ("cpu", 4 * stream, 6 * block)]
+
+
 def test_bench_table_json_and_readme_section(tmp_path):
     """The benchmark turns results into a table with every method and sparsity, and rewrites only its section."""
     sys.path.insert(0, os.path.join(HERE, "bench"))
