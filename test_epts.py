@@ -832,6 +832,7 @@ def test_bench_table_json_and_readme_section(tmp_path):
     for m in ("magnitude", "wanda", "sparsegpt", "lora-single", "epts"):
         rows += [{"method": m, "sparsity": s, "ppl": 11.0 + s, "seconds": 1.0} for s in bench.SPARSITIES]
     rows += [{"method": "wanda", "sparsity": "2:4", "ppl": 13.5, "seconds": 1.0}]
+    rows += [{"method": "epts, adapter 0 off", "sparsity": 0.3, "ppl": 11.2, "seconds": 0.0}]
     timing = {"epts_one_run_s": 7.0, "wanda_sum_s": 5.0, "sparsegpt_sum_s": 5.0, "lora_single_sum_s": 5.0,
               "epts_over_lora_single": 1.4, "epts_over_wanda": 1.4, "epts_over_sparsegpt": 1.4}
     results = {"date": "2026-11-22", "command": "make bench", "machine": {"cpu": "x", "threads": 2, "torch": "t"},
@@ -840,6 +841,7 @@ def test_bench_table_json_and_readme_section(tmp_path):
     table = bench.table(results)
     assert "| llama | epts | 11.30 | 11.40 | 11.50 | 11.60 | 11.70 | — |" in table
     assert "| llama | wanda | 11.30 | 11.40 | 11.50 | 11.60 | 11.70 | 13.50 |" in table
+    assert "| llama | epts, adapter 0 off | 11.20 | — | — | — | — | — |" in table
     readme = tmp_path / "README.md"
     readme.write_text(f"before\n{bench.README_START}\nold\n{bench.README_END}\nafter\n")
     bench.write_readme(results, str(readme))
