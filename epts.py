@@ -108,8 +108,8 @@ class ElasticLinear(nn.Module):
     def weight(self, g, mask, adapters=True):
         if not adapters:
             return self.W * mask
-        # where(), not `* mask`: a product would promote the mask to a float copy kept for backward
-        return torch.where(mask, self.W.float() + self.delta(g), 0.0).to(self.W.dtype)
+        # autograd keeps the bool mask itself for backward (1 B per weight), not a float copy
+        return ((self.W.float() + self.delta(g)) * mask).to(self.W.dtype)
 
     def forward(self, x, g, mask, adapters=True):
         return F.linear(x, self.weight(g, mask, adapters), self.bias)

@@ -545,6 +545,17 @@ def test_adapters_and_optimizer_state_stay_float32_under_bfloat16():
     assert all(v.dtype == torch.float32 for st in opt.state.values() for k, v in st.items() if k != "step")
 
 
+def test_backward_keeps_only_the_bool_mask_and_the_merged_weight():
+    """The memory formula's 'saved for backward' term: per weight, 1 B of mask + the merged weight in bf16."""
+    layer = elastic_linear(dtype=torch.bfloat16)
+    x = torch.randn(2, 20, dtype=torch.bfloat16, requires_grad=True)  # as inside a block, after trained layers
+    saved = []
+    with torch.autograd.graph.saved_tensors_hooks(lambda t: saved.append(t) or t, lambda t: t):
+        layer(x, 2, layer.mask(0.5))
+    weight_sized = sorted(str(t.dtype) for t in saved if t.numel() == layer.W.numel())  # W or Wᵀ
+    assert weight_sized == ["torch.bfloat16", "torch.bool"]
+
+
 def test_reconstruction_loss_falls_on_a_tiny_block():
     """Training one block's adapters lowers the multi-group reconstruction loss epoch over epoch."""
     model, calib = tiny_llama(), calib_ids(8)
@@ -801,7 +812,7 @@ def test_offload_moves_each_block_to_the_device_and_back(tmp_path, monkeypatch):
     assert len(moves) == 2 * len(model.blocks)
 
 
-def test_calibration_streams_go_to_cpu_when_they_would_not_fit(tmp_path, monkeypatch):
+def test_calibration_streams_go_to_cpu_when_they_would_not_fit(tmp_path, monkeypatch, capsys):
     """The placement rule, and that both drivers ask it with the right sizes and get the same embeddings."""
     cuda = torch.device("cuda:0")
     assert prune.stream_device("cpu", 10**12, 10**12) == torch.device("cpu")  # CPU is always home
@@ -822,6 +833,12 @@ def test_calibration_streams_go_to_cpu_when_they_would_not_fit(tmp_path, monkeyp
     epts.run_epts(tiny_llama(), calib, str(tmp_path), epochs=1)
     block = prune.block_bytes(model.blocks[0])
     assert asked == [("cpu", 2 * stream, 4 * block), ("cpu", 4 * stream, 6 * block)]
+
+    # a "GPU" with 1000 bytes free: the streams are built in CPU memory (nothing here touches CUDA) and it says so
+    monkeypatch.setattr(prune, "free_device_bytes", lambda device: 1000)
+    X = prune.embed_calibration(model, calib, "cuda:0", batch_size=3, n_streams=4, reserve_bytes=7)
+    assert X.device == torch.device("cpu") and torch.equal(X, model.embed(calib))
+    assert "do not fit on cuda:0" in capsys.readouterr().err
 
 
 def test_bench_table_json_and_readme_section(tmp_path):
