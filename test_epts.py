@@ -841,6 +841,29 @@ def test_calibration_streams_go_to_cpu_when_they_would_not_fit(tmp_path, monkeyp
     assert "do not fit on cuda:0" in capsys.readouterr().err
 
 
+def test_memory_formula_counts_what_autograd_saves():
+    """The README formula's 'saved for backward' + 'activations' terms against the bytes autograd really keeps
+    for one group's forward through a LLaMA block (fp32, C = 256, F = 688, T = 128)."""
+    sys.path.insert(0, os.path.join(HERE, "bench"))
+    import memory_check
+    C, F, heads, kv_heads, T = 256, 688, 8, 2, 128
+    block = tiny_llama(hidden_size=C, intermediate_size=F, num_attention_heads=heads, num_key_value_heads=kv_heads,
+                       num_hidden_layers=1).blocks[0]
+    layers = epts.elastic_layers(block, {n: torch.rand(lin.in_features) + 0.1 for n, lin in block.linears().items()},
+                                 n_groups=7, rank=8)
+    storages = {}  # data_ptr -> bytes: a tensor saved twice (or two views of one) counts once
+
+    def pack(t):
+        storages[t.untyped_storage().data_ptr()] = t.untyped_storage().nbytes()
+        return t
+
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+        epts.block_forward(block, layers, torch.randn(1, T, C), g=6, s=0.7)
+    terms = memory_check.epts_block_bytes(C, F, heads, kv_heads, N=1, T=T, G=7, r=8, elt=4)["training"]
+    formula = terms["saved for backward: bool mask + merged weight"] + terms["activations of one batch"]
+    assert 0.8 * formula < sum(storages.values()) < 1.1 * formula
+
+
 def test_bench_table_json_and_readme_section(tmp_path):
     """The benchmark turns results into a table with every method and sparsity, and rewrites only its section."""
     sys.path.insert(0, os.path.join(HERE, "bench"))

@@ -34,7 +34,7 @@ def epts_block_bytes(C, F, heads, kv_heads, N, T, G, r, elt, batch=1):
     P = sum(i * o for i, o in layers)  # weights of the block
     adapters = 4 * G * r * sum(i + o for i, o in layers)  # fp32 A and B of every group
     stream = N * T * C * elt  # one (N, T, C) calibration stream
-    merge = 12 * max(i * o for i, o in layers)  # fp32 W + BA, its product and bf16 copy of the largest layer
+    merge = 12 * max(i * o for i, o in layers)  # fp32 BA, W + BA and its masked product, largest layer
     activations = batch * T * (12 * C + 4 * F) * elt  # one batch through the block
     return {
         "throughout": {"ranks (int16)": 2 * P, "adapters (fp32)": adapters},
@@ -94,7 +94,8 @@ def main():
         print(json.dumps(measure()))
         return
     big = epts_block_bytes(**LLAMA_7B)
-    weights = 2 * (4 * 4096 ** 2 + 3 * 4096 * 11008)
+    C, F, elt = LLAMA_7B["C"], LLAMA_7B["F"], LLAMA_7B["elt"]
+    weights = elt * (4 * C * C + 3 * C * F)  # q k v o + gate up down
     print("LLaMA-7B, bf16, 128 x 2048 calibration, G = 7, r = 8 (estimate):")
     print_terms(big, "GB", 1e9)
     print(f"  {'+ the block itself (bf16)':<63} {weights / 1e9:8.2f} GB")
