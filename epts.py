@@ -286,7 +286,7 @@ def run_epts(model, calib, out_dir, edges=DEFAULT_EDGES, epochs=10, lr=1e-3, ran
     # four streams: dense inputs, their outputs (the target), pruned inputs, mixed outputs; beside them one
     # block's weights, ranks, saved tensors and activations, about 6x its weights (README, "Scale")
     X_dense = prune.embed_calibration(model, calib, device, batch_size, n_streams=4,
-                                      reserve_bytes=6 * prune.block_bytes(model.blocks[0]))  # (N, T, C)
+                                      reserve_bytes=6 * prune.param_bytes(model.blocks[0]))  # (N, T, C)
     X_pruned = X_dense.clone()
     s_check = min(max(check_sparsity, edges[0]), edges[1])  # inside group 0's range
     progress = prune.Progress(len(model.blocks), "epts", start=len(done))
@@ -462,7 +462,7 @@ def main(ckpt=None, sparsities=(0.5,), methods=("dense", "epts"), calib=None, ev
             elastic = run_epts(model, calib_ids, out_dir, edges, epochs, lr, rank, batch_size, seed, device)
             train_seconds = time.time() - t0
             size = os.path.getsize(os.path.join(out_dir, "elastic.pt"))
-            model_bytes = sum(p.numel() * p.element_size() for p in model.parameters())  # a tied head once
+            model_bytes = prune.param_bytes(model)  # a tied head once
             print(f"epts: one optimisation took {train_seconds:.1f}s; elastic model {out_dir}/elastic.pt is "
                   f"{size / 2**20:.2f} MiB ({100 * size / model_bytes:.1f}% of the model's "
                   f"{model_bytes / 2**20:.1f} MiB)", file=sys.stderr)

@@ -229,8 +229,9 @@ def embed_calibration(model, calib, device, batch_size, n_streams, reserve_bytes
     return X
 
 
-def block_bytes(block):
-    return sum(p.numel() * p.element_size() for p in block.parameters())
+def param_bytes(module):
+    """Bytes of a module's parameters (a tied weight counts once)."""
+    return sum(p.numel() * p.element_size() for p in module.parameters())
 
 
 # -----------------------------------------------------------------------------
@@ -263,7 +264,7 @@ def prune_model(model, method, sparsity, calib=None, device="cpu", batch_size=8,
     home = model.embed_tokens.weight.device
     # two streams (inputs and outputs of a block); the block, SparseGPT's Hessians and temporaries beside them
     X = None if method == "magnitude" else embed_calibration(model, calib, device, batch_size, n_streams=2,
-                                                              reserve_bytes=4 * block_bytes(model.blocks[0]))
+                                                              reserve_bytes=4 * param_bytes(model.blocks[0]))
     progress = Progress(len(model.blocks), method)
     for block in model.blocks:
         block.to(device)

@@ -831,7 +831,7 @@ def test_calibration_streams_go_to_cpu_when_they_would_not_fit(tmp_path, monkeyp
     asked.clear()
     prune.prune_model(tiny_llama(), "wanda", 0.5, calib)
     epts.run_epts(tiny_llama(), calib, str(tmp_path), epochs=1)
-    block = prune.block_bytes(model.blocks[0])
+    block = prune.param_bytes(model.blocks[0])
     assert asked == [("cpu", 2 * stream, 4 * block), ("cpu", 4 * stream, 6 * block)]
 
     # a "GPU" with 1000 bytes free: the streams are built in CPU memory (nothing here touches CUDA) and it says so

@@ -43,12 +43,13 @@ def measure(folder):
     """Run in a fresh process: RSS after importing torch, peak RSS while loading, and the load time."""
     import torch
     import model as M
+    import prune
     before = status_bytes("VmRSS")
     t0 = time.time()
     model = M.load_model(folder, torch.bfloat16)
     seconds = time.time() - t0
     peak = status_bytes("VmHWM")
-    params = sum(p.numel() * p.element_size() for p in model.parameters())
+    params = prune.param_bytes(model)
     size = os.path.getsize(os.path.join(folder, "model.safetensors"))
     return {"file_bytes": size, "param_bytes": params, "rss_before_load": before, "peak_rss": peak,
             "load_seconds": round(seconds, 2), "peak_rss_over_file": round(peak / size, 3),

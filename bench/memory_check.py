@@ -23,6 +23,8 @@ import tempfile
 HERE = os.path.dirname(os.path.abspath(__file__))
 sys.path.insert(0, os.path.dirname(HERE))
 
+from load_bench import status_bytes  # noqa: E402
+
 SHAPE = dict(C=1024, F=2816, heads=16, kv_heads=4, N=16, T=512, G=7, r=8, elt=4)  # float32 on the CPU
 LLAMA_7B = dict(C=4096, F=11008, heads=32, kv_heads=32, N=128, T=2048, G=7, r=8, elt=2)  # bf16, 128 x 2048
 
@@ -59,11 +61,6 @@ def print_terms(terms, unit, scale):
         for name, b in parts.items():
             print(f"  {phase + ': ' + name:<63} {b / scale:8.2f} {unit}")
     print(f"  {'formula peak = throughout + max(training, mixing)':<63} {peak_bytes(terms) / scale:8.2f} {unit}")
-
-
-def status_bytes(field):
-    with open("/proc/self/status") as f:
-        return next(int(line.split()[1]) * 1024 for line in f if line.startswith(field + ":"))
 
 
 def measure():
