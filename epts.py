@@ -9,6 +9,7 @@ trained range is then deployed in seconds, without calibration data.
 """
 
 import argparse
+import functools
 import hashlib
 import json
 import math
@@ -85,9 +86,8 @@ class ElasticLinear(nn.Module):
         super().__init__()
         self.W = linear.weight.detach()  # (out, in), frozen, in the model's dtype
         self.bias = None if linear.bias is None else linear.bias.detach()
+        self.act_norm = act_norm  # (in,)
         out_f, in_f = self.W.shape
-        ranks = prune.row_ranks(prune.wanda_score(self.W, act_norm))
-        self.ranks = ranks.to(torch.int16 if in_f < 2 ** 15 else torch.int32)  # (out, in)
         self.scale = scale
         A = torch.empty(n_groups, rank, in_f)
         for k in range(n_groups):
@@ -95,21 +95,32 @@ class ElasticLinear(nn.Module):
         self.A = nn.Parameter(A.to(self.W.device))  # (G, r, in)
         self.B = nn.Parameter(torch.zeros(n_groups, out_f, rank, device=self.W.device))  # (G, out, r), zero-init
 
+    @functools.cached_property
+    def ranks(self):
+        """Per-row ranks of the Wanda score (out, in), built on first use: training needs them for many
+        sparsities, deployment at one sparsity does not (deploy_mask)."""
+        ranks = prune.row_ranks(prune.wanda_score(self.W, self.act_norm))
+        return ranks.to(torch.int16 if self.W.shape[1] < 2 ** 15 else torch.int32)
+
     def mask(self, s):
         return prune.mask_from_ranks(self.ranks, s)
 
-    def delta(self, g):
-        """scale * sum_{k<=g} B_k A_k as one matmul of the stacked pairs: (out, (g+1)r) @ ((g+1)r, in)."""
+    def deploy_mask(self, s):
+        """The same mask as mask(s), by selection instead of a full sort."""
+        return prune.row_mask(prune.wanda_score(self.W, self.act_norm), s)
+
+    def stacked(self, g):
+        """The pairs 0..g side by side: B (out, (g+1)r) and A ((g+1)r, in), so that B @ A = sum_{k<=g} B_k A_k."""
         G1, out_f, r = g + 1, self.B.shape[1], self.B.shape[2]
-        B = self.B[:G1].permute(1, 0, 2).reshape(out_f, G1 * r)
-        A = self.A[:G1].reshape(G1 * r, -1)
-        return self.scale * (B @ A)
+        return self.B[:G1].permute(1, 0, 2).reshape(out_f, G1 * r), self.A[:G1].reshape(G1 * r, -1)
 
     def weight(self, g, mask, adapters=True):
         if not adapters:
             return self.W * mask
+        # W + scale * B @ A in one fp32 matrix product (addmm adds W and applies the scale inside the GEMM);
         # autograd keeps the bool mask itself for backward (1 B per weight), not a float copy
-        return ((self.W.float() + self.delta(g)) * mask).to(self.W.dtype)
+        B, A = self.stacked(g)
+        return (torch.addmm(self.W.float(), B, A, alpha=self.scale) * mask).to(self.W.dtype)
 
     def forward(self, x, g, mask, adapters=True):
         return F.linear(x, self.weight(g, mask, adapters), self.bias)
@@ -214,7 +225,9 @@ def fingerprint(model):
     h = hashlib.sha256()
     for name, t in model.state_dict().items():
         flat = t.detach().reshape(-1)
-        sample = flat[torch.linspace(0, flat.numel() - 1, min(4096, flat.numel())).long()]
+        n, k = flat.numel(), min(4096, flat.numel())
+        # evenly spaced indices in exact integer arithmetic: a float32 linspace rounds past the end above 2^24
+        sample = flat[torch.arange(k) * (n - 1) // max(k - 1, 1)]
         h.update(name.encode())
         h.update(str(tuple(t.shape)).encode())
         h.update(sample.to(torch.bfloat16).view(torch.int16).cpu().numpy().tobytes())
@@ -368,7 +381,7 @@ def deploy(model, elastic, sparsity):
         layers = restore_layers(block, rec, G, elastic["rank"])
         for name, lin in block.linears().items():
             layer = layers[name]
-            lin.weight.copy_(layer.weight(g, layer.mask(s), adapters=g > 0 or rec["use_adapter0"]))
+            lin.weight.copy_(layer.weight(g, layer.deploy_mask(s), adapters=g > 0 or rec["use_adapter0"]))
     return model
 
 
@@ -377,6 +390,14 @@ def deploy(model, elastic, sparsity):
 
 METHODS = ("dense", "magnitude", "wanda", "sparsegpt", "epts")
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+
+
+def default_dtype(cfg, device):
+    """The checkpoint's own dtype on a GPU; float32 on the CPU, where half-precision kernels may be slow."""
+    if not str(device).startswith("cuda"):
+        return "float32"
+    stored = cfg.raw.get("torch_dtype") or cfg.raw.get("dtype")  # transformers >= 5 writes "dtype"
+    return stored if stored in DTYPES else "float32"
 
 
 def evaluate(model, eval_sets, seqlen, device, batch_size):
@@ -388,7 +409,7 @@ def evaluate(model, eval_sets, seqlen, device, batch_size):
 
 
 def main(ckpt=None, sparsities=(0.5,), methods=("dense", "epts"), calib=None, evals=(), nsamples=None,
-         seqlen=None, seed=0, device="cpu", dtype="float32", out=None, json_path=None, elastic_path=None,
+         seqlen=None, seed=0, device="cpu", dtype=None, out=None, json_path=None, elastic_path=None,
          export=None, groups=None, epochs=None, lr=1e-3, rank=8, batch_size=1, offload=False, eval_batch_size=4):
     """Run the requested methods at every sparsity, print the perplexity table, write --json/--out/--export."""
     torch.manual_seed(seed)
@@ -403,7 +424,12 @@ def main(ckpt=None, sparsities=(0.5,), methods=("dense", "epts"), calib=None, ev
         seqlen = seqlen or defaults["seqlen"]
         nsamples = nsamples or defaults["nsamples"]
         epochs = epochs or defaults["epochs"]
-    seqlen, nsamples, epochs = seqlen or 2048, nsamples or 128, epochs or 10
+    cfg = M.read_config(ckpt)
+    # never the 131072 positions of a LLaMA-3.1 config: Wanda users ran out of memory exactly so
+    seqlen, nsamples, epochs = seqlen or min(2048, cfg.max_position_embeddings), nsamples or 128, epochs or 10
+    dtype = dtype or default_dtype(cfg, device)
+    print(f"model: {ckpt} ({cfg.raw.get('model_type')}, {cfg.num_hidden_layers} blocks), dtype {dtype}, "
+          f"seqlen {seqlen}", file=sys.stderr)
     load = lambda: M.load_model(ckpt, DTYPES[dtype]).to("cpu" if offload else device)  # noqa: E731
     model = load()
     tok = M.load_tokenizer(ckpt, model.cfg.bos_token_id, model.cfg.eos_token_id)
@@ -507,10 +533,12 @@ def parse_args(argv):
     p.add_argument("--calib", help="calibration data: C4 .json(.gz) shard, WikiText-2 file/folder, or .txt")
     p.add_argument("--eval", nargs="+", default=[], help="evaluation file(s) for perplexity")
     p.add_argument("--nsamples", type=int, help="calibration windows (default 128; built-in model: less)")
-    p.add_argument("--seqlen", type=int, help="tokens per window (default 2048; built-in model: less)")
+    p.add_argument("--seqlen", type=int, help="tokens per window (default min(2048, the model's positions); "
+                   "built-in model: less)")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--device", default="cpu", help="cpu or cuda")
-    p.add_argument("--dtype", default="float32", choices=list(DTYPES))
+    p.add_argument("--dtype", choices=list(DTYPES),
+                   help="default: the checkpoint's torch_dtype on cuda, float32 on cpu")
     p.add_argument("--offload", action="store_true", help="keep blocks in CPU memory, move one at a time")
     p.add_argument("--out", help="EPTS run folder (elastic.pt; resumable); default runs/epts-<ckpt name>")
     p.add_argument("--elastic", help="deploy an earlier EPTS run (its --out folder or elastic.pt), no training")

@@ -1,5 +1,5 @@
 """
-Hand-written LLaMA (1/2/3, Mistral-style GQA) and OPT in plain PyTorch, plus
+Hand-written LLaMA (1/2/3.x, Mistral, Qwen2/2.5, Qwen3, SmolLM) and OPT in plain PyTorch, plus
 loading of Hugging Face-format checkpoint folders and their tokenizers.
 
 Every model exposes the interface the pruning code drives:
@@ -45,7 +45,9 @@ class LlamaConfig:
     rope_theta: float = 10000.0
     rope_scaling: dict = None  # None, {"rope_type": "linear"|"llama3", ...}
     max_position_embeddings: int = 2048
-    attention_bias: bool = False
+    attention_bias: bool = False  # biases on q, k, v and o
+    qkv_bias: bool = False  # biases on q, k, v only (Qwen2)
+    qk_norm: bool = False  # RMSNorm over each head of q and k before RoPE (Qwen3)
     mlp_bias: bool = False
     tie_word_embeddings: bool = False
     bos_token_id: int = 1
@@ -55,11 +57,26 @@ class LlamaConfig:
     def __post_init__(self):
         if self.num_key_value_heads is None:
             self.num_key_value_heads = self.num_attention_heads
+        check_sizes(self, ("vocab_size", "hidden_size", "intermediate_size", "num_hidden_layers",
+                           "num_attention_heads", "num_key_value_heads", "max_position_embeddings"))
         if self.head_dim is None:
             self.head_dim = self.hidden_size // self.num_attention_heads
+        check_sizes(self, ("head_dim",))
+        if not isinstance(self.rope_theta, (int, float)) or isinstance(self.rope_theta, bool) or self.rope_theta <= 0:
+            raise UserError(f"config.json: rope_theta={self.rope_theta!r} must be a positive number (LLaMA-2 uses "
+                            "10000.0, LLaMA-3 500000.0); the checkpoint's config is damaged.")
         if self.num_attention_heads % self.num_key_value_heads:
             raise UserError(f"config.json: num_attention_heads={self.num_attention_heads} is not a multiple of "
                             f"num_key_value_heads={self.num_key_value_heads}; the checkpoint's config is inconsistent.")
+
+
+def check_sizes(cfg, names):
+    """Every named size of a config must be a positive integer (a 0 or null would fail deep inside torch)."""
+    for name in names:
+        v = getattr(cfg, name)
+        if not isinstance(v, int) or isinstance(v, bool) or v < 1:
+            raise UserError(f"config.json: {name}={v!r} must be a positive integer; the checkpoint's config is "
+                            "damaged or not a model config.")
 
 
 def rope_inv_freq(cfg):
@@ -107,11 +124,15 @@ class LlamaAttention(nn.Module):
     def __init__(self, cfg):
         super().__init__()
         self.n_head, self.n_kv_head, self.head_dim = cfg.num_attention_heads, cfg.num_key_value_heads, cfg.head_dim
-        C, bias = cfg.hidden_size, cfg.attention_bias
+        C, bias = cfg.hidden_size, cfg.attention_bias or cfg.qkv_bias
         self.q_proj = nn.Linear(C, self.n_head * self.head_dim, bias=bias)
         self.k_proj = nn.Linear(C, self.n_kv_head * self.head_dim, bias=bias)
         self.v_proj = nn.Linear(C, self.n_kv_head * self.head_dim, bias=bias)
-        self.o_proj = nn.Linear(self.n_head * self.head_dim, C, bias=bias)
+        self.o_proj = nn.Linear(self.n_head * self.head_dim, C, bias=cfg.attention_bias)
+        if cfg.qk_norm:
+            self.q_norm = RMSNorm(self.head_dim, cfg.rms_norm_eps)
+            self.k_norm = RMSNorm(self.head_dim, cfg.rms_norm_eps)
+        self.qk_norm = cfg.qk_norm
         # a plain attribute, not a buffer: model.to(bfloat16) must not round the frequencies
         self.inv_freq = rope_inv_freq(cfg)
 
@@ -121,6 +142,8 @@ class LlamaAttention(nn.Module):
         q = self.q_proj(x).view(B, T, self.n_head, self.head_dim).transpose(1, 2)  # (B, nh, T, hd)
         k = self.k_proj(x).view(B, T, self.n_kv_head, self.head_dim).transpose(1, 2)  # (B, nkv, T, hd)
         v = self.v_proj(x).view(B, T, self.n_kv_head, self.head_dim).transpose(1, 2)  # (B, nkv, T, hd)
+        if self.qk_norm:  # Qwen3 normalises each head's query and key before rotating them
+            q, k = self.q_norm(q), self.k_norm(k)
         # RoPE, angles in float32 (HF checkpoints permute q/k for the rotate-half convention)
         pos = torch.arange(T, device=x.device, dtype=torch.float32)
         freqs = torch.outer(pos, self.inv_freq.to(x.device))  # (T, hd/2)
@@ -216,6 +239,11 @@ class OPTConfig:
     def __post_init__(self):
         if self.word_embed_proj_dim is None:
             self.word_embed_proj_dim = self.hidden_size
+        check_sizes(self, ("vocab_size", "hidden_size", "ffn_dim", "num_hidden_layers", "num_attention_heads",
+                           "max_position_embeddings", "word_embed_proj_dim"))
+        if self.hidden_size % self.num_attention_heads:
+            raise UserError(f"config.json: hidden_size={self.hidden_size} is not a multiple of num_attention_heads="
+                            f"{self.num_attention_heads}; the checkpoint's config is inconsistent.")
         if self.activation_function not in OPT_ACTIVATIONS:
             raise UserError(f"config.json: activation_function {self.activation_function!r} is not supported "
                             f"(supported: {', '.join(OPT_ACTIVATIONS)}).")
@@ -336,7 +364,11 @@ def config_from_dict(raw, path="config.json"):
     else:
         raise UserError(f"{path}: model_type {kind!r} is not supported; supported model types: "
                         f"{', '.join(sorted(LLAMA_TYPES | {'opt'}))}.")
-    kw = {k: v for k, v in raw.items() if k in fields and k != "raw"}
+    kw = {k: v for k, v in raw.items() if k in fields and k not in ("raw", "qkv_bias", "qk_norm")}
+    if kind == "qwen2":
+        kw["qkv_bias"] = True
+    if kind == "qwen3":
+        kw["qk_norm"] = True
     rope = raw.get("rope_parameters")  # transformers >= 5 moves rope_theta/rope_scaling here
     if kind in LLAMA_TYPES and isinstance(rope, dict):
         kw["rope_theta"] = rope.get("rope_theta", kw.get("rope_theta", 10000.0))
@@ -350,7 +382,8 @@ def config_from_dict(raw, path="config.json"):
         raise UserError(f"{path}: a required field is missing ({e}); the config is incomplete.") from None
 
 
-LLAMA_TYPES = {"llama", "mistral"}
+# the LLaMA layout and the families that differ from it only by a flag (Qwen2: q/k/v biases; Qwen3: q/k norms)
+LLAMA_TYPES = {"llama", "mistral", "qwen2", "qwen3"}
 
 
 def build_model(cfg):
@@ -461,7 +494,7 @@ def save_safetensors(tensors, path):
         f.write(len(blob).to_bytes(8, "little"))
         f.write(blob)
         for t in tensors.values():
-            f.write(t.detach().contiguous().cpu().reshape(-1).view(torch.uint8).numpy().tobytes())
+            f.write(memoryview(t.detach().contiguous().cpu().reshape(-1).view(torch.uint8).numpy()))
     os.replace(tmp, path)
 
 
@@ -553,6 +586,35 @@ def save_model(model, out_dir, tokenizer_dir=None):
     if os.path.isdir(out_dir):
         shutil.rmtree(out_dir)
     os.replace(tmp, out_dir)
+
+
+def save_random(raw, out_dir, n_blocks, seed=0, dtype=torch.bfloat16):
+    """A checkpoint folder with a real model's config.json but `n_blocks` decoder blocks and random weights
+    (N(0, 0.02); norms near 1), sharded as real releases are: embeddings and head in one file, blocks in another.
+
+    Real tensor sizes at a fraction of the disk: for tests and benchmarks at the shapes users bring.
+    """
+    raw = dict(raw, num_hidden_layers=n_blocks)
+    cfg = config_from_dict(raw)
+    with torch.device("meta"):
+        shapes = {key: t.shape for key, t in build_model(cfg).state_dict().items()}
+    gen = torch.Generator().manual_seed(seed)
+    shards = ({}, {})
+    for key, hf in hf_name_map(cfg).items():
+        t = torch.randn(shapes[key], generator=gen).mul_(0.02)
+        if "norm" in key and key.endswith("weight"):
+            t.add_(1)
+        shards[key.startswith("blocks.")][hf] = t.to(dtype)
+    os.makedirs(out_dir, exist_ok=True)
+    names = [f"model-{i + 1:05d}-of-{len(shards):05d}.safetensors" for i in range(len(shards))]
+    for name, tensors in zip(names, shards):
+        save_safetensors(tensors, os.path.join(out_dir, name))
+    index = {"metadata": {"total_size": sum(t.numel() * t.element_size() for sh in shards for t in sh.values())},
+             "weight_map": {hf: name for name, sh in zip(names, shards) for hf in sh}}
+    for fname, obj in (("model.safetensors.index.json", index), ("config.json", raw)):
+        with open(os.path.join(out_dir, fname), "w") as f:
+            json.dump(obj, f, indent=2)
+    return out_dir
 
 
 # -----------------------------------------------------------------------------

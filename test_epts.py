@@ -4,6 +4,7 @@ import gzip
 import json
 import math
 import os
+import shutil
 import subprocess
 import sys
 
@@ -26,17 +27,31 @@ TEXT = ("Hello world!  The 3 quick brown foxes — naïve café, 東京 🚀 —
 transformers = pytest.importorskip("transformers")
 
 
+# tiny configurations of every family the loader covers: (transformers class prefix, its config overrides)
+TINY_LLAMA_FAMILY = {
+    "llama_mha": ("Llama", {}),
+    "llama_gqa": ("Llama", dict(num_key_value_heads=2, tie_word_embeddings=True,  # LLaMA-3.2 style
+                                rope_scaling={"rope_type": "llama3", "factor": 8.0, "low_freq_factor": 1.0,
+                                              "high_freq_factor": 4.0, "original_max_position_embeddings": 16})),
+    "llama_linear": ("Llama", dict(rope_scaling={"rope_type": "linear", "factor": 4.0}, rope_theta=500.0)),
+    "smollm": ("Llama", dict(num_key_value_heads=1, head_dim=32, hidden_size=96, num_attention_heads=3,
+                             tie_word_embeddings=True, rope_theta=100000.0)),
+    "mistral": ("Mistral", dict(num_key_value_heads=2, head_dim=24, sliding_window=None)),
+    "qwen2": ("Qwen2", dict(num_key_value_heads=2, rope_theta=1e6, tie_word_embeddings=False)),
+    "qwen3": ("Qwen3", dict(num_key_value_heads=2, head_dim=32, rope_theta=1e6, tie_word_embeddings=True)),
+}
+
+
 def hf_tiny(kind, **over):
-    """A tiny random transformers model of one of the four architectures the loader must cover."""
+    """A tiny random transformers model of one of the architectures the loader must cover."""
     torch.manual_seed(0)
-    if kind.startswith("llama"):
+    if kind in TINY_LLAMA_FAMILY:
+        family, extra = TINY_LLAMA_FAMILY[kind]
         cfg = dict(vocab_size=101, hidden_size=64, intermediate_size=96, num_hidden_layers=2, num_attention_heads=4)
-        if kind == "llama_gqa":
-            cfg.update(num_key_value_heads=2, tie_word_embeddings=True,
-                       rope_scaling={"rope_type": "llama3", "factor": 8.0, "low_freq_factor": 1.0,
-                                     "high_freq_factor": 4.0, "original_max_position_embeddings": 16})
+        cfg.update(extra)
         cfg.update(over)
-        ref = transformers.LlamaForCausalLM(transformers.LlamaConfig(**cfg))
+        config = getattr(transformers, f"{family}Config")(**cfg)
+        ref = getattr(transformers, f"{family}ForCausalLM")(config)
     else:
         cfg = dict(vocab_size=101, hidden_size=64, ffn_dim=96, num_hidden_layers=2, num_attention_heads=4)
         if kind == "opt_post":
@@ -60,7 +75,9 @@ def save_bin(ref, path):
 
 
 @pytest.mark.parametrize("kind,fmt", [("llama_mha", "sharded"), ("llama_gqa", "safetensors"),
-                                      ("opt_pre", "bin"), ("opt_post", "safetensors"), ("llama_gqa", "bin")])
+                                      ("opt_pre", "bin"), ("opt_post", "safetensors"), ("llama_gqa", "bin"),
+                                      ("llama_linear", "safetensors"), ("smollm", "safetensors"),
+                                      ("mistral", "safetensors"), ("qwen2", "sharded"), ("qwen3", "safetensors")])
 def test_logits_and_greedy_generation_match_transformers(tmp_path, kind, fmt):
     """Our model loaded from the saved folder gives the reference's logits and greedy tokens."""
     ref = hf_tiny(kind)
@@ -151,16 +168,8 @@ def test_sentencepiece_tokenizer_matches_transformers():
 
 
 def train_bpe(tmp_path, vocab_size=400):
-    """A byte-level BPE trained with `tokenizers` on real text, saved as vocab.json/merges.txt and tokenizer.json."""
-    tokenizers = pytest.importorskip("tokenizers")
-    tok = tokenizers.Tokenizer(tokenizers.models.BPE())
-    tok.pre_tokenizer = tokenizers.pre_tokenizers.ByteLevel(add_prefix_space=False)
-    tok.decoder = tokenizers.decoders.ByteLevel()
-    trainer = tokenizers.trainers.BpeTrainer(vocab_size=vocab_size, special_tokens=["<s>", "<pad>", "</s>", "<unk>"],
-                                             initial_alphabet=tokenizers.pre_tokenizers.ByteLevel.alphabet())
-    import pydoc_data.topics
-    tok.train_from_iterator(list(pydoc_data.topics.topics.values())[:200] + [TEXT], trainer)
-    tok.model.save(str(tmp_path))
+    """A GPT-2-style byte-level BPE trained by `tokenizers`, saved as vocab.json/merges.txt and tokenizer.json."""
+    tok = train_family_bpe(tmp_path, vocab_size=vocab_size)
     tok.save(str(tmp_path / "tokenizer.json"))
     return tok
 
@@ -183,6 +192,38 @@ def test_tokenizer_json_bpe_matches(tmp_path):
     ours = M.load_tokenizer(str(tmp_path), bos_id=0, eos_id=2)
     assert ours.encode(TEXT, bos=False) == ref.encode(TEXT).ids
     assert ours.decode(ours.encode(TEXT)) == TEXT
+
+
+# the pre-tokenizer regexes of real tokenizer.json files (LLaMA-3 splits digits in threes, Qwen2 one by one)
+LLAMA3_PATTERN = (r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}{1,3}| ?[^\s\p{L}\p{N}]+[\r\n]*"
+                  r"|\s*[\r\n]+|\s+(?!\S)|\s+")
+QWEN2_PATTERN = LLAMA3_PATTERN.replace(r"\p{N}{1,3}", r"\p{N}")
+
+
+def train_family_bpe(out_dir, pattern=None, vocab_size=400, texts=None, special=("<s>", "<pad>", "</s>", "<unk>")):
+    """A byte-level BPE trained by `tokenizers`. With `pattern`: a LLaMA-3/Qwen-style tokenizer.json (Split on
+    the regex, then ByteLevel without its own regex); without: GPT-2/OPT-style vocab.json + merges.txt."""
+    tokenizers = pytest.importorskip("tokenizers")
+    pre = tokenizers.pre_tokenizers
+    tok = tokenizers.Tokenizer(tokenizers.models.BPE())
+    if pattern is None:
+        tok.pre_tokenizer = pre.ByteLevel(add_prefix_space=False)
+    else:
+        tok.pre_tokenizer = pre.Sequence([pre.Split(tokenizers.Regex(pattern), behavior="isolated"),
+                                          pre.ByteLevel(add_prefix_space=False, use_regex=False)])
+    tok.decoder = tokenizers.decoders.ByteLevel()
+    trainer = tokenizers.trainers.BpeTrainer(vocab_size=vocab_size, special_tokens=list(special),
+                                             initial_alphabet=pre.ByteLevel.alphabet())
+    if texts is None:
+        import pydoc_data.topics
+        texts = list(pydoc_data.topics.topics.values())[:200] + [TEXT]
+    tok.train_from_iterator(texts, trainer)
+    os.makedirs(out_dir, exist_ok=True)
+    if pattern is None:
+        tok.model.save(str(out_dir))
+    else:
+        tok.save(os.path.join(str(out_dir), "tokenizer.json"))
+    return tok
 
 
 # -----------------------------------------------------------------------------
@@ -757,9 +798,9 @@ def test_main_refuses_missing_calibration_and_ambiguous_export(tmp_path):
         epts.main(methods=["dense"], **dict(base, evals=[]))
 
 
-def cli(*args):
+def cli(*args, timeout=120):
     return subprocess.run([sys.executable, os.path.join(HERE, "epts.py"), *args], capture_output=True, text=True,
-                          timeout=120, cwd=HERE)
+                          timeout=timeout, cwd=HERE)
 
 
 @pytest.mark.parametrize("args,message", [
@@ -906,3 +947,67 @@ def test_builtin_default_builds_caches_and_loads(tmp_path, monkeypatch):
     assert os.path.getsize(defaults["eval"]) > 100_000 and os.path.getsize(defaults["calib"]) > 1_000_000
     monkeypatch.setattr(builtin, "build_default", None)  # a second call must not rebuild
     assert builtin.ensure_default()[0] == ckpt
+
+
+# -----------------------------------------------------------------------------
+# real shapes: a real model's config.json, one decoder block, random bf16 weights, end to end on the CPU
+
+# each configs/NAME.json (the published config.json values) with the kind of tokenizer its family ships
+REAL_SHAPES = {"llama-2-7b": "sentencepiece", "llama-3.1-8b": LLAMA3_PATTERN, "llama-3.2-1b": LLAMA3_PATTERN,
+               "mistral-7b": "sentencepiece", "qwen2.5-7b": QWEN2_PATTERN, "qwen3-8b": QWEN2_PATTERN,
+               "opt-1.3b": "gpt2"}
+
+
+@pytest.fixture(scope="session")
+def real_text(tmp_path_factory):
+    """Calibration and evaluation text (Python's reference topics) and a SentencePiece model trained on it."""
+    import builtin
+    import pydoc_data.topics
+    root = tmp_path_factory.mktemp("real")
+    text = "\n\n".join(pydoc_data.topics.topics.values())
+    (root / "corpus.txt").write_text(text)
+    (root / "calib.txt").write_text(text[:20_000])
+    (root / "eval.txt").write_text(text[-1_500:])
+    (root / "sp").mkdir()
+    builtin.train_sentencepiece(str(root / "corpus.txt"), str(root / "sp" / "tokenizer"), 512)
+    return root
+
+
+def write_real_shape(real_text, name, out_dir, n_blocks=1):
+    """configs/NAME.json with `n_blocks` random bf16 blocks, and a tokenizer of the family's kind."""
+    with open(os.path.join(HERE, "configs", f"{name}.json")) as f:
+        raw = json.load(f)
+    M.save_random(raw, out_dir, n_blocks)
+    kind = REAL_SHAPES[name]
+    if kind == "sentencepiece":
+        shutil.copy(real_text / "sp" / "tokenizer.model", out_dir)
+    else:
+        train_family_bpe(out_dir, None if kind == "gpt2" else kind, texts=[(real_text / "corpus.txt").read_text()])
+    return raw
+
+
+@pytest.mark.parametrize("name", list(REAL_SHAPES))
+def test_real_shape_checkpoint_runs_every_method_through_the_cli(real_text, tmp_path, name):
+    """One block at a real model's exact shapes (bf16): dense, Wanda, SparseGPT, EPTS, then the elastic model
+    deployed at another sparsity, exported, and reloaded with every row of every layer exactly that sparse."""
+    ckpt, run, exported = str(tmp_path / "ckpt"), str(tmp_path / "run"), str(tmp_path / "exp")
+    raw = write_real_shape(real_text, name, ckpt)
+    common = ["--ckpt", ckpt, "--dtype", "bfloat16", "--seqlen", "32", "--eval", str(real_text / "eval.txt")]
+    r = cli(*common, "--methods", "dense,wanda,sparsegpt,epts", "--sparsities", "0.5", "--calib",
+            str(real_text / "calib.txt"), "--nsamples", "2", "--epochs", "1", "--groups", "0,0.5,0.7",
+            "--out", run, "--json", str(tmp_path / "r.json"), timeout=600)
+    assert r.returncode == 0, r.stderr[-3000:]
+    report = json.loads((tmp_path / "r.json").read_text())
+    assert [(row["method"], row["sparsity"]) for row in report["results"]] == \
+        [("dense", 0.0), ("wanda", 0.5), ("sparsegpt", 0.5), ("epts", 0.5)]
+    assert all(math.isfinite(row["ppl"]) for row in report["results"])
+    assert all(row["achieved_sparsity"] == pytest.approx(0.5, abs=1e-4) for row in report["results"][1:])
+    r = cli(*common, "--methods", "epts", "--elastic", run, "--sparsities", "0.6", "--export", exported, timeout=600)
+    assert r.returncode == 0, r.stderr[-3000:]
+    back = M.load_model(exported, torch.bfloat16)
+    for lin in back.blocks[0].linears().values():
+        assert torch.equal((lin.weight == 0).sum(1), torch.full((lin.out_features,), int(lin.in_features * 0.6)))
+    with open(os.path.join(exported, "config.json")) as f:
+        written = json.load(f)
+    assert {k: v for k, v in written.items() if k != "torch_dtype"} == \
+        {k: v for k, v in dict(raw, num_hidden_layers=1).items() if k != "torch_dtype"}
