@@ -659,47 +659,88 @@ class SentencePieceTokenizer:
 
 
 class BPETokenizer:
-    """Byte-level BPE (GPT-2/OPT vocab.json + merges.txt, LLaMA-3 tokenizer.json) run by tiktoken.
+    """Byte-level BPE (GPT-2/OPT vocab.json + merges.txt, LLaMA-3/Qwen tokenizer.json) run by tiktoken.
 
-    tiktoken merges the pair whose concatenation has the lowest rank, so ranks must follow merges.txt;
+    tiktoken merges the pair whose concatenation has the lowest rank, so ranks must follow the merges' order;
     vocab ids need not (OPT's follow fairseq's frequency order). We rank by merge order and map ranks to ids.
+    A vocabulary may lack some of the 256 bytes (tokenizers leaves out bytes its training text never held):
+    text holding them is encoded as tokenizers does, the byte dropped, or replaced by the unk token if any.
     """
 
-    def __init__(self, vocab, merges, pattern, bos_id, eos_id, name="bpe"):
+    def __init__(self, vocab, merges, pattern, bos_id, eos_id, name="bpe", unk_token=None, fuse_unk=False):
         import tiktoken
         byte_of = {c: b for b, c in bytes_to_unicode().items()}
 
         def to_bytes(token):
-            return bytes(byte_of[c] for c in token)
+            try:
+                return bytes(byte_of[c] for c in token)
+            except KeyError:  # a character outside the byte alphabet: an added special token
+                return None
 
-        ranks = {bytes([b]): b for b in range(256)}
+        ranks = {bytes([b]): b for b in range(256)}  # tiktoken needs a rank for every single byte
         for a, b in merges:
-            ranks.setdefault(to_bytes(a) + to_bytes(b), len(ranks))
+            pair = (to_bytes(a), to_bytes(b))
+            if None in pair:
+                raise UserError(f"{name}: merge {a!r} + {b!r} is not written in the byte-level alphabet; this is not "
+                                "a byte-level BPE tokenizer, or the file is damaged.")
+            ranks.setdefault(pair[0] + pair[1], len(ranks))
         rank_to_id = [-1] * len(ranks)
         special = {}
         for token, i in vocab.items():
-            try:
-                r = ranks.get(to_bytes(token))
-            except KeyError:  # a character outside the byte alphabet: an added special token
-                r = None
+            r = ranks.get(to_bytes(token))
             if r is None:
                 special[token] = i
             else:
                 rank_to_id[r] = i
-        if -1 in rank_to_id:
-            raise UserError(f"{name}: merges.txt produces a token that vocab.json does not contain; the two files "
-                            "do not belong together.")
+        unmatched = [t for t, r in ranks.items() if r >= 256 and rank_to_id[r] == -1]
+        if unmatched:
+            raise UserError(f"{name}: a merge produces the token {unmatched[0]!r}, which the vocabulary does not "
+                            f"contain ({len(unmatched)} such merges); the merges and the vocabulary do not belong "
+                            "together.")
+        self.missing = bytes(b for b in range(256) if rank_to_id[b] == -1)  # bytes that have no token
         special_ranks = {tok: len(ranks) + j for j, tok in enumerate(special)}
         rank_to_id += list(special.values())
+        self.unk_rank = special_ranks.get(unk_token) if unk_token is not None else None
+        if unk_token is not None and self.unk_rank is None:
+            self.unk_rank = ranks.get(to_bytes(unk_token))
+        self.fuse_unk = fuse_unk
         self.enc = tiktoken.Encoding(name=name, pat_str=pattern, mergeable_ranks=ranks, special_tokens=special_ranks)
         self.rank_to_id = torch.tensor(rank_to_id)
-        self.id_to_rank = {i: r for r, i in enumerate(rank_to_id)}
+        self.id_to_rank = {i: r for r, i in enumerate(rank_to_id) if i >= 0}
         self.bos_id, self.eos_id = bos_id, eos_id
-        self.vocab_size = len(rank_to_id)
+        self.vocab_size = max(vocab.values()) + 1  # ids run to here; the model must have as many rows
 
     def encode(self, text, bos=True):
-        ranks = self.enc.encode_ordinary(text)
+        data = text.encode("utf-8", "surrogatepass")
+        if self.missing and len(data.translate(None, self.missing)) < len(data):
+            ranks = self.encode_around_missing(text)
+        else:
+            ranks = self.enc.encode_ordinary(text)
         return [self.bos_id] * bos + self.rank_to_id[ranks].tolist()
+
+    def encode_around_missing(self, text):
+        """tokenizers' behaviour for bytes without a token: after the regex split, each piece loses them (or
+        they become the unk token, consecutive ones fused if fuse_unk), and BPE runs on what is left."""
+        import regex  # tiktoken's own dependency: the regex split that tiktoken otherwise runs inside Rust
+        ranks = []
+        for piece in regex.findall(self.enc._pat_str, text):
+            run, unk_last = bytearray(), False
+            for byte in piece.encode("utf-8", "surrogatepass"):
+                if byte not in self.missing:
+                    run.append(byte)
+                    continue
+                if self.unk_rank is None:
+                    continue  # dropped: its neighbours become adjacent and may merge
+                if run:
+                    ranks += self.enc._encode_single_piece(bytes(run))
+                    run.clear()
+                    unk_last = False
+                if not (self.fuse_unk and unk_last):
+                    ranks.append(self.unk_rank)
+                unk_last = True
+            if run:
+                ranks += self.enc._encode_single_piece(bytes(run))
+        return ranks
 
     def decode(self, ids):
         ranks = [self.id_to_rank[i] for i in ids if i != self.bos_id]
@@ -721,18 +762,32 @@ def load_tokenizer(ckpt_dir, bos_id, eos_id):
         if m.get("type") != "BPE":
             raise UserError(f"{path('tokenizer.json')}: tokenizer type {m.get('type')!r} is not supported here "
                             "(supported: byte-level BPE; LLaMA-1/2 ship tokenizer.model, which is).")
-        merges = [tuple(x.split(" ", 1)) if isinstance(x, str) else tuple(x) for x in m["merges"]]
-        vocab = dict(m["vocab"])
-        vocab.update({t["content"]: t["id"] for t in tj.get("added_tokens", [])})
+        try:  # merges are "a b" strings in older files, [a, b] lists in files of tokenizers >= 0.20
+            merges = [tuple(x.split(" ", 1)) if isinstance(x, str) else tuple(x) for x in m["merges"]]
+            vocab = dict(m["vocab"])
+            vocab.update({t["content"]: t["id"] for t in tj.get("added_tokens", [])})
+            assert all(len(pair) == 2 and all(isinstance(t, str) for t in pair) for pair in merges), \
+                "every merge must be two strings"
+        except (KeyError, TypeError, ValueError, AssertionError) as e:
+            raise UserError(f"{path('tokenizer.json')}: its BPE model is malformed ({type(e).__name__}: {e}); "
+                            "re-download the file.") from None
         return BPETokenizer(vocab, merges, find_split_pattern(tj.get("pre_tokenizer")) or GPT2_PATTERN,
-                            bos_id, eos_id, name=path("tokenizer.json"))
+                            bos_id, eos_id, name=path("tokenizer.json"), unk_token=m.get("unk_token"),
+                            fuse_unk=bool(m.get("fuse_unk")))
     if os.path.isfile(path("vocab.json")) and os.path.isfile(path("merges.txt")):
-        with open(path("vocab.json"), encoding="utf-8") as f:
-            vocab = json.load(f)
-        with open(path("merges.txt"), encoding="utf-8") as f:
-            merges = [tuple(line.split()) for line in f.read().split("\n")
-                      if line and not line.startswith("#version")]
-        return BPETokenizer(vocab, merges, GPT2_PATTERN, bos_id, eos_id, name=path("vocab.json"))
+        files = f"{path('vocab.json')} + merges.txt"
+        try:
+            with open(path("vocab.json"), encoding="utf-8") as f:
+                vocab = json.load(f)
+            with open(path("merges.txt"), encoding="utf-8") as f:
+                merges = [tuple(line.split()) for line in f.read().split("\n")
+                          if line and not line.startswith("#version")]
+            assert isinstance(vocab, dict) and all(isinstance(i, int) for i in vocab.values())
+            assert all(len(pair) == 2 for pair in merges)
+        except (json.JSONDecodeError, UnicodeDecodeError, AssertionError) as e:
+            raise UserError(f"{files} could not be read as a GPT-2-style BPE tokenizer ({type(e).__name__}: {e}); "
+                            "re-download both files.") from None
+        return BPETokenizer(vocab, merges, GPT2_PATTERN, bos_id, eos_id, name=files)
     raise UserError(f"{ckpt_dir!r} has no tokenizer: expected tokenizer.model (SentencePiece), tokenizer.json "
                     "(BPE) or vocab.json + merges.txt; copy the tokenizer files from the original model.")
 

@@ -200,9 +200,11 @@ LLAMA3_PATTERN = (r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}{
 QWEN2_PATTERN = LLAMA3_PATTERN.replace(r"\p{N}{1,3}", r"\p{N}")
 
 
-def train_family_bpe(out_dir, pattern=None, vocab_size=400, texts=None, special=("<s>", "<pad>", "</s>", "<unk>")):
+def train_family_bpe(out_dir, pattern=None, vocab_size=400, texts=None, special=("<s>", "<pad>", "</s>", "<unk>"),
+                     all_bytes=True):
     """A byte-level BPE trained by `tokenizers`. With `pattern`: a LLaMA-3/Qwen-style tokenizer.json (Split on
-    the regex, then ByteLevel without its own regex); without: GPT-2/OPT-style vocab.json + merges.txt."""
+    the regex, then ByteLevel without its own regex); without: GPT-2/OPT-style vocab.json + merges.txt.
+    all_bytes=False: only the bytes of the training text get a token, as in many real vocabularies."""
     tokenizers = pytest.importorskip("tokenizers")
     pre = tokenizers.pre_tokenizers
     tok = tokenizers.Tokenizer(tokenizers.models.BPE())
@@ -213,7 +215,7 @@ def train_family_bpe(out_dir, pattern=None, vocab_size=400, texts=None, special=
                                           pre.ByteLevel(add_prefix_space=False, use_regex=False)])
     tok.decoder = tokenizers.decoders.ByteLevel()
     trainer = tokenizers.trainers.BpeTrainer(vocab_size=vocab_size, special_tokens=list(special),
-                                             initial_alphabet=pre.ByteLevel.alphabet())
+                                             initial_alphabet=pre.ByteLevel.alphabet() if all_bytes else [])
     if texts is None:
         import pydoc_data.topics
         texts = list(pydoc_data.topics.topics.values())[:200] + [TEXT]
@@ -224,6 +226,56 @@ def train_family_bpe(out_dir, pattern=None, vocab_size=400, texts=None, special=
     else:
         tok.save(os.path.join(str(out_dir), "tokenizer.json"))
     return tok
+
+
+# text with bytes that a tokenizer trained without them has no token for: control bytes, and characters
+# whose UTF-8 needs lead bytes (0xF1, 0xF2, 0xF5-0xFF never occur in valid UTF-8) the training text lacked
+RARE = "tab\x04le \x06x\x13\x14y \x16\x1dz ab\x04cd !!\x04!! \U00040000 \U00080000 é ü"
+
+
+@pytest.mark.parametrize("pattern", [None, LLAMA3_PATTERN, QWEN2_PATTERN])
+@pytest.mark.parametrize("unk", [False, True])
+def test_bpe_vocabulary_without_some_bytes_encodes_like_tokenizers(tmp_path, pattern, unk):
+    """A BPE trained by tokenizers on text lacking some of the 256 bytes: same ids as tokenizers on text with and
+    without those bytes (dropped, or the unk token), merges written as [a, b] lists or as "a b" strings."""
+    tokenizers = pytest.importorskip("tokenizers")
+    texts = [TEXT.encode("ascii", "ignore").decode()] * 3 + ["hello world abc abcd ab!! 123 4567"] * 20
+    train_family_bpe(tmp_path / "a", pattern or LLAMA3_PATTERN, vocab_size=300, texts=texts, special=("<unk>",),
+                     all_bytes=False)
+    tj = json.loads((tmp_path / "a" / "tokenizer.json").read_text())
+    tj["model"]["unk_token"] = "<unk>" if unk else None
+    if pattern is None:  # the GPT-2 layout: ByteLevel does the split with its own regex
+        tj["pre_tokenizer"] = {"type": "ByteLevel", "add_prefix_space": False, "trim_offsets": True,
+                               "use_regex": True}
+    alphabet = set(M.bytes_to_unicode().values())
+    assert len(alphabet - set(tj["model"]["vocab"])) > 100  # many bytes really are missing
+    assert isinstance(tj["model"]["merges"][0], list)
+    for merges_as in ("lists", "strings"):
+        if merges_as == "strings":
+            tj["model"]["merges"] = [" ".join(pair) for pair in tj["model"]["merges"]]
+        (tmp_path / "b").mkdir(exist_ok=True)
+        (tmp_path / "b" / "tokenizer.json").write_text(json.dumps(tj))
+        ref = tokenizers.Tokenizer.from_file(str(tmp_path / "b" / "tokenizer.json"))
+        ours = M.load_tokenizer(str(tmp_path / "b"), bos_id=0, eos_id=0)
+        for text in (texts[-1], TEXT, RARE, RARE * 3):
+            assert ours.encode(text, bos=False) == ref.encode(text).ids, (merges_as, text)
+    if not unk:
+        assert ours.decode(ours.encode(texts[-1])) == texts[-1]
+
+
+def test_bpe_errors_name_the_file_read(tmp_path):
+    """A merge whose result the vocabulary lacks is refused, naming tokenizer.json (not vocab.json/merges.txt)."""
+    train_family_bpe(tmp_path, LLAMA3_PATTERN, vocab_size=300, all_bytes=False)
+    tj = json.loads((tmp_path / "tokenizer.json").read_text())
+    del tj["model"]["vocab"]["".join(tj["model"]["merges"][5])]
+    (tmp_path / "tokenizer.json").write_text(json.dumps(tj))
+    with pytest.raises(UserError, match=r"tokenizer\.json: a merge produces the token") as e:
+        M.load_tokenizer(str(tmp_path), 0, 0)
+    assert "vocab.json" not in str(e.value)
+    tj["model"]["merges"] = [[1, 2]]
+    (tmp_path / "tokenizer.json").write_text(json.dumps(tj))
+    with pytest.raises(UserError, match=r"tokenizer\.json: its BPE model is malformed"):
+        M.load_tokenizer(str(tmp_path), 0, 0)
 
 
 # -----------------------------------------------------------------------------
@@ -952,10 +1004,14 @@ def test_builtin_default_builds_caches_and_loads(tmp_path, monkeypatch):
 # -----------------------------------------------------------------------------
 # real shapes: a real model's config.json, one decoder block, random bf16 weights, end to end on the CPU
 
-# each configs/NAME.json (the published config.json values) with the kind of tokenizer its family ships
-REAL_SHAPES = {"llama-2-7b": "sentencepiece", "llama-3.1-8b": LLAMA3_PATTERN, "llama-3.2-1b": LLAMA3_PATTERN,
-               "mistral-7b": "sentencepiece", "qwen2.5-7b": QWEN2_PATTERN, "qwen3-8b": QWEN2_PATTERN,
-               "opt-1.3b": "gpt2"}
+# configs/NAME.json (the published config.json values) -> the kind of tokenizer its family ships
+REAL_TOKENIZERS = {"llama-2-7b": "sentencepiece", "llama-3.1-8b": LLAMA3_PATTERN, "llama-3.2-1b": LLAMA3_PATTERN,
+                   "mistral-7b": "sentencepiece", "qwen2.5-7b": QWEN2_PATTERN, "qwen3-8b": QWEN2_PATTERN,
+                   "opt-1.3b": "gpt2"}
+# the CLI tier: every method at two shapes; SparseGPT's cost on 2 cores is the Cholesky factorisation of its
+# in x in Hessian (14336 and 18944 wide for the larger down_proj), so the other shapes run the rest
+REAL_SHAPES = {"llama-2-7b": "dense,wanda,sparsegpt,epts", "opt-1.3b": "dense,wanda,sparsegpt,epts",
+               "llama-3.1-8b": "dense,wanda,epts", "mistral-7b": "dense,wanda,epts", "qwen2.5-7b": "dense,wanda,epts"}
 
 
 @pytest.fixture(scope="session")
@@ -978,7 +1034,7 @@ def write_real_shape(real_text, name, out_dir, n_blocks=1):
     with open(os.path.join(HERE, "configs", f"{name}.json")) as f:
         raw = json.load(f)
     M.save_random(raw, out_dir, n_blocks)
-    kind = REAL_SHAPES[name]
+    kind = REAL_TOKENIZERS[name]
     if kind == "sentencepiece":
         shutil.copy(real_text / "sp" / "tokenizer.model", out_dir)
     else:
@@ -993,13 +1049,14 @@ def test_real_shape_checkpoint_runs_every_method_through_the_cli(real_text, tmp_
     ckpt, run, exported = str(tmp_path / "ckpt"), str(tmp_path / "run"), str(tmp_path / "exp")
     raw = write_real_shape(real_text, name, ckpt)
     common = ["--ckpt", ckpt, "--dtype", "bfloat16", "--seqlen", "32", "--eval", str(real_text / "eval.txt")]
-    r = cli(*common, "--methods", "dense,wanda,sparsegpt,epts", "--sparsities", "0.5", "--calib",
+    methods = REAL_SHAPES[name].split(",")
+    r = cli(*common, "--methods", ",".join(methods), "--sparsities", "0.5", "--calib",
             str(real_text / "calib.txt"), "--nsamples", "2", "--epochs", "1", "--groups", "0,0.5,0.7",
             "--out", run, "--json", str(tmp_path / "r.json"), timeout=600)
     assert r.returncode == 0, r.stderr[-3000:]
     report = json.loads((tmp_path / "r.json").read_text())
     assert [(row["method"], row["sparsity"]) for row in report["results"]] == \
-        [("dense", 0.0), ("wanda", 0.5), ("sparsegpt", 0.5), ("epts", 0.5)]
+        [("dense", 0.0)] + [(m, 0.5) for m in methods[1:]]
     assert all(math.isfinite(row["ppl"]) for row in report["results"])
     assert all(row["achieved_sparsity"] == pytest.approx(0.5, abs=1e-4) for row in report["results"][1:])
     r = cli(*common, "--methods", "epts", "--elastic", run, "--sparsities", "0.6", "--export", exported, timeout=600)
