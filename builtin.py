@@ -6,6 +6,7 @@ $XDG_CACHE_HOME/epts (~/.cache/epts), so the normal loader reads them and later 
 """
 
 import ast
+import fcntl
 import math
 import os
 import shutil
@@ -125,26 +126,30 @@ def build_default(out_dir):
     docs = corpus()
     n_eval = len(docs) // 10
     train_docs, eval_docs = docs[:-n_eval], docs[-n_eval:]  # evaluation text is never trained on
-    tmp = tempfile.mkdtemp(dir=os.path.dirname(out_dir), prefix=".build-")
-    for name, part in (("calib.txt", train_docs), ("eval.txt", eval_docs)):
-        with open(os.path.join(tmp, name), "w", encoding="utf-8") as f:
-            f.write("\n\n".join(part))
-    train_sentencepiece(os.path.join(tmp, "calib.txt"), os.path.join(tmp, "tokenizer"), CONFIG["vocab_size"])
-    tok = M.SentencePieceTokenizer(os.path.join(tmp, "tokenizer.model"), CONFIG["bos_token_id"],
-                                   CONFIG["eos_token_id"])
-    ids = torch.tensor([i for d in train_docs for i in tok.encode(d)], dtype=torch.long)
-    log(f"tokenizer trained, {len(ids):,} training tokens")
-    train_checkpoint(CONFIG, ids, os.path.join(tmp, "model"), tokenizer_dir=tmp, log=log, **TRAIN)
-    for name in ("calib.txt", "eval.txt"):
-        shutil.move(os.path.join(tmp, name), os.path.join(tmp, "model", name))
-    os.replace(os.path.join(tmp, "model"), out_dir)
-    shutil.rmtree(tmp, ignore_errors=True)
+    with tempfile.TemporaryDirectory(dir=os.path.dirname(out_dir), prefix=".build-") as work, \
+            M.atomic_folder(out_dir) as model_dir:  # nothing half-built is ever left, even on Ctrl-C
+        for name, part in (("calib.txt", train_docs), ("eval.txt", eval_docs)):
+            with open(os.path.join(work, name), "w", encoding="utf-8") as f:
+                f.write("\n\n".join(part))
+        train_sentencepiece(os.path.join(work, "calib.txt"), os.path.join(work, "tokenizer"), CONFIG["vocab_size"])
+        tok = M.SentencePieceTokenizer(os.path.join(work, "tokenizer.model"), CONFIG["bos_token_id"],
+                                       CONFIG["eos_token_id"])
+        ids = torch.tensor([i for d in train_docs for i in tok.encode(d)], dtype=torch.long)
+        log(f"tokenizer trained, {len(ids):,} training tokens")
+        train_checkpoint(CONFIG, ids, model_dir, tokenizer_dir=work, log=log, **TRAIN)
+        for name in ("calib.txt", "eval.txt"):
+            shutil.move(os.path.join(work, name), os.path.join(model_dir, name))
 
 
 def ensure_default():
-    """The built-in checkpoint folder (trained on first use) and the settings to run it with."""
+    """The built-in checkpoint folder (trained on first use) and the settings to run it with.
+
+    A lock serialises first uses: a second process waits for the first build and then reuses it.
+    """
     out_dir = cache_dir()
-    if not os.path.isfile(os.path.join(out_dir, "model.safetensors")):
-        os.makedirs(os.path.dirname(out_dir), exist_ok=True)
-        build_default(out_dir)
+    os.makedirs(os.path.dirname(out_dir), exist_ok=True)
+    with open(out_dir + ".lock", "a") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)
+        if not os.path.isfile(os.path.join(out_dir, "model.safetensors")):
+            build_default(out_dir)
     return out_dir, dict(DEFAULTS, calib=os.path.join(out_dir, "calib.txt"), eval=os.path.join(out_dir, "eval.txt"))

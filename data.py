@@ -54,7 +54,12 @@ def read_documents(path):
         if kind == "c4":
             opener = gzip.open if path.endswith(".gz") else open
             with opener(path, "rt", encoding="utf-8") as f:
-                docs = [json.loads(line)["text"] for line in f if line.strip()]
+                docs = [(n, json.loads(line)["text"]) for n, line in enumerate(f, 1) if line.strip()]
+            bad = next((n for n, d in docs if not isinstance(d, str)), None)
+            if bad is not None:
+                raise UserError(f"{path!r} line {bad}: the \"text\" field is not a string; C4 JSON lines each hold "
+                                "a document's text as a string.")
+            docs = [d for _, d in docs]
         else:
             with open(path, encoding="utf-8") as f:
                 docs = [f.read()]
@@ -91,7 +96,7 @@ def eval_tokens(path, tok, seqlen):
     return torch.tensor(ids, dtype=torch.long)
 
 
-def calibration(path, tok, nsamples, seqlen, seed):
+def calibration(path, tok, nsamples, seqlen, seed, warn=print):
     """`nsamples` windows (nsamples, seqlen) of token ids, reproducible for a seed.
 
     C4-style data: each window from a random document longer than seqlen, at a random offset (the loop of
@@ -117,6 +122,10 @@ def calibration(path, tok, nsamples, seqlen, seed):
             continue
         j = rng.randint(0, len(ids) - seqlen - 1)
         rows.append(ids[j:j + seqlen])
+    if kind != "c4" and nsamples > len(cache[0]) // seqlen:
+        warn(f"warning: {path!r} holds {len(cache[0])} tokens, {len(cache[0]) // seqlen} windows of {seqlen} "
+             f"without overlap; the {nsamples} calibration windows overlap and repeat text. Use a longer text or "
+             "fewer --nsamples.")
     return torch.tensor(rows, dtype=torch.long)
 
 

@@ -9,6 +9,8 @@ trained range is then deployed in seconds, without calibration data.
 """
 
 import argparse
+import contextlib
+import fcntl
 import functools
 import hashlib
 import json
@@ -31,7 +33,7 @@ from model import UserError
 
 # the paper's seven groups over (0, 0.7]: group g covers (edges[g], edges[g+1]]
 DEFAULT_EDGES = (0.0, 0.40, 0.45, 0.50, 0.55, 0.60, 0.65, 0.70)
-FORMAT = "epts-elastic-v1"
+FORMAT = "epts-elastic-v2"  # v2: integer-indexed fingerprint, a checksum of every block's tensors
 
 # -----------------------------------------------------------------------------
 # sparsity groups
@@ -43,8 +45,9 @@ def extend_edges(edges, max_sparsity, step=0.05):
     while edges[-1] < max_sparsity - 1e-9:
         edges.append(round(edges[-1] + step, 10))
     if edges[-1] >= 1:
-        raise UserError(f"sparsity {max_sparsity} needs groups reaching {edges[-1]} >= 1; choose a sparsity "
-                        "below 1 or give --groups edges explicitly.")
+        raise UserError(f"EPTS adds groups in {step} steps up to the highest sparsity, and {max_sparsity} would "
+                        f"need one reaching {edges[-1]:g}; give --groups whose last edge lies between "
+                        f"{max_sparsity} and 1 (e.g. {','.join(f'{e:g}' for e in edges[:-1])},{max_sparsity:g}).")
     return edges
 
 
@@ -62,13 +65,6 @@ def stratified_draws(lo, hi, n, gen):
     order = torch.randperm(n, generator=gen, dtype=torch.float64)
     u = torch.rand(n, generator=gen, dtype=torch.float64)
     return (lo + (order + 1 - u) * (hi - lo) / n).tolist()  # 1 - u in (0, 1]: never lo itself
-
-
-def mixer_weights(n_groups):
-    """MSFM weights: lower half of the groups 1, upper half 2, normalised (the paper's .1 x4, .2 x3 for G = 7)."""
-    lower = (n_groups + 1) // 2
-    w = torch.tensor([1.0] * lower + [2.0] * (n_groups - lower), dtype=torch.float64)
-    return (w / w.sum()).tolist()
 
 
 # -----------------------------------------------------------------------------
@@ -117,10 +113,12 @@ class ElasticLinear(nn.Module):
     def weight(self, g, mask, adapters=True):
         if not adapters:
             return self.W * mask
-        # W + scale * B @ A in one fp32 matrix product (addmm adds W and applies the scale inside the GEMM);
-        # autograd keeps the bool mask itself for backward (1 B per weight), not a float copy
+        # W + scale * B @ A by one fp32 matrix product into an fp32 copy of W, masked in place: neither
+        # step's output is needed by backward (addmm keeps B and A, mul keeps the bool mask: 1 B per weight),
+        # so one full-size fp32 temporary serves both, where out-of-place ops would allocate three
         B, A = self.stacked(g)
-        return (torch.addmm(self.W.float(), B, A, alpha=self.scale) * mask).to(self.W.dtype)
+        W32 = self.W.to(torch.float32, copy=True)  # a copy even when W is float32: it is written in place
+        return W32.addmm_(B, A, alpha=self.scale).mul_(mask).to(self.W.dtype)
 
     def forward(self, x, g, mask, adapters=True):
         return F.linear(x, self.weight(g, mask, adapters), self.bias)
@@ -166,10 +164,8 @@ def train_block(block, layers, X, Y, edges, epochs, lr, batch_size, device, gen)
             for g in range(G):
                 out = block_forward(block, layers, x, g, draws[g][step]).float()
                 if g == 0:
-                    loss = F.mse_loss(out, y)
                     out0 = out.detach()
-                else:
-                    loss = 0.5 * F.mse_loss(out, y) + 0.5 * F.mse_loss(out, out0)
+                loss = group_loss(out, y, None if g == 0 else out0)
                 loss.backward()  # gradients of all groups accumulate before the one step
                 total += loss.detach().cpu()
             opt.step()
@@ -177,6 +173,14 @@ def train_block(block, layers, X, Y, edges, epochs, lr, batch_size, device, gen)
             sched.step()
         epoch_losses.append(total.item() / (per_epoch * G))
     return epoch_losses
+
+
+def group_loss(out, y, out0=None):
+    """Group 0: MSE(out, Y). Group g > 0: 0.5 MSE(out, Y) + 0.5 MSE(out, out_0), out_0 detached: a higher
+    sparsity is pulled towards the dense target and towards what group 0 already reaches."""
+    if out0 is None:
+        return F.mse_loss(out, y)
+    return 0.5 * F.mse_loss(out, y) + 0.5 * F.mse_loss(out, out0)
 
 
 @torch.no_grad()
@@ -200,20 +204,37 @@ def low_group_check(block, layers, X, Y, s, device, batch_size):
 # phase 2: the multi-sparsity feature mixer (MSFM)
 
 
-@torch.no_grad()
-def mix_outputs(block, layers, X, edges, use_adapter0, device, batch_size, gen):
-    """Next block's pruned inputs: sum_g w_g * block(X) at one sparsity drawn from each group g."""
-    G = len(edges) - 1
-    w = mixer_weights(G)
-    out = torch.empty_like(X)
-    for i in range(0, X.shape[0], batch_size):
-        x = X[i:i + batch_size].to(device)
-        s = [edges[g] + (1 - torch.rand((), generator=gen, dtype=torch.float64).item()) * (edges[g + 1] - edges[g])
-             for g in range(G)]
-        mixed = sum(w[g] * block_forward(block, layers, x, g, s[g], g > 0 or use_adapter0).float()
-                    for g in range(G))
-        out[i:i + batch_size] = mixed.to(out.dtype).to(out.device)
-    return out
+class MSFM:
+    """The multi-sparsity feature mixer (EPTS phase 2): the next block's pruned inputs are
+    sum_g w_g * block(X) at one sparsity drawn uniformly from each group g's range (edges[g], edges[g+1]].
+
+    Default weights: the lower half of the groups 1, the upper half 2, normalised (the paper's .1 x4, .2 x3
+    for G = 7), so the later blocks learn most from the high sparsities where pruning hurts most.
+    """
+
+    def __init__(self, edges, weights=None):
+        self.edges = list(edges)
+        G = len(self.edges) - 1
+        lower = (G + 1) // 2
+        w = weights if weights is not None else [1.0] * lower + [2.0] * (G - lower)
+        self.weights = [x / sum(w) for x in w]
+
+    def draw(self, gen):
+        """One sparsity from each group's range (lo, hi]; 1 - u in (0, 1] never gives lo itself."""
+        return [lo + (1 - torch.rand((), generator=gen, dtype=torch.float64).item()) * (hi - lo)
+                for lo, hi in zip(self.edges, self.edges[1:])]
+
+    @torch.no_grad()
+    def mix(self, block, layers, X, use_adapter0, device, batch_size, gen):
+        """The mixed outputs (N, T, C) of the block over the pruned stream X, fresh draws for every batch."""
+        out = torch.empty_like(X)
+        for i in range(0, X.shape[0], batch_size):
+            x = X[i:i + batch_size].to(device)
+            draws = self.draw(gen)
+            mixed = sum(w * block_forward(block, layers, x, g, s, adapters=g > 0 or use_adapter0).float()
+                        for g, (w, s) in enumerate(zip(self.weights, draws)))
+            out[i:i + batch_size] = mixed.to(out.dtype).to(out.device)
+        return out
 
 
 # -----------------------------------------------------------------------------
@@ -235,32 +256,58 @@ def fingerprint(model):
 
 
 def block_record(layers, use_adapter0, act_norms, losses):
-    return {"act_norm": {n: a.float().cpu() for n, a in act_norms.items()},
-            "A": {n: layer.A.detach().cpu() for n, layer in layers.items()},
-            "B": {n: layer.B.detach().cpu() for n, layer in layers.items()},
-            "use_adapter0": bool(use_adapter0), "losses": losses}
+    rec = {"act_norm": {n: a.float().cpu() for n, a in act_norms.items()},
+           "A": {n: layer.A.detach().cpu() for n, layer in layers.items()},
+           "B": {n: layer.B.detach().cpu() for n, layer in layers.items()},
+           "use_adapter0": bool(use_adapter0), "losses": losses}
+    rec["sha256"] = record_checksum(rec)
+    return rec
 
 
-def atomic_save(obj, path):
-    tmp = path + ".tmp"
-    torch.save(obj, tmp)
-    os.replace(tmp, path)
+def record_checksum(rec):
+    """sha256 of a block record's tensors and flag: flipped bytes in a saved file must not deploy silently."""
+    h = hashlib.sha256(str(rec["use_adapter0"]).encode())
+    for key in ("act_norm", "A", "B"):
+        for name in sorted(rec[key]):
+            h.update(f"{key}.{name}".encode())
+            h.update(rec[key][name].contiguous().view(torch.uint8).numpy().tobytes())
+    return h.hexdigest()
+
+
+def save(obj, path):
+    with M.atomic_write(path, "wb") as f:
+        torch.save(obj, f)
+
+
+def load_checked(path, what, fix):
+    """torch.load of a file this program wrote, with every block record's checksum verified."""
+    try:
+        obj = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as e:
+        raise UserError(f"{path!r} is damaged ({type(e).__name__}; truncated or overwritten?); {fix}") from None
+    records = obj.get("blocks", [obj]) if isinstance(obj, dict) else None
+    if records is None or any(not isinstance(r, dict) or r.get("sha256") != record_checksum(r) for r in records):
+        raise UserError(f"{path!r}: {what} fails its checksum (its bytes were changed after it was written); {fix}")
+    return obj
 
 
 def load_elastic(path):
-    """The elastic model of an --out folder, or of the elastic.pt file itself."""
+    """The elastic model of an --out folder, or of the elastic.pt file itself, checksums verified."""
     if os.path.isdir(path):
         path = os.path.join(path, "elastic.pt")
     if not os.path.isfile(path):
         raise UserError(f"no elastic model at {path!r}; pass --elastic the --out folder of a finished EPTS run "
                         "(it holds elastic.pt).")
+    fix = "train it again (or restore it from a copy)."
     try:
-        elastic = torch.load(path, map_location="cpu", weights_only=True)
-        assert elastic.get("format") == FORMAT
+        head = torch.load(path, map_location="cpu", weights_only=True, mmap=True)
+        fmt = head.get("format")
     except Exception:
-        raise UserError(f"{path!r} is not an EPTS elastic model file ({FORMAT}); it may be truncated or from "
-                        "another program.") from None
-    return elastic
+        fmt = None
+    if fmt != FORMAT:
+        raise UserError(f"{path!r} is not an EPTS elastic model file of format {FORMAT} (found {fmt!r}); it may be "
+                        f"truncated, from an older version of this program, or from another program: {fix}")
+    return load_checked(path, "the elastic model", fix)
 
 
 def restore_layers(block, rec, n_groups, rank):
@@ -281,18 +328,61 @@ def block_device(block):
 
 def run_epts(model, calib, out_dir, edges=DEFAULT_EDGES, epochs=10, lr=1e-3, rank=8, batch_size=1, seed=0,
              device="cpu", check_sparsity=0.3):
-    """Train the elastic model block by block; saves each finished block in out_dir and resumes from them."""
-    edges, G = [float(e) for e in edges], len(edges) - 1
-    settings = {"edges": edges, "epochs": epochs, "lr": lr, "rank": rank, "batch_size": batch_size, "seed": seed,
-                "nsamples": calib.shape[0], "seqlen": calib.shape[1], "check_sparsity": check_sparsity,
+    """Train the elastic model block by block; saves each finished block in out_dir and resumes from them.
+
+    A finished run in out_dir with the same settings is reused; one with other settings is refused, never
+    overwritten. Only one process at a time may work in out_dir.
+    """
+    settings = {"edges": [float(e) for e in edges], "epochs": epochs, "lr": lr, "rank": rank,
+                "batch_size": batch_size, "seed": seed, "nsamples": calib.shape[0], "seqlen": calib.shape[1],
+                "check_sparsity": check_sparsity,
                 "calib_sha256": hashlib.sha256(calib.numpy().tobytes()).hexdigest()[:16],
                 "fingerprint": fingerprint(model)}
-    final = os.path.join(out_dir, "elastic.pt")
-    if os.path.isfile(final):
-        elastic = load_elastic(final)
-        if {k: elastic.get(k) for k in settings} == settings:
+    os.makedirs(out_dir, exist_ok=True)
+    with exclusive(out_dir):
+        final = os.path.join(out_dir, "elastic.pt")
+        if os.path.isfile(final):
+            elastic = load_elastic(final)
+            changed = sorted(k for k in settings if elastic.get(k) != settings[k])
+            if changed:
+                raise UserError(f"{out_dir!r} already holds a finished EPTS run with other settings "
+                                f"({', '.join(changed)}); it is not overwritten: pass another --out, or delete "
+                                f"{final} to train again there.")
             print(f"epts: {final} already holds a finished run with these settings; reusing it", file=sys.stderr)
             return elastic
+        try:
+            elastic = train_elastic(model, calib, out_dir, settings, device)
+        except KeyboardInterrupt:
+            print(f"interrupted: the finished EPTS blocks are saved in {out_dir}/partial; run the same command "
+                  "again to resume from the first unfinished block", file=sys.stderr)
+            raise
+        save(elastic, final)
+    shutil.rmtree(os.path.join(out_dir, "partial"), ignore_errors=True)
+    return elastic
+
+
+@contextlib.contextmanager
+def exclusive(out_dir):
+    """Hold out_dir/lock for the run: a second process working in the same folder is refused. The kernel
+    releases the lock when the process dies, so a killed run never leaves a stale lock behind."""
+    with open(os.path.join(out_dir, "lock"), "a+") as f:
+        try:
+            fcntl.flock(f, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            f.seek(0)
+            raise UserError(f"another EPTS run (pid {f.read().strip() or '?'}) is working in {out_dir!r}; wait for "
+                            "it to finish, or pass another --out.") from None
+        f.seek(0)
+        f.truncate()
+        f.write(str(os.getpid()))
+        f.flush()
+        yield
+
+
+def train_elastic(model, calib, out_dir, settings, device):
+    """Phase 1 and 2 for every block in turn (the loop of EPTS), each finished block saved in out_dir/partial."""
+    edges, G, rank, batch_size = settings["edges"], len(settings["edges"]) - 1, settings["rank"], \
+        settings["batch_size"]
     partial = os.path.join(out_dir, "partial")
     done = resume_records(partial, settings)
     home = model.embed_tokens.weight.device
@@ -301,7 +391,7 @@ def run_epts(model, calib, out_dir, edges=DEFAULT_EDGES, epochs=10, lr=1e-3, ran
     X_dense = prune.embed_calibration(model, calib, device, batch_size, n_streams=4,
                                       reserve_bytes=6 * prune.param_bytes(model.blocks[0]))  # (N, T, C)
     X_pruned = X_dense.clone()
-    s_check = min(max(check_sparsity, edges[0]), edges[1])  # inside group 0's range
+    s_check = min(max(settings["check_sparsity"], edges[0]), edges[1])  # inside group 0's range
     progress = prune.Progress(len(model.blocks), "epts", start=len(done))
     if done:
         print(f"epts: resuming {out_dir}: blocks 0..{len(done) - 1} are done, replaying their outputs",
@@ -309,8 +399,9 @@ def run_epts(model, calib, out_dir, edges=DEFAULT_EDGES, epochs=10, lr=1e-3, ran
     records = []
     for i, block in enumerate(model.blocks):
         block.to(device)
-        gen = torch.Generator().manual_seed(seed * 100_003 + 2 * i)
-        mix_gen = torch.Generator().manual_seed(seed * 100_003 + 2 * i + 1)
+        # two independent streams per block (training draws, mixer draws), the same for a resumed run
+        gen = torch.Generator().manual_seed(settings["seed"] * 100_003 + 2 * i)
+        mix_gen = torch.Generator().manual_seed(settings["seed"] * 100_003 + 2 * i + 1)
         if i < len(done):
             rec = done[i]
             layers = restore_layers(block, rec, G, rank)
@@ -320,31 +411,34 @@ def run_epts(model, calib, out_dir, edges=DEFAULT_EDGES, epochs=10, lr=1e-3, ran
             Y = prune.run_block(block, X_dense, device, batch_size, stats)  # target; act norms of DENSE inputs
             act_norms = {n: s.act_norm for n, s in stats.items()}
             layers = elastic_layers(block, act_norms, G, rank, generator=gen)
-            losses = train_block(block, layers, X_pruned, Y, edges, epochs, lr, batch_size, device, gen)
+            losses = train_block(block, layers, X_pruned, Y, edges, settings["epochs"], settings["lr"], batch_size,
+                                 device, gen)
             use0 = low_group_check(block, layers, X_pruned, Y, s_check, device, batch_size)
             rec = block_record(layers, use0, act_norms, losses)
             os.makedirs(partial, exist_ok=True)
-            atomic_save(rec, os.path.join(partial, f"block_{i:03d}.pt"))
+            save(rec, os.path.join(partial, f"block_{i:03d}.pt"))
         records.append(rec)
-        X_pruned = mix_outputs(block, layers, X_pruned, edges, rec["use_adapter0"], device, batch_size, mix_gen)
+        X_pruned = MSFM(edges).mix(block, layers, X_pruned, rec["use_adapter0"], device, batch_size, mix_gen)
         X_dense = Y
         del layers
         block.to(home)
         if i >= len(done):
             progress.step(f", loss {rec['losses'][0]:.3g} -> {rec['losses'][-1]:.3g}, "
                           f"adapter 0 {'on' if rec['use_adapter0'] else 'off'}")
-    elastic = {"format": FORMAT, "model_type": model.cfg.raw.get("model_type"), **settings, "blocks": records}
-    atomic_save(elastic, final)
-    shutil.rmtree(partial, ignore_errors=True)
-    return elastic
+    return {"format": FORMAT, "model_type": model.cfg.raw.get("model_type"), **settings, "blocks": records}
 
 
 def resume_records(partial, settings):
     """Finished blocks of an interrupted run with the same settings, in order."""
     meta = os.path.join(partial, "run.json")
     if os.path.isfile(meta):
-        with open(meta) as f:
-            previous = json.load(f)
+        try:
+            with open(meta) as f:
+                previous = json.load(f)
+            assert isinstance(previous, dict)
+        except (json.JSONDecodeError, UnicodeDecodeError, AssertionError):
+            raise UserError(f"{meta!r} is damaged, so the unfinished run's settings are unknown; delete "
+                            f"{partial!r} to start over.") from None
         if previous != settings:
             changed = sorted(k for k in settings if previous.get(k) != settings[k])
             raise UserError(f"{os.path.dirname(partial)!r} holds an unfinished EPTS run with other settings "
@@ -352,12 +446,12 @@ def resume_records(partial, settings):
                             "--out.")
     else:
         os.makedirs(partial, exist_ok=True)
-        with open(meta + ".tmp", "w") as f:
+        with M.atomic_write(meta) as f:
             json.dump(settings, f)
-        os.replace(meta + ".tmp", meta)
     records = []
     while os.path.isfile(path := os.path.join(partial, f"block_{len(records):03d}.pt")):
-        records.append(torch.load(path, map_location="cpu", weights_only=True))
+        records.append(load_checked(path, f"block {len(records)}", f"delete it and run the same command again to "
+                                    f"train block {len(records)} anew and resume from there."))
     return records
 
 
@@ -411,7 +505,10 @@ def evaluate(model, eval_sets, seqlen, device, batch_size):
 def main(ckpt=None, sparsities=(0.5,), methods=("dense", "epts"), calib=None, evals=(), nsamples=None,
          seqlen=None, seed=0, device="cpu", dtype=None, out=None, json_path=None, elastic_path=None,
          export=None, groups=None, epochs=None, lr=1e-3, rank=8, batch_size=1, offload=False, eval_batch_size=4):
-    """Run the requested methods at every sparsity, print the perplexity table, write --json/--out/--export."""
+    """Run the requested methods at every sparsity, print the perplexity table, write --json/--out/--export.
+
+    Every check of the request runs first, so a bad flag never costs the time of the methods before it.
+    """
     torch.manual_seed(seed)
     if device.startswith("cuda") and not torch.cuda.is_available():
         raise UserError("--device cuda was given but PyTorch sees no CUDA GPU; use --device cpu or install a "
@@ -430,30 +527,59 @@ def main(ckpt=None, sparsities=(0.5,), methods=("dense", "epts"), calib=None, ev
     dtype = dtype or default_dtype(cfg, device)
     print(f"model: {ckpt} ({cfg.raw.get('model_type')}, {cfg.num_hidden_layers} blocks), dtype {dtype}, "
           f"seqlen {seqlen}", file=sys.stderr)
-    load = lambda: M.load_model(ckpt, DTYPES[dtype]).to("cpu" if offload else device)  # noqa: E731
-    model = load()
-    tok = M.load_tokenizer(ckpt, model.cfg.bos_token_id, model.cfg.eos_token_id)
+    check_seqlen(cfg, seqlen)
     if not evals:
         raise UserError("no evaluation data: pass --eval FILE (e.g. WikiText-2 wiki.test.raw) to measure "
                         "perplexity.")
-    needs_calib = any(m in ("wanda", "sparsegpt") for m in methods) or ("epts" in methods and not elastic_path)
-    if needs_calib and not calib:
-        raise UserError("no calibration data: pass --calib FILE (e.g. a C4 train shard .json.gz or WikiText-2 "
-                        "wiki.train.raw).")
     fractional = [s for s in sparsities if not isinstance(s, tuple)]
+    train_epts = "epts" in methods and not elastic_path
+    if "epts" in methods and not fractional:
+        raise UserError("EPTS deploys fractional sparsities such as 0.5, and --sparsities holds only N:M patterns; "
+                        "add a fraction, or run the N:M patterns without epts in --methods.")
     if "epts" in methods and len(fractional) < len(sparsities):
         print("note: epts deploys fractional sparsities only; N:M patterns run for the baselines",
               file=sys.stderr)
+    needs_calib = any(m in ("wanda", "sparsegpt") for m in methods) or train_epts
+    if needs_calib and not calib:
+        raise UserError("no calibration data: pass --calib FILE (e.g. a C4 train shard .json.gz or WikiText-2 "
+                        "wiki.train.raw).")
     pruned_rows = [(m, s) for m in methods if m != "dense" for s in (fractional if m == "epts" else sparsities)]
-    if export and len(pruned_rows) != 1:
-        raise UserError(f"--export writes one pruned model, but {len(pruned_rows)} were requested: give exactly "
-                        "one pruned method and one sparsity.")
-    eval_sets = {os.path.basename(p): data.eval_tokens(p, tok, seqlen) for p in evals}
-    calib_ids = data.calibration(calib, tok, nsamples, seqlen, seed) if needs_calib else None
+    if export:
+        if len(pruned_rows) != 1:
+            raise UserError(f"--export writes one pruned model, but {len(pruned_rows)} were requested: give "
+                            "exactly one pruned method and one sparsity.")
+        if os.path.realpath(export) == os.path.realpath(ckpt):
+            raise UserError(f"--export {export!r} is the checkpoint folder itself; choose a new folder.")
+        M.check_new_folder(export, "--export")
+    if json_path:
+        check_writable_file(json_path, "--json")
+    elastic, out_dir, edges = None, None, None
+    if "epts" in methods and elastic_path:
+        elastic = load_elastic(elastic_path)
+        for s in fractional:
+            group_of(elastic["edges"], s)  # every requested sparsity inside the trained range, or a clear error
+    if train_epts:
+        edges = extend_edges(groups or DEFAULT_EDGES, max(fractional))
+        out_dir = out or os.path.join("runs", f"epts-{os.path.basename(os.path.normpath(ckpt))}")
+        check_writable_folder(out_dir, "--out")
+
+    load = lambda: M.load_model(ckpt, DTYPES[dtype]).to("cpu" if offload else device)  # noqa: E731
+    model = load()
+    tok = M.load_tokenizer(ckpt, model.cfg.bos_token_id, model.cfg.eos_token_id)
+    if tok.vocab_size > cfg.vocab_size:
+        raise UserError(f"{ckpt}: the tokenizer has {tok.vocab_size} tokens but the model only {cfg.vocab_size} "
+                        "embedding rows; the tokenizer files belong to another model.")
+    eval_sets = {name: data.eval_tokens(p, tok, seqlen) for name, p in eval_names(evals).items()}
+    calib_ids = data.calibration(calib, tok, nsamples, seqlen, seed,
+                                 warn=lambda msg: print(msg, file=sys.stderr)) if needs_calib else None
     report = {"ckpt": ckpt, "seqlen": seqlen, "nsamples": nsamples, "seed": seed, "dtype": dtype, "results": []}
 
     def record(method, sparsity, m, seconds):
         for name, ppl in evaluate(m, eval_sets, seqlen, device, eval_batch_size).items():
+            if not math.isfinite(ppl):
+                raise UserError(f"{method} at sparsity {prune.format_sparsity(sparsity)} gives perplexity {ppl} on "
+                                f"{name}: the model's outputs are not finite (a damaged checkpoint, or float16 "
+                                "overflow: try --dtype bfloat16 or float32).")
             row = {"method": method, "sparsity": prune.format_sparsity(sparsity), "eval": name, "ppl": ppl,
                    "seconds": round(seconds, 3)}
             if method != "dense":
@@ -477,23 +603,18 @@ def main(ckpt=None, sparsities=(0.5,), methods=("dense", "epts"), calib=None, ev
                 prune.prune_model(m, method, s, calib_ids, device, batch_size=8,
                                   warn=lambda msg: print(msg, file=sys.stderr))
                 record(method, s, m, time.time() - t0)
-    if "epts" in methods and fractional:
-        if elastic_path:
-            elastic = load_elastic(elastic_path)
-        else:
-            edges = extend_edges(groups or DEFAULT_EDGES, max(fractional))
-            out_dir = out or os.path.join("runs", f"epts-{os.path.basename(os.path.normpath(ckpt))}")
-            os.makedirs(out_dir, exist_ok=True)
-            t0 = time.time()
-            elastic = run_epts(model, calib_ids, out_dir, edges, epochs, lr, rank, batch_size, seed, device)
-            train_seconds = time.time() - t0
-            size = os.path.getsize(os.path.join(out_dir, "elastic.pt"))
-            model_bytes = prune.param_bytes(model)  # a tied head once
-            print(f"epts: one optimisation took {train_seconds:.1f}s; elastic model {out_dir}/elastic.pt is "
-                  f"{size / 2**20:.2f} MiB ({100 * size / model_bytes:.1f}% of the model's "
-                  f"{model_bytes / 2**20:.1f} MiB)", file=sys.stderr)
-            report["epts"] = {"out": out_dir, "train_seconds": round(train_seconds, 3), "elastic_bytes": size,
-                              "model_bytes": model_bytes, "edges": edges}
+    if train_epts:
+        t0 = time.time()
+        elastic = run_epts(model, calib_ids, out_dir, edges, epochs, lr, rank, batch_size, seed, device)
+        train_seconds = time.time() - t0
+        size = os.path.getsize(os.path.join(out_dir, "elastic.pt"))
+        model_bytes = prune.param_bytes(model)  # a tied head once
+        print(f"epts: one optimisation took {train_seconds:.1f}s; elastic model {out_dir}/elastic.pt is "
+              f"{size / 2**20:.2f} MiB ({100 * size / model_bytes:.1f}% of the model's "
+              f"{model_bytes / 2**20:.1f} MiB)", file=sys.stderr)
+        report["epts"] = {"out": out_dir, "train_seconds": round(train_seconds, 3), "elastic_bytes": size,
+                          "model_bytes": model_bytes, "edges": edges}
+    if "epts" in methods:
         for s in fractional:
             m, t0 = load(), time.time()
             deploy(m, elastic, s)
@@ -501,6 +622,48 @@ def main(ckpt=None, sparsities=(0.5,), methods=("dense", "epts"), calib=None, ev
     if json_path:
         write_json(report, json_path)
     return report
+
+
+def check_seqlen(cfg, seqlen):
+    """At least two tokens per window (one to predict); OPT has no positions past its table, LLaMA extrapolates."""
+    if seqlen < 2:
+        raise UserError(f"--seqlen {seqlen} leaves no token to predict; use at least 2 (2048 is the convention).")
+    if seqlen > cfg.max_position_embeddings:
+        if isinstance(cfg, M.OPTConfig):
+            raise UserError(f"--seqlen {seqlen} is longer than OPT's {cfg.max_position_embeddings} learned "
+                            f"positions; use --seqlen {cfg.max_position_embeddings} or less.")
+        print(f"warning: --seqlen {seqlen} is longer than the model's max_position_embeddings "
+              f"({cfg.max_position_embeddings}); RoPE extrapolates beyond what the model was trained on",
+              file=sys.stderr)
+
+
+def check_writable_file(path, flag):
+    """A file we will write later: its folder must exist and be writable now, before any time is spent."""
+    folder = os.path.dirname(os.path.abspath(path))
+    if os.path.isdir(path):
+        raise UserError(f"{flag} {path!r} is a folder; give a file name.")
+    if not os.path.isdir(folder) or not os.access(folder, os.W_OK):
+        raise UserError(f"{flag} {path!r} cannot be written: the folder {folder!r} is missing or not writable.")
+
+
+def check_writable_folder(path, flag):
+    """A folder we will create or write into later."""
+    if os.path.exists(path) and not os.path.isdir(path):
+        raise UserError(f"{flag} {path!r} is a file, not a folder; choose a folder name.")
+    existing = os.path.abspath(path)
+    while not os.path.exists(existing):
+        existing = os.path.dirname(existing)
+    if not os.access(existing, os.W_OK):
+        raise UserError(f"{flag} {path!r} cannot be written: {existing!r} is not writable.")
+
+
+def eval_names(paths):
+    """Row name of each evaluation file: its base name, or the path as given where two base names collide."""
+    base = [os.path.basename(p) for p in paths]
+    names = {(b if base.count(b) == 1 else p): p for b, p in zip(base, paths)}
+    if len(names) < len(paths):
+        raise UserError("--eval names one file twice; give each evaluation file once.")
+    return names
 
 
 def table_widths(eval_names):
@@ -519,10 +682,8 @@ def print_row(row, widths):
 
 
 def write_json(report, path):
-    tmp = path + ".tmp"
-    with open(tmp, "w") as f:
+    with M.atomic_write(path) as f:
         json.dump(report, f, indent=2)
-    os.replace(tmp, path)
 
 
 def parse_args(argv):
@@ -569,6 +730,8 @@ def parse_args(argv):
     for name in ("nsamples", "seqlen", "epochs", "rank", "batch_size"):
         if getattr(a, name) is not None and getattr(a, name) < 1:
             p.error(f"--{name.replace('_', '-')} must be a positive integer")
+    if not a.lr > 0 or math.isinf(a.lr):
+        p.error(f"--lr {a.lr} must be a positive number (the authors use 1e-3)")
     if not a.device.startswith(("cpu", "cuda")):
         p.error(f"--device: {a.device!r} is not cpu or cuda")
     return dict(ckpt=a.ckpt, sparsities=sparsities, methods=methods, calib=a.calib, evals=a.eval,
@@ -585,5 +748,5 @@ if __name__ == "__main__":
         print(f"error: {e}", file=sys.stderr)
         sys.exit(2)
     except KeyboardInterrupt:
-        print("interrupted: finished EPTS blocks are saved; run the same command again to resume", file=sys.stderr)
+        print("interrupted", file=sys.stderr)  # run_epts has said where its finished blocks are, if it ran
         sys.exit(130)

@@ -9,6 +9,7 @@ Every model exposes the interface the pruning code drives:
     logits = model.head(x)        # final norm (+ projection) + lm_head
 """
 
+import contextlib
 import json
 import math
 import mmap
@@ -26,6 +27,37 @@ import torch.nn.functional as F
 
 class UserError(Exception):
     """Bad input from the user (a file, a flag, a config): the message says what and how to fix it."""
+
+
+@contextlib.contextmanager
+def atomic_write(path, mode="w"):
+    """A file object whose content replaces `path` only once fully written (a temporary file beside it, then a
+    rename): a crash or Ctrl-C leaves the old file or none, never half of one."""
+    tmp = f"{path}.tmp-{os.getpid()}"
+    try:
+        with open(tmp, mode) as f:
+            yield f
+        os.replace(tmp, path)
+    finally:
+        if os.path.exists(tmp):
+            os.remove(tmp)
+
+
+@contextlib.contextmanager
+def atomic_folder(out_dir):
+    """A new temporary folder beside `out_dir` that becomes `out_dir` once filled, and is removed if anything
+    fails. `out_dir` may not exist yet or be an empty folder; nothing that exists is ever deleted."""
+    parent = os.path.dirname(os.path.abspath(out_dir))
+    tmp = tempfile.mkdtemp(dir=parent, prefix=f".{os.path.basename(os.path.abspath(out_dir))}.tmp-")
+    try:
+        yield tmp
+        try:
+            os.rename(tmp, out_dir)  # POSIX: replaces an empty folder, fails on a non-empty one
+        except OSError as e:
+            raise UserError(f"{out_dir!r} could not be written ({e.strerror}); it must not exist or be an empty "
+                            "folder.") from None
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
 
 
 # -----------------------------------------------------------------------------
@@ -442,14 +474,25 @@ def read_safetensors_header(path):
                             f"fit the file's {size} bytes); re-download it.")
         try:
             header = json.loads(f.read(n))
-        except (json.JSONDecodeError, UnicodeDecodeError) as e:
+            assert isinstance(header, dict) and all(isinstance(v, dict) for v in header.values()), "not a mapping"
+        except (json.JSONDecodeError, UnicodeDecodeError, AssertionError) as e:
             raise UserError(f"{path}: the safetensors header is corrupt ({e}); re-download the file.") from None
     header.pop("__metadata__", None)
     for name, info in header.items():
         if info.get("dtype") not in SAFETENSORS_DTYPES:
             raise UserError(f"{path}: tensor {name!r} has dtype {info.get('dtype')!r}, which is not supported "
                             f"(supported: {', '.join(SAFETENSORS_DTYPES)}).")
-        begin, end = info["data_offsets"]
+        try:
+            begin, end = info["data_offsets"]
+            numel = math.prod(info["shape"])
+            assert all(isinstance(v, int) and v >= 0 for v in (begin, end, *info["shape"])) and begin <= end
+        except (KeyError, TypeError, ValueError, AssertionError):
+            raise UserError(f"{path}: the header entry of tensor {name!r} is malformed ({info}); the file is "
+                            "corrupt, re-download it.") from None
+        itemsize = torch.empty(0, dtype=SAFETENSORS_DTYPES[info["dtype"]]).element_size()
+        if end - begin != numel * itemsize:
+            raise UserError(f"{path}: tensor {name!r} has shape {info['shape']} ({numel * itemsize} bytes of "
+                            f"{info['dtype']}) but {end - begin} bytes in the file; the file is corrupt, re-download it.")
         if 8 + n + end > size:
             raise UserError(f"{path}: tensor {name!r} lies past the end of the file; the file is truncated, "
                             "re-download it.")
@@ -489,13 +532,11 @@ def save_safetensors(tensors, path):
     header["__metadata__"] = {"format": "pt"}
     blob = json.dumps(header, separators=(",", ":")).encode()
     blob += b" " * (-len(blob) % 8)  # the data section starts 8-byte aligned
-    tmp = path + ".tmp"
-    with open(tmp, "wb") as f:
+    with atomic_write(path, "wb") as f:
         f.write(len(blob).to_bytes(8, "little"))
         f.write(blob)
         for t in tensors.values():
             f.write(memoryview(t.detach().contiguous().cpu().reshape(-1).view(torch.uint8).numpy()))
-    os.replace(tmp, path)
 
 
 # -----------------------------------------------------------------------------
@@ -531,8 +572,11 @@ def iter_checkpoint(ckpt_dir, dtype):
             continue
         try:
             sd = torch.load(path, map_location="cpu", weights_only=True, mmap=True)
-        except Exception as e:
-            raise UserError(f"{path} could not be read as a PyTorch state dict ({e}); re-download it.") from None
+        except Exception:  # the legacy (pre-1.6, non-zip) format cannot be memory-mapped: read it whole
+            try:
+                sd = torch.load(path, map_location="cpu", weights_only=True)
+            except Exception as e:
+                raise UserError(f"{path} could not be read as a PyTorch state dict ({e}); re-download it.") from None
         for name in list(sd):
             t = sd.pop(name)
             yield name, (t.to(dtype) if t.is_floating_point() else t), path
@@ -557,6 +601,9 @@ def load_model(ckpt_dir, dtype=torch.float32):
         if tuple(t.shape) != tuple(expected[key].shape):
             raise UserError(f"{path}: tensor {name!r} has shape {tuple(t.shape)} but config.json implies "
                             f"{tuple(expected[key].shape)}; the weights and config.json do not belong together.")
+        if t.is_floating_point() and not torch.isfinite(t).all():
+            raise UserError(f"{path}: tensor {name!r} holds NaN or Inf values; the file is corrupt (or the model "
+                            "diverged), re-download it.")
         loaded[key] = t
     missing = [names[k] for k in names if k not in loaded]
     if missing:
@@ -569,23 +616,37 @@ def load_model(ckpt_dir, dtype=torch.float32):
 
 
 def save_model(model, out_dir, tokenizer_dir=None):
-    """Write `model` as a Hugging Face-format folder (config.json, model.safetensors, tokenizer files)."""
+    """Write `model` as a new Hugging Face-format folder (config.json, model.safetensors, tokenizer files).
+
+    `out_dir` must not exist or be empty: the folder is filled under a temporary name and renamed into place,
+    and nothing that already exists is removed.
+    """
+    check_new_folder(out_dir, "the export folder")
     cfg = model.cfg
     sd = model.state_dict()
     tensors = {hf: sd[key] for key, hf in hf_name_map(cfg).items()}
-    tmp = tempfile.mkdtemp(dir=os.path.dirname(os.path.abspath(out_dir)) or ".", prefix=".export-")
-    save_safetensors(tensors, os.path.join(tmp, "model.safetensors"))
     raw = dict(cfg.raw)
     raw["torch_dtype"] = str(next(iter(tensors.values())).dtype).removeprefix("torch.")
-    with open(os.path.join(tmp, "config.json"), "w") as f:
-        json.dump(raw, f, indent=2)
-    if tokenizer_dir:
-        for name in TOKENIZER_FILES + ("tokenizer_config.json", "special_tokens_map.json"):
-            if os.path.isfile(os.path.join(tokenizer_dir, name)):
-                shutil.copy(os.path.join(tokenizer_dir, name), tmp)
-    if os.path.isdir(out_dir):
-        shutil.rmtree(out_dir)
-    os.replace(tmp, out_dir)
+    with atomic_folder(out_dir) as tmp:
+        save_safetensors(tensors, os.path.join(tmp, "model.safetensors"))
+        with open(os.path.join(tmp, "config.json"), "w") as f:
+            json.dump(raw, f, indent=2)
+        if tokenizer_dir:
+            for name in TOKENIZER_FILES + ("tokenizer_config.json", "special_tokens_map.json"):
+                if os.path.isfile(os.path.join(tokenizer_dir, name)):
+                    shutil.copy(os.path.join(tokenizer_dir, name), tmp)
+
+
+def check_new_folder(path, what):
+    """`path` may become a new folder: it does not exist, or is an empty folder, and its parent is writable."""
+    if os.path.isdir(path) and os.listdir(path):
+        raise UserError(f"{what} {path!r} already exists and is not empty; nothing is overwritten or deleted: "
+                        "choose a new folder name.")
+    if os.path.exists(path) and not os.path.isdir(path):
+        raise UserError(f"{what} {path!r} is an existing file; choose a new folder name.")
+    parent = os.path.dirname(os.path.abspath(path))
+    if not os.path.isdir(parent) or not os.access(parent, os.W_OK):
+        raise UserError(f"{what} {path!r} cannot be created: {parent!r} is missing or not writable.")
 
 
 def save_random(raw, out_dir, n_blocks, seed=0, dtype=torch.bfloat16):

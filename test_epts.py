@@ -402,6 +402,17 @@ def test_calibration_is_reproducible_and_seeded(tmp_path):
     assert a.shape == (8, 64) and torch.equal(a, b) and not torch.equal(a, c)
 
 
+def test_calibration_leaves_the_global_random_state_alone(tmp_path):
+    """Sampling windows uses a local RNG: Python's and torch's global generators are untouched."""
+    import random
+    (tmp_path / "t.txt").write_text("abcdefghij" * 300)
+    random.seed(7)
+    torch.manual_seed(7)
+    py_state, torch_state = random.getstate(), torch.get_rng_state()
+    data.calibration(str(tmp_path / "t.txt"), CharTokenizer(), 4, 32, seed=123)
+    assert random.getstate() == py_state and torch.equal(torch.get_rng_state(), torch_state)
+
+
 def test_c4_json_gz_documents_and_windows(tmp_path):
     """A C4 shard (.json.gz) is read back; windows come from documents longer than seqlen only."""
     docs = [{"text": "short"}] * 5 + [{"text": f"long document {i} " * 40, "url": "x"} for i in range(5)]
@@ -465,6 +476,44 @@ def test_row_mask_exact_zeros_per_row_and_nested():
         assert (m.sum(1) == 50 - int(50 * s)).all()
     for lo, hi in zip(masks, masks[1:]):
         assert (hi <= lo).all()
+
+
+def test_row_mask_keeps_the_highest_scores_and_equals_the_stable_sort_definition():
+    """Kept scores are never below pruned ones in a row; with heavy ties the mask equals the first int(in*s) of a
+    stable ascending sort (ties pruned in column order), and so does the per-matrix mask."""
+    g = torch.Generator().manual_seed(0)
+    for score in (torch.rand(9, 40, generator=g), torch.randint(0, 4, (9, 40), generator=g).float()):
+        for s in (0.0, 0.25, 0.5, 0.9):
+            mask = prune.row_mask(score, s)
+            kept_min = score.masked_fill(~mask, math.inf).min(1).values
+            pruned_max = score.masked_fill(mask, -math.inf).max(1).values
+            assert (kept_min >= pruned_max).all()
+            k = int(40 * s)
+            by_sort = torch.ones_like(mask).scatter_(1, torch.argsort(score, dim=1, stable=True)[:, :k], False)
+            assert torch.equal(mask, by_sort)
+            flat = torch.ones(score.numel(), dtype=torch.bool)
+            flat[torch.argsort(score.flatten(), stable=True)[: int(score.numel() * s)]] = False
+            assert torch.equal(prune.matrix_mask(score, s), flat.view_as(score))
+
+
+def test_ranks_switch_to_int32_from_32768_inputs():
+    """int16 holds ranks below 2^15 only: a layer with 32768 inputs stores int32 ranks and its masks stay exact."""
+    lin = torch.nn.Linear(2 ** 15, 2, bias=False)
+    layer = epts.ElasticLinear(lin, torch.rand(2 ** 15) + 0.1, n_groups=1, rank=1)
+    assert layer.ranks.dtype == torch.int32 and layer.ranks.max() == 2 ** 15 - 1
+    assert torch.equal(layer.mask(0.7), layer.deploy_mask(0.7))
+    assert (layer.mask(0.7).sum(1) == 2 ** 15 - int(2 ** 15 * 0.7)).all()
+
+
+def test_sparsegpt_zeroes_dead_inputs():
+    """An input column that is always zero (diag(H) = 0) carries nothing: its weights are pruned, H stays solvable."""
+    W, X = correlated_layer(2)
+    X[:, [3, 17]] = 0
+    stats = prune.InputStats(64, True, "cpu")
+    stats.add(X)
+    out = prune.sparsegpt_prune(W, stats.H, 0.25, blocksize=16)
+    assert (out[:, [3, 17]] == 0).all() and torch.isfinite(out).all()
+    assert (W[:, [3, 17]] != 0).all()
 
 
 def test_nm_mask_pattern():
@@ -591,8 +640,14 @@ def test_untrained_adapters_deploy_equals_wanda_with_dense_scores(tmp_path):
     deployed = epts.deploy(tiny_llama(), elastic, 0.5)
     for block, dep, norm in zip(model.blocks, deployed.blocks, norms):
         for name, lin in block.linears().items():
-            expected = lin.weight * prune.row_mask(prune.wanda_score(lin.weight, norm[name]), 0.5)
-            assert torch.equal(dep.linears()[name].weight, expected), name
+            assert torch.equal(dep.linears()[name].weight, lin.weight * topk_mask(lin.weight, norm[name], 0.5)), name
+
+
+def topk_mask(W, act_norm, s):
+    """Wanda's per-row mask written independently of prune.py: keep each row's top in - int(in*s) of |W|*||X||."""
+    score = W.abs() * act_norm.view(1, -1)
+    keep = W.shape[1] - int(W.shape[1] * s)
+    return torch.zeros_like(W, dtype=torch.bool).scatter_(1, score.topk(keep, dim=1).indices, True)
 
 
 def elastic_linear(n_groups=3, rank=2, out_f=12, in_f=20, dtype=torch.float32, seed=0):
@@ -613,7 +668,8 @@ def test_merged_weight_exact_zeros_per_row_and_nested_masks():
     m3, m5, m7 = layer.mask(0.3), layer.mask(0.5), layer.mask(0.7)
     assert (m5 <= m3).all() and (m7 <= m5).all()
     x = torch.randn(3, 20)
-    assert torch.allclose(layer(x, 1, m5), x @ layer.weight(1, m5).t() + layer.bias)
+    W_eff = (layer.W + sum(layer.B[k] @ layer.A[k] for k in range(2))) * m5  # the paper's formula, pair by pair
+    assert torch.allclose(layer(x, 1, m5), x @ W_eff.t() + layer.bias, atol=1e-6)
 
 
 def test_group_gradient_reaches_only_adapters_up_to_g():
@@ -689,9 +745,95 @@ def test_groups_draws_and_mixer_weights():
         epts.group_of(epts.DEFAULT_EDGES, 0.75)
     draws = sorted(epts.stratified_draws(0.5, 0.55, 10, torch.Generator().manual_seed(0)))
     assert all(0.5 + 0.005 * k < d <= 0.5 + 0.005 * (k + 1) + 1e-12 for k, d in enumerate(draws))
-    assert epts.mixer_weights(7) == pytest.approx([.1, .1, .1, .1, .2, .2, .2])
+    assert epts.MSFM(epts.DEFAULT_EDGES).weights == pytest.approx([.1, .1, .1, .1, .2, .2, .2])
     for G in range(1, 10):
-        assert sum(epts.mixer_weights(G)) == pytest.approx(1.0)
+        assert sum(epts.MSFM([0.1 * k for k in range(G + 1)]).weights) == pytest.approx(1.0)
+
+
+def trained_block(groups=epts.DEFAULT_EDGES, epochs=2):
+    """Block 0 of a tiny LLaMA with trained adapters, its dense inputs X and target Y."""
+    model, calib = tiny_llama(), calib_ids(8)
+    block, X = model.blocks[0], model.embed(calib)
+    stats = prune.new_stats(block, False, "cpu")
+    Y = prune.run_block(block, X, "cpu", 8, stats)
+    layers = epts.elastic_layers(block, {n: s.act_norm for n, s in stats.items()}, len(groups) - 1, 4,
+                                 torch.Generator().manual_seed(0))
+    epts.train_block(block, layers, X, Y, groups, epochs, 1e-2, 4, "cpu", torch.Generator().manual_seed(0))
+    return block, layers, X, Y
+
+
+def test_mixer_output_is_the_weighted_sum_of_the_groups_outputs():
+    """MSFM mixes sum_g w_g block(X) at one draw per group: a one-hot weight returns that group's output alone,
+    and the default weights give the weighted sum at the same draws (g = 0 without adapter 0 if flagged off)."""
+    edges = [0.0, 0.4, 0.55, 0.7]
+    block, layers, X, _ = trained_block(edges)
+    draws = epts.MSFM(edges).draw(torch.Generator().manual_seed(5))
+    assert all(lo < s <= hi for s, lo, hi in zip(draws, edges, edges[1:]))
+    outs = [epts.block_forward(block, layers, X, g, s, adapters=g > 0).float() for g, s in enumerate(draws)]
+    for g in range(3):
+        one_hot = epts.MSFM(edges, weights=[float(k == g) for k in range(3)])
+        mixed = one_hot.mix(block, layers, X, False, "cpu", 8, torch.Generator().manual_seed(5))
+        assert torch.allclose(mixed, outs[g], atol=1e-6), g
+    mixed = epts.MSFM(edges).mix(block, layers, X, False, "cpu", 8, torch.Generator().manual_seed(5))
+    expected = (outs[0] + outs[1] + 2 * outs[2]) / 4  # weights 1, 1, 2 (the lower half of 3 groups is 2)
+    assert torch.allclose(mixed, expected, atol=1e-6)
+    assert not torch.allclose(outs[1], outs[2], atol=1e-3)  # the groups really differ, so the weights matter
+
+
+def test_group_loss_and_its_use_in_training(monkeypatch):
+    """loss_0 = MSE(out_0, Y); loss_g = 0.5 MSE(out_g, Y) + 0.5 MSE(out_g, out_0.detach()), every group, every step."""
+    out, y, out0 = torch.randn(2, 5, 8), torch.randn(2, 5, 8), torch.randn(2, 5, 8)
+    mse = lambda a, b: ((a - b) ** 2).mean()  # noqa: E731
+    assert torch.allclose(epts.group_loss(out, y), mse(out, y))
+    assert torch.allclose(epts.group_loss(out, y, out0), 0.5 * mse(out, y) + 0.5 * mse(out, out0))
+    calls, real = [], epts.group_loss
+    monkeypatch.setattr(epts, "group_loss", lambda o, t, o0=None: calls.append((o, o0)) or real(o, t, o0))
+    trained_block(epochs=1)  # 8 windows, batch 4: 2 steps of 7 groups
+    assert len(calls) == 2 * 7
+    for step in range(2):
+        group0 = calls[7 * step][0]
+        assert calls[7 * step][1] is None
+        assert all(o0 is not None and not o0.requires_grad and torch.equal(o0, group0.detach())
+                   for _, o0 in calls[7 * step + 1: 7 * step + 7])
+
+
+def test_training_follows_a_cosine_schedule_and_stratified_draws(monkeypatch):
+    """The learning rate decays as lr/2 (1 + cos(pi t / T)), and each group's T draws fall one in each of T equal
+    intervals of its range (not all at its top, not repeated)."""
+    lrs, seen = [], []
+
+    class RecordingAdam(torch.optim.Adam):
+        def step(self, *a, **kw):
+            lrs.append(self.param_groups[0]["lr"])
+            return super().step(*a, **kw)
+
+    real_forward = epts.block_forward
+    monkeypatch.setattr(torch.optim, "Adam", RecordingAdam)
+    monkeypatch.setattr(epts, "block_forward", lambda b, l, x, g, s, adapters=True: seen.append((g, s)) or
+                        real_forward(b, l, x, g, s, adapters))
+    edges = [0.0, 0.4, 0.7]
+    block, layers, X, Y = trained_block(edges, epochs=3)  # 8 windows, batch 4: T = 6 steps
+    T = 6
+    assert lrs == pytest.approx([1e-2 * 0.5 * (1 + math.cos(math.pi * t / T)) for t in range(T)])
+    for g, (lo, hi) in enumerate(zip(edges, edges[1:])):
+        draws = sorted(s for gg, s in seen[: 2 * T] if gg == g)
+        assert len(draws) == T
+        assert all(lo + (hi - lo) * k / T < d <= lo + (hi - lo) * (k + 1) / T + 1e-12 for k, d in enumerate(draws))
+
+
+def test_deploy_honours_the_low_group_flag(tmp_path):
+    """A block whose adapter 0 is flagged off deploys group-0 sparsities as plain Wanda; flagged on, it does not."""
+    model, calib = tiny_llama(), calib_ids()
+    elastic = epts.run_epts(model, calib, str(tmp_path), epochs=2, lr=1e-2)
+    norms = dense_act_norms(model, calib)
+    for flag in (False, True):
+        for rec in elastic["blocks"]:
+            rec["use_adapter0"] = flag
+        deployed = epts.deploy(tiny_llama(), elastic, 0.3)
+        plain = [torch.equal(dep.linears()[name].weight, lin.weight * topk_mask(lin.weight, norm[name], 0.3))
+                 for block, dep, norm in zip(model.blocks, deployed.blocks, norms)
+                 for name, lin in block.linears().items()]
+        assert all(plain) if not flag else not any(plain)
 
 
 def test_resume_gives_bit_identical_adapters(tmp_path, monkeypatch):
@@ -745,7 +887,7 @@ def test_elastic_file_deploys_like_memory_and_refuses_other_checkpoints(tmp_path
     expected = sum(G * r * (lin.in_features + lin.out_features) + lin.in_features
                    for blk in tiny_llama().blocks for lin in blk.linears().values())
     assert stored == expected
-    assert set(from_file["blocks"][0]) == {"A", "B", "act_norm", "use_adapter0", "losses"}
+    assert set(from_file["blocks"][0]) == {"A", "B", "act_norm", "use_adapter0", "losses", "sha256"}
 
 
 # -----------------------------------------------------------------------------
