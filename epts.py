@@ -10,6 +10,7 @@ trained range is then deployed in seconds, without calibration data.
 
 import argparse
 import contextlib
+import copy
 import fcntl
 import functools
 import hashlib
@@ -563,8 +564,7 @@ def main(ckpt=None, sparsities=(0.5,), methods=("dense", "epts"), calib=None, ev
         out_dir = out or os.path.join("runs", f"epts-{os.path.basename(os.path.normpath(ckpt))}")
         check_writable_folder(out_dir, "--out")
 
-    load = lambda: M.load_model(ckpt, DTYPES[dtype]).to("cpu" if offload else device)  # noqa: E731
-    model = load()
+    model = M.load_model(ckpt, DTYPES[dtype]).to("cpu" if offload else device)
     tok = M.load_tokenizer(ckpt, model.cfg.bos_token_id, model.cfg.eos_token_id)
     if tok.vocab_size > cfg.vocab_size:
         raise UserError(f"{ckpt}: the tokenizer has {tok.vocab_size} tokens but the model only {cfg.vocab_size} "
@@ -599,7 +599,7 @@ def main(ckpt=None, sparsities=(0.5,), methods=("dense", "epts"), calib=None, ev
     for method in ("magnitude", "wanda", "sparsegpt"):
         if method in methods:
             for s in sparsities:
-                m, t0 = load(), time.time()
+                m, t0 = prunable_copy(model), time.time()
                 prune.prune_model(m, method, s, calib_ids, device, batch_size=8,
                                   warn=lambda msg: print(msg, file=sys.stderr))
                 record(method, s, m, time.time() - t0)
@@ -616,12 +616,19 @@ def main(ckpt=None, sparsities=(0.5,), methods=("dense", "epts"), calib=None, ev
                           "model_bytes": model_bytes, "edges": edges}
     if "epts" in methods:
         for s in fractional:
-            m, t0 = load(), time.time()
+            m, t0 = prunable_copy(model), time.time()
             deploy(m, elastic, s)
             record("epts", s, m, time.time() - t0)
     if json_path:
         write_json(report, json_path)
     return report
+
+
+def prunable_copy(model):
+    """A copy of the dense model to prune in place: its blocks are copied, the embeddings, final norm and head
+    are shared (pruning never changes them), so each method costs one set of blocks, not a reload."""
+    shared = {id(p): p for name, p in model.named_parameters() if not name.startswith("blocks.")}
+    return copy.deepcopy(model, memo=shared)
 
 
 def check_seqlen(cfg, seqlen):

@@ -662,10 +662,10 @@ def save_random(raw, out_dir, n_blocks, seed=0, dtype=torch.bfloat16):
     gen = torch.Generator().manual_seed(seed)
     shards = ({}, {})
     for key, hf in hf_name_map(cfg).items():
-        t = torch.randn(shapes[key], generator=gen).mul_(0.02)
+        t = torch.empty(shapes[key], dtype=dtype).normal_(0, 0.02, generator=gen)  # drawn in dtype: no fp32 copy
         if "norm" in key and key.endswith("weight"):
             t.add_(1)
-        shards[key.startswith("blocks.")][hf] = t.to(dtype)
+        shards[key.startswith("blocks.")][hf] = t
     os.makedirs(out_dir, exist_ok=True)
     names = [f"model-{i + 1:05d}-of-{len(shards):05d}.safetensors" for i in range(len(shards))]
     for name, tensors in zip(names, shards):

@@ -1014,8 +1014,10 @@ def test_main_refuses_missing_calibration_and_ambiguous_export(tmp_path):
 
 
 def cli(*args, timeout=120):
+    # THP_MEM_ALLOC_ENABLE: PyTorch backs large CPU tensors with huge pages, which spares the page faults that
+    # dominate multi-GB temporaries on the CPU (README, "Scale"); results are identical
     return subprocess.run([sys.executable, os.path.join(HERE, "epts.py"), *args], capture_output=True, text=True,
-                          timeout=timeout, cwd=HERE)
+                          timeout=timeout, cwd=HERE, env=dict(os.environ, THP_MEM_ALLOC_ENABLE="1"))
 
 
 @pytest.mark.parametrize("args,message", [
