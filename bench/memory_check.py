@@ -36,7 +36,7 @@ def epts_block_bytes(C, F, heads, kv_heads, N, T, G, r, elt, batch=1):
     P = sum(i * o for i, o in layers)  # weights of the block
     adapters = 4 * G * r * sum(i + o for i, o in layers)  # fp32 A and B of every group
     stream = N * T * C * elt  # one (N, T, C) calibration stream
-    merge = 12 * max(i * o for i, o in layers)  # fp32 BA, W + BA and its masked product, largest layer
+    merge = 4 * max(i * o for i, o in layers)  # the one fp32 copy of W that addmm_ and mul_ work in, largest layer
     activations = batch * T * (12 * C + 4 * F) * elt  # one batch through the block
     return {
         "throughout": {"ranks (int16)": 2 * P, "adapters (fp32)": adapters},
