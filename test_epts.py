@@ -394,6 +394,8 @@ def test_perplexity_equals_transformers_loss(tmp_path):
     with torch.no_grad():
         loss = ref(windows, labels=windows).loss  # mean over all 5 * 31 predicted tokens
     assert abs(perplexity(ours, ids, 32, batch_size=2) / math.exp(loss.item()) - 1) <= 1e-5
+    # logits formed 7 tokens at a time (as a 128k vocabulary needs) give the same value
+    assert abs(perplexity(ours, ids, 32, batch_size=2, logit_bytes=7 * 4 * 101) / math.exp(loss.item()) - 1) <= 1e-5
 
 
 class CharTokenizer:
@@ -1368,6 +1370,7 @@ def test_warnings_and_rows_the_user_must_see(tiny, tmp_path, capsys):
     (tmp_path / "ckpt" / "config.json").write_text(json.dumps(dict(cfg, max_position_embeddings=8)))
     epts.main(**dict(tiny, methods=["dense"]))
     assert "longer than the model's max_position_embeddings (8)" in capsys.readouterr().err
+    assert epts.main(**dict(tiny, methods=["dense"], seqlen=None))["seqlen"] == 8  # min(2048, positions)
     with pytest.raises(UserError, match="longer than OPT's 8 learned positions"):
         epts.check_seqlen(M.config_from_dict(dict(SMALL["opt"], max_position_embeddings=8)), 16)
 
