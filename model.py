@@ -492,32 +492,44 @@ def read_safetensors_header(path):
         itemsize = torch.empty(0, dtype=SAFETENSORS_DTYPES[info["dtype"]]).element_size()
         if end - begin != numel * itemsize:
             raise UserError(f"{path}: tensor {name!r} has shape {info['shape']} ({numel * itemsize} bytes of "
-                            f"{info['dtype']}) but {end - begin} bytes in the file; the file is corrupt, re-download it.")
+                            f"{info['dtype']}) but {end - begin} bytes in the file; the file is corrupt, "
+                            "re-download it.")
         if 8 + n + end > size:
             raise UserError(f"{path}: tensor {name!r} lies past the end of the file; the file is truncated, "
                             "re-download it.")
     return header, 8 + n
 
 
-def iter_safetensors(path, dtype=None):
-    """Yield (name, tensor) one at a time from a memory map, each cast to `dtype` and copied out of the map."""
+def iter_safetensors(path, dtype=None, chunk_bytes=64 << 20):
+    """Yield (name, tensor) one at a time from a memory map, each cast to `dtype` and copied out of the map.
+
+    The copy goes `chunk_bytes` of the file at a time, each chunk's mapped pages handed back at once, so a
+    1 GiB embedding never sits in memory twice: resident memory stays near one copy of the model.
+    """
     assert sys.byteorder == "little", "safetensors data is little-endian"
     header, start = read_safetensors_header(path)
+    page = mmap.PAGESIZE
     with open(path, "rb") as f, mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_READ) as mm:
         for name, info in header.items():
             begin, end = (start + o for o in info["data_offsets"])
             file_dtype = SAFETENSORS_DTYPES[info["dtype"]]
-            with warnings.catch_warnings():  # the map is read-only; we copy before anyone could write
-                warnings.simplefilter("ignore")
-                t = torch.frombuffer(mm, dtype=torch.uint8, count=end - begin, offset=begin) if end > begin \
-                    else torch.empty(0, dtype=torch.uint8)
-            t = t.view(file_dtype).reshape(info["shape"])
-            t = t.to(dtype if dtype is not None and t.is_floating_point() else file_dtype, copy=True)
-            # hand the mapped pages back so resident memory stays near one copy of the model
-            page = mmap.PAGESIZE
-            lo = begin // page * page
-            if end > lo:
-                mm.madvise(mmap.MADV_DONTNEED, lo, end - lo)
+            itemsize = torch.empty(0, dtype=file_dtype).element_size()
+            target = dtype if dtype is not None and file_dtype.is_floating_point else file_dtype
+            t = torch.empty(info["shape"], dtype=target)
+            flat = t.view(-1)
+            step = max(1, chunk_bytes // itemsize)  # elements per chunk
+            for i in range(0, flat.numel(), step):
+                n = min(step, flat.numel() - i)
+                lo = begin + i * itemsize
+                with warnings.catch_warnings():  # the map is read-only; we only read from it
+                    warnings.simplefilter("ignore")
+                    flat[i:i + n] = torch.frombuffer(mm, dtype=torch.uint8, count=n * itemsize, offset=lo) \
+                        .view(file_dtype)
+                if t.is_floating_point() and not torch.isfinite(flat[i:i + n]).all():
+                    raise UserError(f"{path}: tensor {name!r} holds NaN or Inf values; the file is corrupt (or the "
+                                    "model diverged), re-download it.")
+                aligned = lo // page * page
+                mm.madvise(mmap.MADV_DONTNEED, aligned, lo + n * itemsize - aligned)
             yield name, t
 
 
@@ -601,7 +613,8 @@ def load_model(ckpt_dir, dtype=torch.float32):
         if tuple(t.shape) != tuple(expected[key].shape):
             raise UserError(f"{path}: tensor {name!r} has shape {tuple(t.shape)} but config.json implies "
                             f"{tuple(expected[key].shape)}; the weights and config.json do not belong together.")
-        if t.is_floating_point() and not torch.isfinite(t).all():
+        # safetensors are checked chunk by chunk as they are read; a .bin state dict is checked here
+        if path.endswith(".bin") and t.is_floating_point() and not torch.isfinite(t).all():
             raise UserError(f"{path}: tensor {name!r} holds NaN or Inf values; the file is corrupt (or the model "
                             "diverged), re-download it.")
         loaded[key] = t

@@ -45,7 +45,7 @@ def lowest_k(score, k):
     below = score < thr
     tied = score == thr
     need = k - below.sum(1, keepdim=True)  # how many of the tied scores the row still has to give up
-    return below | (tied & (tied.cumsum(1) <= need))
+    return below | (tied & (tied.cumsum(1, dtype=torch.int32) <= need))
 
 
 def row_mask(score, s):

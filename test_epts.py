@@ -137,6 +137,10 @@ def test_safetensors_writer_roundtrip_and_reference_reader(tmp_path):
     theirs = safetensors_torch.load_file(path)
     for k, t in tensors.items():
         assert torch.equal(ours[k], t) and torch.equal(theirs[k], t) and ours[k].dtype == t.dtype
+    # read in chunks of 12 bytes (not a multiple of any row) and cast to float32 on the way: the same values
+    chunked = dict(M.iter_safetensors(path, torch.float32, chunk_bytes=12))
+    assert all(torch.equal(chunked[k], t.to(chunked[k].dtype)) for k, t in tensors.items())
+    assert chunked["b"].dtype == torch.float32 and chunked["d"].dtype == torch.int64
 
 
 @needs_transformers
