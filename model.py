@@ -49,6 +49,9 @@ def atomic_folder(out_dir):
     fails. `out_dir` may not exist yet or be an empty folder; nothing that exists is ever deleted."""
     parent = os.path.dirname(os.path.abspath(out_dir))
     tmp = tempfile.mkdtemp(dir=parent, prefix=f".{os.path.basename(os.path.abspath(out_dir))}.tmp-")
+    umask = os.umask(0)
+    os.umask(umask)
+    os.chmod(tmp, 0o777 & ~umask)  # mkdtemp makes it private (0700); the folder it becomes should not be
     try:
         yield tmp
         try:

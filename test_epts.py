@@ -1281,9 +1281,14 @@ def test_export_never_deletes_anything(tiny, tmp_path, monkeypatch):
     assert (notes / "todo.txt").read_text() == "mine" and (tmp_path / "file").read_text() == "mine"
     assert os.path.isfile(os.path.join(tiny["out"], "elastic.pt")) and os.path.isfile(tmp_path / "ckpt" / "config.json")
     (tmp_path / "empty").mkdir()
-    for target in ("fresh", "empty"):
-        epts.main(**dict(tiny, methods=["magnitude"], sparsities=[0.5], export=str(tmp_path / target)))
-        assert os.path.isfile(tmp_path / target / "model.safetensors")
+    umask = os.umask(0o022)
+    try:
+        for target in ("fresh", "empty"):
+            epts.main(**dict(tiny, methods=["magnitude"], sparsities=[0.5], export=str(tmp_path / target)))
+            assert os.path.isfile(tmp_path / target / "model.safetensors")
+            assert os.stat(tmp_path / target).st_mode & 0o777 == 0o755  # as mkdir would make it, not private
+    finally:
+        os.umask(umask)
     assert leftovers(tmp_path) == []
 
 
