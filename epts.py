@@ -382,8 +382,8 @@ def exclusive(out_dir):
 
 def train_elastic(model, calib, out_dir, settings, device):
     """Phase 1 and 2 for every block in turn (the loop of EPTS), each finished block saved in out_dir/partial."""
-    edges, G, rank, batch_size = settings["edges"], len(settings["edges"]) - 1, settings["rank"], \
-        settings["batch_size"]
+    edges, rank, batch_size = settings["edges"], settings["rank"], settings["batch_size"]
+    G = len(edges) - 1
     partial = os.path.join(out_dir, "partial")
     done = resume_records(partial, settings)
     home = model.embed_tokens.weight.device
