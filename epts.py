@@ -280,12 +280,17 @@ def save(obj, path):
         torch.save(obj, f)
 
 
-def load_checked(path, what, fix):
-    """torch.load of a file this program wrote, with every block record's checksum verified."""
+def load_checked(path, what, fix, fmt=None):
+    """torch.load of a file this program wrote (of format `fmt`, if given), every block record's checksum
+    verified; `fix` tells the user what to do when it is damaged."""
     try:
         obj = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as e:
         raise UserError(f"{path!r} is damaged ({type(e).__name__}; truncated or overwritten?); {fix}") from None
+    found = obj.get("format") if isinstance(obj, dict) else None
+    if fmt is not None and found != fmt:
+        raise UserError(f"{path!r} is not an EPTS elastic model file of format {fmt} (found {found!r}); it may be "
+                        f"from an older version of this program, or from another program: {fix}")
     records = obj.get("blocks", [obj]) if isinstance(obj, dict) else None
     if records is None or any(not isinstance(r, dict) or r.get("sha256") != record_checksum(r) for r in records):
         raise UserError(f"{path!r}: {what} fails its checksum (its bytes were changed after it was written); {fix}")
@@ -299,16 +304,7 @@ def load_elastic(path):
     if not os.path.isfile(path):
         raise UserError(f"no elastic model at {path!r}; pass --elastic the --out folder of a finished EPTS run "
                         "(it holds elastic.pt).")
-    fix = "train it again (or restore it from a copy)."
-    try:
-        head = torch.load(path, map_location="cpu", weights_only=True, mmap=True)
-        fmt = head.get("format")
-    except Exception:
-        fmt = None
-    if fmt != FORMAT:
-        raise UserError(f"{path!r} is not an EPTS elastic model file of format {FORMAT} (found {fmt!r}); it may be "
-                        f"truncated, from an older version of this program, or from another program: {fix}")
-    return load_checked(path, "the elastic model", fix)
+    return load_checked(path, "the elastic model", "train it again (or restore it from a copy).", fmt=FORMAT)
 
 
 def restore_layers(block, rec, n_groups, rank):
@@ -344,7 +340,7 @@ def run_epts(model, calib, out_dir, edges=DEFAULT_EDGES, epochs=10, lr=1e-3, ran
         final = os.path.join(out_dir, "elastic.pt")
         if os.path.isfile(final):
             elastic = load_elastic(final)
-            changed = sorted(k for k in settings if elastic.get(k) != settings[k])
+            changed = changed_settings(elastic, settings)
             if changed:
                 raise UserError(f"{out_dir!r} already holds a finished EPTS run with other settings "
                                 f"({', '.join(changed)}); it is not overwritten: pass another --out, or delete "
@@ -360,6 +356,11 @@ def run_epts(model, calib, out_dir, edges=DEFAULT_EDGES, epochs=10, lr=1e-3, ran
         save(elastic, final)
     shutil.rmtree(os.path.join(out_dir, "partial"), ignore_errors=True)
     return elastic
+
+
+def changed_settings(previous, settings):
+    """Names of the settings in which an earlier run (its saved dict) differs from this one."""
+    return sorted(k for k in settings if previous.get(k) != settings[k])
 
 
 @contextlib.contextmanager
@@ -394,6 +395,7 @@ def train_elastic(model, calib, out_dir, settings, device):
     X_pruned = X_dense.clone()
     s_check = min(max(settings["check_sparsity"], edges[0]), edges[1])  # inside group 0's range
     progress = prune.Progress(len(model.blocks), "epts", start=len(done))
+    msfm = MSFM(edges)
     if done:
         print(f"epts: resuming {out_dir}: blocks 0..{len(done) - 1} are done, replaying their outputs",
               file=sys.stderr)
@@ -419,7 +421,7 @@ def train_elastic(model, calib, out_dir, settings, device):
             os.makedirs(partial, exist_ok=True)
             save(rec, os.path.join(partial, f"block_{i:03d}.pt"))
         records.append(rec)
-        X_pruned = MSFM(edges).mix(block, layers, X_pruned, rec["use_adapter0"], device, batch_size, mix_gen)
+        X_pruned = msfm.mix(block, layers, X_pruned, rec["use_adapter0"], device, batch_size, mix_gen)
         X_dense = Y
         del layers
         block.to(home)
@@ -441,9 +443,8 @@ def resume_records(partial, settings):
             raise UserError(f"{meta!r} is damaged, so the unfinished run's settings are unknown; delete "
                             f"{partial!r} to start over.") from None
         if previous != settings:
-            changed = sorted(k for k in settings if previous.get(k) != settings[k])
             raise UserError(f"{os.path.dirname(partial)!r} holds an unfinished EPTS run with other settings "
-                            f"({', '.join(changed)}); rerun with the same settings to resume it, or pass another "
+                            f"({', '.join(changed_settings(previous, settings))}); rerun with the same settings to resume it, or pass another "
                             "--out.")
     else:
         os.makedirs(partial, exist_ok=True)

@@ -503,6 +503,13 @@ def read_safetensors_header(path):
     return header, 8 + n
 
 
+def check_finite(t, path, name):
+    """A NaN or Inf in a checkpoint tensor is a damaged file: stop, naming it, before it turns into results."""
+    if t.is_floating_point() and not torch.isfinite(t).all():
+        raise UserError(f"{path}: tensor {name!r} holds NaN or Inf values; the file is corrupt (or the model "
+                        "diverged), re-download it.")
+
+
 def iter_safetensors(path, dtype=None, chunk_bytes=64 << 20):
     """Yield (name, tensor) one at a time from a memory map, each cast to `dtype` and copied out of the map.
 
@@ -528,9 +535,7 @@ def iter_safetensors(path, dtype=None, chunk_bytes=64 << 20):
                     warnings.simplefilter("ignore")
                     flat[i:i + n] = torch.frombuffer(mm, dtype=torch.uint8, count=n * itemsize, offset=lo) \
                         .view(file_dtype)
-                if t.is_floating_point() and not torch.isfinite(flat[i:i + n]).all():
-                    raise UserError(f"{path}: tensor {name!r} holds NaN or Inf values; the file is corrupt (or the "
-                                    "model diverged), re-download it.")
+                check_finite(flat[i:i + n], path, name)
                 aligned = lo // page * page
                 mm.madvise(mmap.MADV_DONTNEED, aligned, lo + n * itemsize - aligned)
             yield name, t
@@ -594,6 +599,7 @@ def iter_checkpoint(ckpt_dir, dtype):
                 raise UserError(f"{path} could not be read as a PyTorch state dict ({e}); re-download it.") from None
         for name in list(sd):
             t = sd.pop(name)
+            check_finite(t, path, name)  # safetensors are checked chunk by chunk as they are read
             yield name, (t.to(dtype) if t.is_floating_point() else t), path
 
 
@@ -616,10 +622,6 @@ def load_model(ckpt_dir, dtype=torch.float32):
         if tuple(t.shape) != tuple(expected[key].shape):
             raise UserError(f"{path}: tensor {name!r} has shape {tuple(t.shape)} but config.json implies "
                             f"{tuple(expected[key].shape)}; the weights and config.json do not belong together.")
-        # safetensors are checked chunk by chunk as they are read; a .bin state dict is checked here
-        if path.endswith(".bin") and t.is_floating_point() and not torch.isfinite(t).all():
-            raise UserError(f"{path}: tensor {name!r} holds NaN or Inf values; the file is corrupt (or the model "
-                            "diverged), re-download it.")
         loaded[key] = t
     missing = [names[k] for k in names if k not in loaded]
     if missing:

@@ -1425,6 +1425,11 @@ def test_legacy_non_zip_pytorch_model_bin_loads(tmp_path):
     idx = torch.randint(0, 101, (1, 12))
     with torch.no_grad():
         assert (ref(idx).logits - ours(idx)).abs().max() <= 1e-4
+    sd = ref.state_dict()
+    sd["model.decoder.layers.0.fc1.weight"][3, 4] = float("inf")  # a .bin is checked for NaN/Inf too
+    torch.save(sd, tmp_path / "pytorch_model.bin")
+    with pytest.raises(UserError, match="pytorch_model.bin: tensor 'model.decoder.layers.0.fc1.weight' holds NaN"):
+        M.load_model(str(tmp_path))
 
 
 def test_builtin_first_use_builds_once_under_concurrency(tmp_path, monkeypatch):
