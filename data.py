@@ -1,5 +1,6 @@
 """
-Calibration and evaluation text from local files, by the conventions of Wanda and SparseGPT.
+Text to token ids: the checkpoint's tokenizer, and calibration and evaluation text from local files by the
+conventions of Wanda and SparseGPT.
 
 Formats: WikiText-2 (`wiki.{train,valid,test}.raw`, `wiki.*.tokens`, a folder holding them, or any
 file with "wiki" in its path), C4 JSON-lines shards (`.json`, `.json.gz`, `.jsonl`, the `text` field),
@@ -10,26 +11,29 @@ import gzip
 import json
 import os
 import random
+import sys
 
 import torch
-
-from model import UserError
 
 TEXT_SUFFIXES = (".txt", ".raw", ".tokens")
 JSON_SUFFIXES = (".json", ".json.gz", ".jsonl", ".jsonl.gz")
 
 
+class DataError(ValueError):
+    """A data or tokenizer file that cannot be used: the message names the file and the fix."""
+
+
 def resolve(path, split):
     """A WikiText-2 folder becomes its `split` file; a file stays itself."""
     if not os.path.exists(path):
-        raise UserError(f"data file {path!r} does not exist; pass a local WikiText-2/C4/.txt file "
+        raise DataError(f"data file {path!r} does not exist; pass a local WikiText-2/C4/.txt file "
                         "(nothing is downloaded).")
     if os.path.isdir(path):
         names = sorted(os.listdir(path))
         for name in names:
             if split in name and name.endswith(TEXT_SUFFIXES):
                 return os.path.join(path, name)
-        raise UserError(f"folder {path!r} holds no {split} split (looked for a name containing {split!r} ending in "
+        raise DataError(f"folder {path!r} holds no {split} split (looked for a name containing {split!r} ending in "
                         f"{', '.join(TEXT_SUFFIXES)}); it has: {', '.join(names[:10]) or 'nothing'}.")
     return path
 
@@ -43,7 +47,7 @@ def file_kind(path):
         return "wikitext"
     if name.endswith(".txt"):
         return "text"
-    raise UserError(f"{path!r}: unknown data format; use WikiText-2 files (.raw/.tokens/.txt), C4 JSON lines "
+    raise DataError(f"{path!r}: unknown data format; use WikiText-2 files (.raw/.tokens/.txt), C4 JSON lines "
                     "(.json, .json.gz, .jsonl) or plain .txt.")
 
 
@@ -57,16 +61,16 @@ def read_documents(path):
                 docs = [(n, json.loads(line)["text"]) for n, line in enumerate(f, 1) if line.strip()]
             bad = next((n for n, d in docs if not isinstance(d, str)), None)
             if bad is not None:
-                raise UserError(f"{path!r} line {bad}: the \"text\" field is not a string; C4 JSON lines each hold "
+                raise DataError(f"{path!r} line {bad}: the \"text\" field is not a string; C4 JSON lines each hold "
                                 "a document's text as a string.")
             docs = [d for _, d in docs]
         else:
             with open(path, encoding="utf-8") as f:
                 docs = [f.read()]
     except (OSError, EOFError, UnicodeDecodeError, json.JSONDecodeError, KeyError, TypeError) as e:
-        raise UserError(f"{path!r} could not be read as {kind} data ({type(e).__name__}: {e}).") from None
+        raise DataError(f"{path!r} could not be read as {kind} data ({type(e).__name__}: {e}).") from None
     if not any(d.strip() for d in docs):
-        raise UserError(f"{path!r} holds no text; pass a non-empty file.")
+        raise DataError(f"{path!r} holds no text; pass a non-empty file.")
     return kind, docs
 
 
@@ -91,12 +95,12 @@ def eval_tokens(path, tok, seqlen):
     else:
         ids = tok.encode(docs[0])
     if len(ids) < seqlen + 1:
-        raise UserError(f"{path!r} gives {len(ids)} tokens, fewer than one window of seqlen={seqlen}; "
+        raise DataError(f"{path!r} gives {len(ids)} tokens, fewer than one window of seqlen={seqlen}; "
                         "use a longer evaluation file or a smaller --seqlen.")
     return torch.tensor(ids, dtype=torch.long)
 
 
-def calibration(path, tok, nsamples, seqlen, seed, warn=print):
+def calibration(path, tok, nsamples, seqlen, seed):
     """`nsamples` windows (nsamples, seqlen) of token ids, reproducible for a seed.
 
     C4-style data: each window from a random document longer than seqlen, at a random offset (the loop of
@@ -117,17 +121,201 @@ def calibration(path, tok, nsamples, seqlen, seed, warn=print):
         if len(ids) <= seqlen:
             if tries > 100 * nsamples + 10 * len(docs):
                 longest = max(len(tok.encode(d)) for d in docs)
-                raise UserError(f"{path!r}: no document is longer than seqlen={seqlen} tokens (the longest has "
+                raise DataError(f"{path!r}: no document is longer than seqlen={seqlen} tokens (the longest has "
                                 f"{longest}); use longer documents or a smaller --seqlen.")
             continue
         j = rng.randint(0, len(ids) - seqlen - 1)
         rows.append(ids[j:j + seqlen])
     if kind != "c4" and nsamples > len(cache[0]) // seqlen:
-        warn(f"warning: {path!r} holds {len(cache[0])} tokens, {len(cache[0]) // seqlen} windows of {seqlen} "
-             f"without overlap; the {nsamples} calibration windows overlap and repeat text. Use a longer text or "
-             "fewer --nsamples.")
+        print(f"warning: {path!r} holds {len(cache[0])} tokens, {len(cache[0]) // seqlen} windows of {seqlen} "
+              f"without overlap; the {nsamples} calibration windows overlap and repeat text. Use a longer text or "
+              "fewer --nsamples.", file=sys.stderr)
     return torch.tensor(rows, dtype=torch.long)
 
 
 def _has(folder, split):
     return any(split in name for name in os.listdir(folder))
+
+
+# -----------------------------------------------------------------------------
+# tokenizers: encode(text) -> ids (with the model's BOS), decode(ids) -> text
+
+# the pre-tokenisation regex of GPT-2's byte-level BPE (OPT uses it too)
+GPT2_PATTERN = r"""'s|'t|'re|'ve|'m|'ll|'d| ?\p{L}+| ?\p{N}+| ?[^\s\p{L}\p{N}]+|\s+(?!\S)|\s+"""
+
+
+def bytes_to_unicode():
+    """GPT-2's reversible map from bytes to printable characters used in vocab.json/merges.txt."""
+    bs = list(range(ord("!"), ord("~") + 1)) + list(range(ord("¡"), ord("¬") + 1)) + list(range(ord("®"), ord("ÿ") + 1))
+    cs = bs[:]
+    n = 0
+    for b in range(256):
+        if b not in bs:
+            bs.append(b)
+            cs.append(256 + n)
+            n += 1
+    return dict(zip(bs, map(chr, cs)))
+
+
+class SentencePieceTokenizer:
+    """LLaMA-1/2 `tokenizer.model`; BOS once at the start, as the original tokenizer adds it."""
+
+    def __init__(self, path, bos_id):
+        import sentencepiece as spm
+        try:
+            self.sp = spm.SentencePieceProcessor(model_file=path)
+        except Exception as e:
+            raise DataError(f"{path} is not a valid SentencePiece model ({e}); re-download it.") from None
+        self.bos_id = bos_id
+        self.vocab_size = self.sp.get_piece_size()
+
+    def encode(self, text, bos=True):
+        return [self.bos_id] * bos + self.sp.encode(text)
+
+    def decode(self, ids):
+        return self.sp.decode([i for i in ids if i != self.bos_id])
+
+
+class BPETokenizer:
+    """Byte-level BPE (GPT-2/OPT vocab.json + merges.txt, LLaMA-3/Qwen tokenizer.json) run by tiktoken.
+
+    tiktoken merges the pair whose concatenation has the lowest rank, so ranks must follow the merges' order;
+    vocab ids need not (OPT's follow fairseq's frequency order). We rank by merge order and map ranks to ids.
+    A vocabulary may lack some of the 256 bytes (tokenizers leaves out bytes its training text never held):
+    text holding them is encoded as tokenizers does, the byte dropped, or replaced by the unk token if any.
+    """
+
+    def __init__(self, vocab, merges, pattern, bos_id, name="bpe", unk=(None, False)):
+        """unk: a tokenizer.json's (unk_token, fuse_unk); without an unk token, bytes without a token are dropped."""
+        import tiktoken
+        byte_of = {c: b for b, c in bytes_to_unicode().items()}
+
+        def to_bytes(token):
+            try:
+                return bytes(byte_of[c] for c in token)
+            except KeyError:  # a character outside the byte alphabet: an added special token
+                return None
+
+        ranks = {bytes([b]): b for b in range(256)}  # tiktoken needs a rank for every single byte
+        for a, b in merges:
+            pair = (to_bytes(a), to_bytes(b))
+            if None in pair:
+                raise DataError(f"{name}: merge {a!r} + {b!r} is not written in the byte-level alphabet; this is not "
+                                "a byte-level BPE tokenizer, or the file is damaged.")
+            ranks.setdefault(pair[0] + pair[1], len(ranks))
+        rank_to_id = [-1] * len(ranks)
+        special = {}
+        for token, i in vocab.items():
+            r = ranks.get(to_bytes(token))
+            if r is None:
+                special[token] = i
+            else:
+                rank_to_id[r] = i
+        unmatched = [t for t, r in ranks.items() if r >= 256 and rank_to_id[r] == -1]
+        if unmatched:
+            raise DataError(f"{name}: a merge produces the token {unmatched[0]!r}, which the vocabulary does not "
+                            f"contain ({len(unmatched)} such merges); the merges and the vocabulary do not belong "
+                            "together.")
+        self.missing = bytes(b for b in range(256) if rank_to_id[b] == -1)  # bytes that have no token
+        special_ranks = {tok: len(ranks) + j for j, tok in enumerate(special)}
+        rank_to_id += list(special.values())
+        unk_token, self.fuse_unk = unk
+        self.unk_rank = None if unk_token is None else special_ranks.get(unk_token, ranks.get(to_bytes(unk_token)))
+        self.enc = tiktoken.Encoding(name=name, pat_str=pattern, mergeable_ranks=ranks, special_tokens=special_ranks)
+        self.rank_to_id = torch.tensor(rank_to_id)
+        self.id_to_rank = {i: r for r, i in enumerate(rank_to_id) if i >= 0}
+        self.bos_id = bos_id
+        self.vocab_size = max(vocab.values()) + 1  # ids run to here; the model must have as many rows
+
+    def encode(self, text, bos=True):
+        data = text.encode("utf-8", "surrogatepass")
+        if self.missing and len(data.translate(None, self.missing)) < len(data):
+            ranks = self.encode_around_missing(text)
+        else:
+            ranks = self.enc.encode_ordinary(text)
+        return [self.bos_id] * bos + self.rank_to_id[ranks].tolist()
+
+    def encode_around_missing(self, text):
+        """tokenizers' behaviour for bytes without a token: after the regex split, each piece loses them (or
+        they become the unk token, consecutive ones fused if fuse_unk), and BPE runs on what is left."""
+        import regex  # tiktoken's own dependency: the regex split that tiktoken otherwise runs inside Rust
+        ranks = []
+        for piece in regex.findall(self.enc._pat_str, text):
+            run, unk_last = bytearray(), False
+            for byte in piece.encode("utf-8", "surrogatepass"):
+                if byte not in self.missing:
+                    run.append(byte)
+                    continue
+                if self.unk_rank is None:
+                    continue  # dropped: its neighbours become adjacent and may merge
+                if run:
+                    ranks += self.enc._encode_single_piece(bytes(run))
+                    run.clear()
+                    unk_last = False
+                if not (self.fuse_unk and unk_last):
+                    ranks.append(self.unk_rank)
+                unk_last = True
+            if run:
+                ranks += self.enc._encode_single_piece(bytes(run))
+        return ranks
+
+    def decode(self, ids):
+        ranks = [self.id_to_rank[i] for i in ids if i != self.bos_id]
+        return self.enc.decode(ranks)
+
+
+def load_tokenizer(ckpt_dir, bos_id):
+    """The tokenizer in `ckpt_dir`: tokenizer.model, tokenizer.json (BPE), or vocab.json + merges.txt."""
+    path = lambda name: os.path.join(ckpt_dir, name)  # noqa: E731
+    if os.path.isfile(path("tokenizer.model")):
+        return SentencePieceTokenizer(path("tokenizer.model"), bos_id)
+    if os.path.isfile(path("tokenizer.json")):
+        try:
+            with open(path("tokenizer.json")) as f:
+                tj = json.load(f)
+            m = tj["model"]
+        except (json.JSONDecodeError, KeyError, UnicodeDecodeError) as e:
+            raise DataError(f"{path('tokenizer.json')} is not a valid tokenizer file ({e}).") from None
+        if m.get("type") != "BPE":
+            raise DataError(f"{path('tokenizer.json')}: tokenizer type {m.get('type')!r} is not supported here "
+                            "(supported: byte-level BPE; LLaMA-1/2 ship tokenizer.model, which is).")
+        try:  # merges are "a b" strings in older files, [a, b] lists in files of tokenizers >= 0.20
+            merges = [tuple(x.split(" ", 1)) if isinstance(x, str) else tuple(x) for x in m["merges"]]
+            vocab = dict(m["vocab"])
+            vocab.update({t["content"]: t["id"] for t in tj.get("added_tokens", [])})
+            assert all(len(pair) == 2 and all(isinstance(t, str) for t in pair) for pair in merges), \
+                "every merge must be two strings"
+        except (KeyError, TypeError, ValueError, AssertionError) as e:
+            raise DataError(f"{path('tokenizer.json')}: its BPE model is malformed ({type(e).__name__}: {e}); "
+                            "re-download the file.") from None
+        return BPETokenizer(vocab, merges, find_split_pattern(tj.get("pre_tokenizer")) or GPT2_PATTERN,
+                            bos_id, name=path("tokenizer.json"), unk=(m.get("unk_token"), bool(m.get("fuse_unk"))))
+    if os.path.isfile(path("vocab.json")) and os.path.isfile(path("merges.txt")):
+        files = f"{path('vocab.json')} + merges.txt"
+        try:
+            with open(path("vocab.json"), encoding="utf-8") as f:
+                vocab = json.load(f)
+            with open(path("merges.txt"), encoding="utf-8") as f:
+                merges = [tuple(line.split()) for line in f.read().split("\n")
+                          if line and not line.startswith("#version")]
+            assert isinstance(vocab, dict) and all(isinstance(i, int) for i in vocab.values())
+            assert all(len(pair) == 2 for pair in merges)
+        except (json.JSONDecodeError, UnicodeDecodeError, AssertionError) as e:
+            raise DataError(f"{files} could not be read as a GPT-2-style BPE tokenizer ({type(e).__name__}: {e}); "
+                            "re-download both files.") from None
+        return BPETokenizer(vocab, merges, GPT2_PATTERN, bos_id, name=files)
+    raise DataError(f"{ckpt_dir!r} has no tokenizer: expected tokenizer.model (SentencePiece), tokenizer.json "
+                    "(BPE) or vocab.json + merges.txt; copy the tokenizer files from the original model.")
+
+
+def find_split_pattern(pre):
+    """The regex of a tokenizer.json `Split` pre-tokenizer (LLaMA-3 uses its own), if any."""
+    if not isinstance(pre, dict):
+        return None
+    if pre.get("type") == "Split":
+        return pre.get("pattern", {}).get("Regex")
+    for p in pre.get("pretokenizers", []):
+        found = find_split_pattern(p)
+        if found:
+            return found
+    return None

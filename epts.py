@@ -24,17 +24,42 @@ import time
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
+from dataclasses import asdict, dataclass, replace
 from torch.func import functional_call
 
 import data
+import default_model
 import model as M
 import prune
 from eval import perplexity
 from model import UserError
 
-# the paper's seven groups over (0, 0.7]: group g covers (edges[g], edges[g+1]]
-DEFAULT_EDGES = (0.0, 0.40, 0.45, 0.50, 0.55, 0.60, 0.65, 0.70)
 FORMAT = "epts-elastic-v2"  # v2: integer-indexed fingerprint, a checksum of every block's tensors
+USER_ERRORS = (UserError, data.DataError)  # bad input: the CLI prints the message, no traceback
+
+
+@dataclass(frozen=True)
+class EPTSConfig:
+    """The settings of one EPTS optimisation (the paper's defaults); saved in the elastic file, and the CLI's
+    defaults."""
+    edges: tuple = (0.0, 0.40, 0.45, 0.50, 0.55, 0.60, 0.65, 0.70)  # group g covers (edges[g], edges[g+1]]
+    epochs: int = 10
+    lr: float = 1e-3
+    rank: int = 8  # r of each of the G nested LoRA pairs
+    batch_size: int = 1  # calibration windows per training step
+    seed: int = 0  # calibration sampling, adapter init, sparsity draws
+    check_sparsity: float = 0.3  # where the low-group check decides whether adapter 0 is deployed
+
+    def __post_init__(self):
+        e = self.edges
+        if len(e) < 2 or e[0] < 0 or any(b <= a for a, b in zip(e, e[1:])) or e[-1] >= 1:
+            raise UserError(f"group edges {','.join(map(str, e))} must increase strictly within [0, 1), "
+                            "e.g. 0,0.4,0.5,0.7.")
+        for name in ("epochs", "rank", "batch_size"):
+            if not (isinstance(getattr(self, name), int) and getattr(self, name) >= 1):
+                raise UserError(f"--{name.replace('_', '-')} must be a positive integer.")
+        if not 0 <= self.lr < math.inf:  # 0 trains nothing: the deployed masks are Wanda's, the adapters zero
+            raise UserError(f"--lr {self.lr} must be a number >= 0 (the authors use 1e-3).")
 
 # -----------------------------------------------------------------------------
 # sparsity groups
@@ -136,26 +161,40 @@ def block_forward(block, layers, x, g, s, adapters=True):
     return functional_call(block, weights, (x,))
 
 
+def deployed_forward(block, layers, use_adapter0):
+    """forward(x, g, s) of the block as deploy() will build it: group 0's adapter only if the low-group check
+    kept it."""
+    return lambda x, g, s: block_forward(block, layers, x, g, s, adapters=g > 0 or use_adapter0)
+
+
 # -----------------------------------------------------------------------------
 # phase 1: block-wise multi-sparsity reconstruction
 
 
-def train_block(block, layers, X, Y, edges, epochs, lr, batch_size, device, gen):
+def group_loss(out, y, out0=None):
+    """Group 0: MSE(out, Y). Group g > 0: 0.5 MSE(out, Y) + 0.5 MSE(out, out_0), out_0 detached: a higher
+    sparsity is pulled towards the dense target and towards what group 0 already reaches."""
+    if out0 is None:
+        return F.mse_loss(out, y)
+    return 0.5 * F.mse_loss(out, y) + 0.5 * F.mse_loss(out, out0)
+
+
+def train_block(block, layers, X, Y, config, device, gen):
     """Train the adapters of one block so that every group's output matches the dense output Y.
 
-    Per step: loss_0 = MSE(out_0, Y); loss_g = 0.5 MSE(out_g, Y) + 0.5 MSE(out_g, out_0) for g > 0, each
-    group's gradient accumulated, one Adam step with a cosine-decayed learning rate. Returns the mean loss
-    of each epoch.
+    Per step: every group g's loss (group_loss) at a sparsity drawn from its range, each group's gradient
+    accumulated, one Adam step with a cosine-decayed learning rate. Returns the mean loss of each epoch.
     """
+    edges, batch_size = config.edges, config.batch_size
     N, G = X.shape[0], len(edges) - 1
     per_epoch = math.ceil(N / batch_size)
-    steps = epochs * per_epoch
+    steps = config.epochs * per_epoch
     params = [p for layer in layers.values() for p in (layer.A, layer.B)]
-    opt = torch.optim.Adam(params, lr=lr)
+    opt = torch.optim.Adam(params, lr=config.lr)
     sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda t: 0.5 * (1 + math.cos(math.pi * t / steps)))
     draws = [stratified_draws(edges[g], edges[g + 1], steps, gen) for g in range(G)]
     epoch_losses = []
-    for epoch in range(epochs):
+    for epoch in range(config.epochs):
         order = torch.randperm(N, generator=gen)
         total = torch.zeros(())
         for b in range(per_epoch):
@@ -176,29 +215,23 @@ def train_block(block, layers, X, Y, edges, epochs, lr, batch_size, device, gen)
     return epoch_losses
 
 
-def group_loss(out, y, out0=None):
-    """Group 0: MSE(out, Y). Group g > 0: 0.5 MSE(out, Y) + 0.5 MSE(out, out_0), out_0 detached: a higher
-    sparsity is pulled towards the dense target and towards what group 0 already reaches."""
-    if out0 is None:
-        return F.mse_loss(out, y)
-    return 0.5 * F.mse_loss(out, y) + 0.5 * F.mse_loss(out, out0)
-
-
 @torch.no_grad()
-def group_error(block, layers, X, Y, g, s, device, batch_size, adapters=True):
-    """Mean squared error of the block's output at sparsity s against Y."""
+def mean_error(forward, X, Y, device, batch_size):
+    """Mean squared error of forward(X) against Y, a batch of windows at a time."""
     err = 0.0
     for i in range(0, X.shape[0], batch_size):
-        out = block_forward(block, layers, X[i:i + batch_size].to(device), g, s, adapters)
+        out = forward(X[i:i + batch_size].to(device))
         err += F.mse_loss(out.float(), Y[i:i + batch_size].to(device).float(), reduction="sum").item()
     return err / Y.numel()
 
 
-def low_group_check(block, layers, X, Y, s, device, batch_size):
-    """True if adapter 0 lowers the block's error at the lowest group's sparsity s; else deploy group 0 bare."""
-    with_adapter = group_error(block, layers, X, Y, 0, s, device, batch_size, adapters=True)
-    without = group_error(block, layers, X, Y, 0, s, device, batch_size, adapters=False)
-    return with_adapter < without
+def low_group_check(block, layers, X, Y, config, device):
+    """True if adapter 0 lowers the block's error at the check sparsity (inside group 0's range); else group 0
+    deploys without its adapter."""
+    s = min(max(config.check_sparsity, config.edges[0]), config.edges[1])
+    error = lambda adapters: mean_error(lambda x: block_forward(block, layers, x, 0, s, adapters),  # noqa: E731
+                                        X, Y, device, config.batch_size)
+    return error(adapters=True) < error(adapters=False)
 
 
 # -----------------------------------------------------------------------------
@@ -226,14 +259,13 @@ class MSFM:
                 for lo, hi in zip(self.edges, self.edges[1:])]
 
     @torch.no_grad()
-    def mix(self, block, layers, X, use_adapter0, device, batch_size, gen):
-        """The mixed outputs (N, T, C) of the block over the pruned stream X, fresh draws for every batch."""
+    def mix(self, forward, X, device, batch_size, gen):
+        """The mixed outputs (N, T, C) of forward(x, g, s) (the block at sparsity s in group g) over the pruned
+        stream X, fresh draws for every batch."""
         out = torch.empty_like(X)
         for i in range(0, X.shape[0], batch_size):
             x = X[i:i + batch_size].to(device)
-            draws = self.draw(gen)
-            mixed = sum(w * block_forward(block, layers, x, g, s, adapters=g > 0 or use_adapter0).float()
-                        for g, (w, s) in enumerate(zip(self.weights, draws)))
+            mixed = sum(w * forward(x, g, s).float() for g, (w, s) in enumerate(zip(self.weights, self.draw(gen))))
             out[i:i + batch_size] = mixed.to(out.dtype).to(out.device)
         return out
 
@@ -308,36 +340,30 @@ def load_elastic(path):
 
 
 def restore_layers(block, rec, n_groups, rank):
-    layers = elastic_layers(block, {n: a.to(block_device(block)) for n, a in rec["act_norm"].items()}, n_groups, rank)
+    layers = elastic_layers(block, {n: a.to(prune.device_of(block)) for n, a in rec["act_norm"].items()}, n_groups,
+                            rank)
     for name, layer in layers.items():
         layer.A.data.copy_(rec["A"][name])
         layer.B.data.copy_(rec["B"][name])
     return layers
 
 
-def block_device(block):
-    return next(block.parameters()).device
-
-
 # -----------------------------------------------------------------------------
 # the EPTS run: one optimisation for every sparsity
 
 
-def run_epts(model, calib, out_dir, edges=DEFAULT_EDGES, epochs=10, lr=1e-3, rank=8, batch_size=1, seed=0,
-             device="cpu", check_sparsity=0.3):
+def run_epts(model, calib_ids, out_dir, config=EPTSConfig(), device="cpu"):
     """Train the elastic model block by block; saves each finished block in out_dir and resumes from them.
 
     A finished run in out_dir with the same settings is reused; one with other settings is refused, never
     overwritten. Only one process at a time may work in out_dir.
     """
-    settings = {"edges": [float(e) for e in edges], "epochs": epochs, "lr": lr, "rank": rank,
-                "batch_size": batch_size, "seed": seed, "nsamples": calib.shape[0], "seqlen": calib.shape[1],
-                "check_sparsity": check_sparsity,
-                "calib_sha256": hashlib.sha256(calib.numpy().tobytes()).hexdigest()[:16],
-                "fingerprint": fingerprint(model)}
+    settings = {**asdict(config), "edges": [float(e) for e in config.edges], "nsamples": calib_ids.shape[0],
+                "seqlen": calib_ids.shape[1], "fingerprint": fingerprint(model),
+                "calib_sha256": hashlib.sha256(calib_ids.numpy().tobytes()).hexdigest()[:16]}
     os.makedirs(out_dir, exist_ok=True)
+    final, partial = os.path.join(out_dir, "elastic.pt"), os.path.join(out_dir, "partial")
     with exclusive(out_dir):
-        final = os.path.join(out_dir, "elastic.pt")
         if os.path.isfile(final):
             elastic = load_elastic(final)
             changed = changed_settings(elastic, settings)
@@ -348,13 +374,14 @@ def run_epts(model, calib, out_dir, edges=DEFAULT_EDGES, epochs=10, lr=1e-3, ran
             print(f"epts: {final} already holds a finished run with these settings; reusing it", file=sys.stderr)
             return elastic
         try:
-            elastic = train_elastic(model, calib, out_dir, settings, device)
+            records = train_blocks(model, calib_ids, config, device, partial, resume_records(partial, settings))
         except KeyboardInterrupt:
-            print(f"interrupted: the finished EPTS blocks are saved in {out_dir}/partial; run the same command "
+            print(f"interrupted: the finished EPTS blocks are saved in {partial}; run the same command "
                   "again to resume from the first unfinished block", file=sys.stderr)
             raise
+        elastic = {"format": FORMAT, "model_type": model.cfg.raw.get("model_type"), **settings, "blocks": records}
         save(elastic, final)
-    shutil.rmtree(os.path.join(out_dir, "partial"), ignore_errors=True)
+    shutil.rmtree(partial, ignore_errors=True)
     return elastic
 
 
@@ -381,58 +408,8 @@ def exclusive(out_dir):
         yield
 
 
-def train_elastic(model, calib, out_dir, settings, device):
-    """Phase 1 and 2 for every block in turn (the loop of EPTS), each finished block saved in out_dir/partial."""
-    edges, rank, batch_size = settings["edges"], settings["rank"], settings["batch_size"]
-    G = len(edges) - 1
-    partial = os.path.join(out_dir, "partial")
-    done = resume_records(partial, settings)
-    home = model.embed_tokens.weight.device
-    # four streams: dense inputs, their outputs (the target), pruned inputs, mixed outputs; beside them one
-    # block's weights, ranks, saved tensors and activations, about 6x its weights (README, "Scale")
-    X_dense = prune.embed_calibration(model, calib, device, batch_size, n_streams=4,
-                                      reserve_bytes=6 * prune.param_bytes(model.blocks[0]))  # (N, T, C)
-    X_pruned = X_dense.clone()
-    s_check = min(max(settings["check_sparsity"], edges[0]), edges[1])  # inside group 0's range
-    progress = prune.Progress(len(model.blocks), "epts", start=len(done))
-    msfm = MSFM(edges)
-    if done:
-        print(f"epts: resuming {out_dir}: blocks 0..{len(done) - 1} are done, replaying their outputs",
-              file=sys.stderr)
-    records = []
-    for i, block in enumerate(model.blocks):
-        block.to(device)
-        # two independent streams per block (training draws, mixer draws), the same for a resumed run
-        gen = torch.Generator().manual_seed(settings["seed"] * 100_003 + 2 * i)
-        mix_gen = torch.Generator().manual_seed(settings["seed"] * 100_003 + 2 * i + 1)
-        if i < len(done):
-            rec = done[i]
-            layers = restore_layers(block, rec, G, rank)
-            Y = prune.run_block(block, X_dense, device, batch_size)
-        else:
-            stats = prune.new_stats(block, hessian=False, device=device)
-            Y = prune.run_block(block, X_dense, device, batch_size, stats)  # target; act norms of DENSE inputs
-            act_norms = {n: s.act_norm for n, s in stats.items()}
-            layers = elastic_layers(block, act_norms, G, rank, generator=gen)
-            losses = train_block(block, layers, X_pruned, Y, edges, settings["epochs"], settings["lr"], batch_size,
-                                 device, gen)
-            use0 = low_group_check(block, layers, X_pruned, Y, s_check, device, batch_size)
-            rec = block_record(layers, use0, act_norms, losses)
-            os.makedirs(partial, exist_ok=True)
-            save(rec, os.path.join(partial, f"block_{i:03d}.pt"))
-        records.append(rec)
-        X_pruned = msfm.mix(block, layers, X_pruned, rec["use_adapter0"], device, batch_size, mix_gen)
-        X_dense = Y
-        del layers
-        block.to(home)
-        if i >= len(done):
-            progress.step(f", loss {rec['losses'][0]:.3g} -> {rec['losses'][-1]:.3g}, "
-                          f"adapter 0 {'on' if rec['use_adapter0'] else 'off'}")
-    return {"format": FORMAT, "model_type": model.cfg.raw.get("model_type"), **settings, "blocks": records}
-
-
 def resume_records(partial, settings):
-    """Finished blocks of an interrupted run with the same settings, in order."""
+    """The finished blocks of an interrupted run with the same settings, in order; none for a new run."""
     meta = os.path.join(partial, "run.json")
     if os.path.isfile(meta):
         try:
@@ -444,8 +421,8 @@ def resume_records(partial, settings):
                             f"{partial!r} to start over.") from None
         if previous != settings:
             raise UserError(f"{os.path.dirname(partial)!r} holds an unfinished EPTS run with other settings "
-                            f"({', '.join(changed_settings(previous, settings))}); rerun with the same settings to resume it, or pass another "
-                            "--out.")
+                            f"({', '.join(changed_settings(previous, settings))}); rerun with the same settings "
+                            "to resume it, or pass another --out.")
     else:
         os.makedirs(partial, exist_ok=True)
         with M.atomic_write(meta) as f:
@@ -454,6 +431,54 @@ def resume_records(partial, settings):
     while os.path.isfile(path := os.path.join(partial, f"block_{len(records):03d}.pt")):
         records.append(load_checked(path, f"block {len(records)}", f"delete it and run the same command again to "
                                     f"train block {len(records)} anew and resume from there."))
+    return records
+
+
+def train_blocks(model, calib_ids, config, device, partial, done):
+    """Phase 1 and 2 for every block in turn (the loop of EPTS); each finished block's record is saved in
+    `partial`, and the records `done` by an interrupted run are replayed instead of trained."""
+    G = len(config.edges) - 1
+    home = prune.device_of(model)
+    # four streams: dense inputs, their outputs (the target), pruned inputs, mixed outputs; beside them one
+    # block's weights, ranks, saved tensors and activations, about 6x its weights (README, "Scale")
+    X_dense = prune.embed_calibration(model, calib_ids, device, config.batch_size, n_streams=4,
+                                      reserve_bytes=6 * prune.param_bytes(model.blocks[0]))  # (N, T, C)
+    X_pruned = X_dense.clone()
+    progress = prune.Progress(len(model.blocks), "epts", start=len(done))
+    msfm = MSFM(config.edges)
+    if done:
+        print(f"epts: resuming {partial}: blocks 0..{len(done) - 1} are done, replaying their outputs",
+              file=sys.stderr)
+    records = []
+    for i, block in enumerate(model.blocks):
+        block.to(device)
+        # two generators per block (training draws, mixer draws), seeded from (seed, block) alone so that a
+        # resumed run draws what an uninterrupted one would; 100_003 (a prime > 2 x any block count) keeps
+        # the seeds of different --seed values apart
+        gen = torch.Generator().manual_seed(config.seed * 100_003 + 2 * i)
+        mix_gen = torch.Generator().manual_seed(config.seed * 100_003 + 2 * i + 1)
+        if i < len(done):
+            rec = done[i]
+            layers = restore_layers(block, rec, G, config.rank)
+            Y = prune.run_block(block, X_dense, device, config.batch_size)
+        else:
+            stats = prune.new_stats(block, hessian=False, device=device)
+            Y = prune.run_block(block, X_dense, device, config.batch_size, stats)  # act norms of DENSE inputs
+            act_norms = {n: s.act_norm for n, s in stats.items()}
+            layers = elastic_layers(block, act_norms, G, config.rank, generator=gen)
+            losses = train_block(block, layers, X_pruned, Y, config, device, gen)
+            use0 = low_group_check(block, layers, X_pruned, Y, config, device)
+            rec = block_record(layers, use0, act_norms, losses)
+            save(rec, os.path.join(partial, f"block_{i:03d}.pt"))
+        records.append(rec)
+        X_pruned = msfm.mix(deployed_forward(block, layers, rec["use_adapter0"]), X_pruned, device,
+                            config.batch_size, mix_gen)
+        X_dense = Y
+        del layers
+        block.to(home)
+        if i >= len(done):
+            progress.step(f", loss {rec['losses'][0]:.3g} -> {rec['losses'][-1]:.3g}, "
+                          f"adapter 0 {'on' if rec['use_adapter0'] else 'off'}")
     return records
 
 
@@ -497,86 +522,108 @@ def default_dtype(cfg, device):
 
 
 def evaluate(model, eval_sets, seqlen, device, batch_size):
-    home = model.embed_tokens.weight.device
+    home = prune.device_of(model)
     model.to(device)
     ppl = {name: perplexity(model, ids, seqlen, batch_size, device) for name, ids in eval_sets.items()}
     model.to(home)
     return ppl
 
 
-def main(ckpt=None, sparsities=(0.5,), methods=("dense", "epts"), calib=None, evals=(), nsamples=None,
-         seqlen=None, seed=0, device="cpu", dtype=None, out=None, json_path=None, elastic_path=None,
-         export=None, groups=None, epochs=None, lr=1e-3, rank=8, batch_size=1, offload=False, eval_batch_size=4):
+def load(ckpt, dtype=torch.float32):
+    """The model and tokenizer of a checkpoint folder, checked to belong together."""
+    model = M.load_model(ckpt, dtype)
+    tok = data.load_tokenizer(ckpt, model.cfg.bos_token_id)
+    if tok.vocab_size > model.cfg.vocab_size:
+        raise UserError(f"{ckpt}: the tokenizer has {tok.vocab_size} tokens but the model only "
+                        f"{model.cfg.vocab_size} embedding rows; the tokenizer files belong to another model.")
+    return model, tok
+
+
+@dataclass
+class Request:
+    """What one command asks for: which model, methods and sparsities, on which text, with results where."""
+    ckpt: str = None  # Hugging Face-format folder; None: the built-in default model
+    sparsities: list = (0.5,)  # fractions, and (n, m) N:M patterns for the baselines
+    methods: list = ("dense", "epts")
+    calib: str = None  # calibration text file
+    evals: list = ()  # evaluation text files, one perplexity row each
+    nsamples: int = None  # calibration windows; default 128
+    seqlen: int = None  # tokens per window; default min(2048, the model's positions)
+    device: str = "cpu"
+    dtype: str = None  # default: default_dtype
+    offload: bool = False  # blocks wait in CPU memory, one at a time on the device
+    out: str = None  # the EPTS run folder; default runs/epts-<ckpt name>
+    elastic: str = None  # deploy an earlier EPTS run (its --out or elastic.pt) instead of training
+    export: str = None  # write the one pruned model here as a Hugging Face-format folder
+    json: str = None  # write the results here
+    eval_batch_size: int = 4
+
+
+def main(request=Request(), config=EPTSConfig()):
     """Run the requested methods at every sparsity, print the perplexity table, write --json/--out/--export.
 
     Every check of the request runs first, so a bad flag never costs the time of the methods before it.
     """
-    torch.manual_seed(seed)
-    if device.startswith("cuda") and not torch.cuda.is_available():
+    r = request
+    torch.manual_seed(config.seed)
+    if r.device.startswith("cuda") and not torch.cuda.is_available():
         raise UserError("--device cuda was given but PyTorch sees no CUDA GPU; use --device cpu or install a "
                         "CUDA build of PyTorch.")
-    if ckpt is None:
-        import builtin
-        ckpt, defaults = builtin.ensure_default()
-        calib = calib or defaults["calib"]
-        evals = evals or [defaults["eval"]]
-        seqlen = seqlen or defaults["seqlen"]
-        nsamples = nsamples or defaults["nsamples"]
-        epochs = epochs or defaults["epochs"]
-    cfg = M.read_config(ckpt)
+    if r.ckpt is None:
+        ckpt, defaults = default_model.ensure_default()
+        r = replace(r, ckpt=ckpt, calib=r.calib or defaults["calib"], evals=r.evals or [defaults["eval"]],
+                    seqlen=r.seqlen or defaults["seqlen"], nsamples=r.nsamples or defaults["nsamples"])
+    cfg = M.read_config(r.ckpt)
     # never the 131072 positions of a LLaMA-3.1 config: Wanda users ran out of memory exactly so
-    seqlen, nsamples, epochs = seqlen or min(2048, cfg.max_position_embeddings), nsamples or 128, epochs or 10
-    dtype = dtype or default_dtype(cfg, device)
-    print(f"model: {ckpt} ({cfg.raw.get('model_type')}, {cfg.num_hidden_layers} blocks), dtype {dtype}, "
+    seqlen, nsamples = r.seqlen or min(2048, cfg.max_position_embeddings), r.nsamples or 128
+    dtype = r.dtype or default_dtype(cfg, r.device)
+    print(f"model: {r.ckpt} ({cfg.raw.get('model_type')}, {cfg.num_hidden_layers} blocks), dtype {dtype}, "
           f"seqlen {seqlen}", file=sys.stderr)
     check_seqlen(cfg, seqlen)
-    if not evals:
+    if not r.evals:
         raise UserError("no evaluation data: pass --eval FILE (e.g. WikiText-2 wiki.test.raw) to measure "
                         "perplexity.")
-    fractional = [s for s in sparsities if not isinstance(s, tuple)]
-    train_epts = "epts" in methods and not elastic_path
-    if "epts" in methods and not fractional:
+    fractional = [s for s in r.sparsities if not isinstance(s, tuple)]
+    train_epts = "epts" in r.methods and not r.elastic
+    if "epts" in r.methods and not fractional:
         raise UserError("EPTS deploys fractional sparsities such as 0.5, and --sparsities holds only N:M patterns; "
                         "add a fraction, or run the N:M patterns without epts in --methods.")
-    if "epts" in methods and len(fractional) < len(sparsities):
-        print("note: epts deploys fractional sparsities only; N:M patterns run for the baselines",
-              file=sys.stderr)
-    needs_calib = any(m in ("wanda", "sparsegpt") for m in methods) or train_epts
-    if needs_calib and not calib:
+    if "epts" in r.methods and len(fractional) < len(r.sparsities):
+        print("note: epts deploys fractional sparsities only; N:M patterns run for the baselines", file=sys.stderr)
+    needs_calib = any(m in ("wanda", "sparsegpt") for m in r.methods) or train_epts
+    if needs_calib and not r.calib:
         raise UserError("no calibration data: pass --calib FILE (e.g. a C4 train shard .json.gz or WikiText-2 "
                         "wiki.train.raw).")
-    pruned_rows = [(m, s) for m in methods if m != "dense" for s in (fractional if m == "epts" else sparsities)]
-    if export:
+    pruned_rows = [(m, s) for m in r.methods if m != "dense" for s in (fractional if m == "epts" else r.sparsities)]
+    if r.export:
         if len(pruned_rows) != 1:
             raise UserError(f"--export writes one pruned model, but {len(pruned_rows)} were requested: give "
                             "exactly one pruned method and one sparsity.")
-        if os.path.realpath(export) == os.path.realpath(ckpt):
-            raise UserError(f"--export {export!r} is the checkpoint folder itself; choose a new folder.")
-        M.check_new_folder(export, "--export")
-    if json_path:
-        check_writable_file(json_path, "--json")
-    elastic, out_dir, edges = None, None, None
-    if "epts" in methods and elastic_path:
-        elastic = load_elastic(elastic_path)
+        if os.path.realpath(r.export) == os.path.realpath(r.ckpt):
+            raise UserError(f"--export {r.export!r} is the checkpoint folder itself; choose a new folder.")
+        M.check_new_folder(r.export, "--export")
+    if r.json:
+        check_writable_file(r.json, "--json")
+    elastic, out_dir = None, None
+    if "epts" in r.methods and r.elastic:
+        elastic = load_elastic(r.elastic)
         for s in fractional:
             group_of(elastic["edges"], s)  # every requested sparsity inside the trained range, or a clear error
     if train_epts:
-        edges = extend_edges(groups or DEFAULT_EDGES, max(fractional))
-        out_dir = out or os.path.join("runs", f"epts-{os.path.basename(os.path.normpath(ckpt))}")
+        config = replace(config, edges=tuple(extend_edges(config.edges, max(fractional))))
+        out_dir = r.out or os.path.join("runs", f"epts-{os.path.basename(os.path.normpath(r.ckpt))}")
         check_writable_folder(out_dir, "--out")
 
-    model = M.load_model(ckpt, DTYPES[dtype]).to("cpu" if offload else device)
-    tok = M.load_tokenizer(ckpt, model.cfg.bos_token_id, model.cfg.eos_token_id)
-    if tok.vocab_size > cfg.vocab_size:
-        raise UserError(f"{ckpt}: the tokenizer has {tok.vocab_size} tokens but the model only {cfg.vocab_size} "
-                        "embedding rows; the tokenizer files belong to another model.")
-    eval_sets = {name: data.eval_tokens(p, tok, seqlen) for name, p in eval_names(evals).items()}
-    calib_ids = data.calibration(calib, tok, nsamples, seqlen, seed,
-                                 warn=lambda msg: print(msg, file=sys.stderr)) if needs_calib else None
-    report = {"ckpt": ckpt, "seqlen": seqlen, "nsamples": nsamples, "seed": seed, "dtype": dtype, "results": []}
+    model, tok = load(r.ckpt, DTYPES[dtype])
+    model.to("cpu" if r.offload else r.device)
+    check_nm(model, r.sparsities)
+    eval_sets = {name: data.eval_tokens(p, tok, seqlen) for name, p in eval_names(r.evals).items()}
+    calib_ids = data.calibration(r.calib, tok, nsamples, seqlen, config.seed) if needs_calib else None
+    report = {"ckpt": r.ckpt, "seqlen": seqlen, "nsamples": nsamples, "seed": config.seed, "dtype": dtype,
+              "results": []}
 
-    def record(method, sparsity, m, seconds):
-        for name, ppl in evaluate(m, eval_sets, seqlen, device, eval_batch_size).items():
+    def record(method, sparsity, pruned, seconds):
+        for name, ppl in evaluate(pruned, eval_sets, seqlen, r.device, r.eval_batch_size).items():
             if not math.isfinite(ppl):
                 raise UserError(f"{method} at sparsity {prune.format_sparsity(sparsity)} gives perplexity {ppl} on "
                                 f"{name}: the model's outputs are not finite (a damaged checkpoint, or float16 "
@@ -584,29 +631,28 @@ def main(ckpt=None, sparsities=(0.5,), methods=("dense", "epts"), calib=None, ev
             row = {"method": method, "sparsity": prune.format_sparsity(sparsity), "eval": name, "ppl": ppl,
                    "seconds": round(seconds, 3)}
             if method != "dense":
-                row["achieved_sparsity"] = round(prune.sparsity_report(m)[1], 6)
+                row["achieved_sparsity"] = round(prune.sparsity_report(pruned)[1], 6)
             report["results"].append(row)
-            print_row(row, widths)
-        if json_path:
-            write_json(report, json_path)
-        if export and method != "dense":
-            M.save_model(m, export, tokenizer_dir=ckpt)
-            print(f"exported {method} at {prune.format_sparsity(sparsity)} to {export}", file=sys.stderr)
+            print_row(dict(row, ppl=f"{ppl:.3f}", seconds=f"{seconds:.1f}"), widths)
+        if r.json:
+            write_json(report, r.json)
+        if r.export and method != "dense":
+            M.save_model(pruned, r.export, tokenizer_dir=r.ckpt)
+            print(f"exported {method} at {prune.format_sparsity(sparsity)} to {r.export}", file=sys.stderr)
 
-    widths = table_widths(eval_sets)
-    print_header(widths)
-    if "dense" in methods:
+    widths = {"method": 10, "sparsity": 9, "eval": max(14, *map(len, eval_sets)) + 1, "ppl": 10, "seconds": 9}
+    print_row({name: name for name in widths}, widths)
+    if "dense" in r.methods:
         record("dense", 0.0, model, 0.0)
     for method in ("magnitude", "wanda", "sparsegpt"):
-        if method in methods:
-            for s in sparsities:
-                m, t0 = prunable_copy(model), time.time()
-                prune.prune_model(m, method, s, calib_ids, device, batch_size=8,
-                                  warn=lambda msg: print(msg, file=sys.stderr))
-                record(method, s, m, time.time() - t0)
+        if method in r.methods:
+            for s in r.sparsities:
+                pruned, t0 = prunable_copy(model), time.time()
+                prune.prune_model(pruned, method, s, calib_ids, r.device)
+                record(method, s, pruned, time.time() - t0)
     if train_epts:
         t0 = time.time()
-        elastic = run_epts(model, calib_ids, out_dir, edges, epochs, lr, rank, batch_size, seed, device)
+        elastic = run_epts(model, calib_ids, out_dir, config, r.device)
         train_seconds = time.time() - t0
         size = os.path.getsize(os.path.join(out_dir, "elastic.pt"))
         model_bytes = prune.param_bytes(model)  # a tied head once
@@ -614,14 +660,14 @@ def main(ckpt=None, sparsities=(0.5,), methods=("dense", "epts"), calib=None, ev
               f"{size / 2**20:.2f} MiB ({100 * size / model_bytes:.1f}% of the model's "
               f"{model_bytes / 2**20:.1f} MiB)", file=sys.stderr)
         report["epts"] = {"out": out_dir, "train_seconds": round(train_seconds, 3), "elastic_bytes": size,
-                          "model_bytes": model_bytes, "edges": edges}
-    if "epts" in methods:
+                          "model_bytes": model_bytes, "edges": list(config.edges)}
+    if "epts" in r.methods:
         for s in fractional:
-            m, t0 = prunable_copy(model), time.time()
-            deploy(m, elastic, s)
-            record("epts", s, m, time.time() - t0)
-    if json_path:
-        write_json(report, json_path)
+            pruned, t0 = prunable_copy(model), time.time()
+            deploy(pruned, elastic, s)
+            record("epts", s, pruned, time.time() - t0)
+    if r.json:
+        write_json(report, r.json)
     return report
 
 
@@ -643,6 +689,15 @@ def check_seqlen(cfg, seqlen):
         print(f"warning: --seqlen {seqlen} is longer than the model's max_position_embeddings "
               f"({cfg.max_position_embeddings}); RoPE extrapolates beyond what the model was trained on",
               file=sys.stderr)
+
+
+def check_nm(model, sparsities):
+    """Every N:M pattern's M divides the in_features of every layer it prunes."""
+    for n, m in (s for s in sparsities if isinstance(s, tuple)):
+        for name, lin in model.blocks[0].linears().items():
+            if lin.in_features % m:
+                raise UserError(f"N:M sparsity {n}:{m} needs every layer's in_features divisible by {m}, but "
+                                f"{name} has {lin.in_features}; choose an M that divides it, e.g. 2:4 or 4:8.")
 
 
 def check_writable_file(path, flag):
@@ -674,18 +729,7 @@ def eval_names(paths):
     return names
 
 
-def table_widths(eval_names):
-    return {"method": 10, "sparsity": 9, "eval": max(14, *map(len, eval_names)) + 1, "ppl": 10, "seconds": 9}
-
-
-def print_header(widths):
-    print(" ".join(f"{name:<{w}}" for name, w in widths.items()))
-
-
-def print_row(row, widths):
-    cells = {k: row[k] for k in widths}
-    cells["ppl"] = f"{row['ppl']:.3f}"
-    cells["seconds"] = f"{row['seconds']:.1f}"
+def print_row(cells, widths):
     print(" ".join(f"{str(cells[name]):<{w}}" for name, w in widths.items()), flush=True)
 
 
@@ -695,6 +739,8 @@ def write_json(report, path):
 
 
 def parse_args(argv):
+    """The command line as a Request and an EPTSConfig; bad flags exit with argparse's usage message."""
+    defaults = EPTSConfig
     p = argparse.ArgumentParser(description="EPTS: one optimisation, an elastic sparse model for every sparsity.")
     p.add_argument("--ckpt", help="Hugging Face-format LLaMA/OPT folder (default: the built-in small model)")
     p.add_argument("--sparsities", default="0.3,0.5,0.7", help="comma-separated fractions or N:M patterns")
@@ -704,7 +750,6 @@ def parse_args(argv):
     p.add_argument("--nsamples", type=int, help="calibration windows (default 128; built-in model: less)")
     p.add_argument("--seqlen", type=int, help="tokens per window (default min(2048, the model's positions); "
                    "built-in model: less)")
-    p.add_argument("--seed", type=int, default=0)
     p.add_argument("--device", default="cpu", help="cpu or cuda")
     p.add_argument("--dtype", choices=list(DTYPES),
                    help="default: the checkpoint's torch_dtype on cuda, float32 on cpu")
@@ -713,11 +758,13 @@ def parse_args(argv):
     p.add_argument("--elastic", help="deploy an earlier EPTS run (its --out folder or elastic.pt), no training")
     p.add_argument("--export", help="write the one pruned model as a Hugging Face-format folder")
     p.add_argument("--json", help="write the results as JSON")
-    p.add_argument("--groups", help="EPTS group edges, e.g. 0,0.4,0.45,0.5,0.55,0.6,0.65,0.7")
-    p.add_argument("--epochs", type=int, help="EPTS epochs per block (default 10; built-in model: less)")
-    p.add_argument("--lr", type=float, default=1e-3)
-    p.add_argument("--rank", type=int, default=8)
-    p.add_argument("--batch-size", type=int, default=1, help="EPTS calibration windows per step")
+    p.add_argument("--groups", default=",".join(f"{e:g}" for e in defaults.edges), help="EPTS group edges")
+    p.add_argument("--epochs", type=int, help=f"EPTS epochs per block (default {defaults.epochs}; built-in model: "
+                   f"{default_model.DEFAULTS['epochs']})")
+    p.add_argument("--lr", type=float, default=defaults.lr)
+    p.add_argument("--rank", type=int, default=defaults.rank)
+    p.add_argument("--batch-size", type=int, default=defaults.batch_size, help="EPTS calibration windows per step")
+    p.add_argument("--seed", type=int, default=defaults.seed)
     a = p.parse_args(argv)
     try:
         sparsities = [prune.parse_sparsity(s) for s in a.sparsities.split(",") if s.strip()]
@@ -727,32 +774,29 @@ def parse_args(argv):
     unknown = [m for m in methods if m not in METHODS]
     if unknown or not methods:
         p.error(f"--methods: unknown method {', '.join(unknown) or '(none)'}; choose from {', '.join(METHODS)}")
-    groups = None
-    if a.groups:
-        try:
-            groups = [float(e) for e in a.groups.split(",")]
-        except ValueError:
-            p.error(f"--groups: {a.groups!r} is not a comma-separated list of numbers")
-        if groups[0] != 0 or any(b <= c for b, c in zip(groups[1:], groups)) or groups[-1] >= 1 or len(groups) < 2:
-            p.error("--groups: edges must start at 0, increase strictly and stay below 1, e.g. 0,0.4,0.5,0.7")
-    for name in ("nsamples", "seqlen", "epochs", "rank", "batch_size"):
+    for name in ("nsamples", "seqlen"):
         if getattr(a, name) is not None and getattr(a, name) < 1:
-            p.error(f"--{name.replace('_', '-')} must be a positive integer")
-    if not a.lr > 0 or math.isinf(a.lr):
-        p.error(f"--lr {a.lr} must be a positive number (the authors use 1e-3)")
+            p.error(f"--{name} must be a positive integer")
     if not a.device.startswith(("cpu", "cuda")):
         p.error(f"--device: {a.device!r} is not cpu or cuda")
-    return dict(ckpt=a.ckpt, sparsities=sparsities, methods=methods, calib=a.calib, evals=a.eval,
-                nsamples=a.nsamples, seqlen=a.seqlen, seed=a.seed, device=a.device, dtype=a.dtype, out=a.out,
-                json_path=a.json, elastic_path=a.elastic, export=a.export, groups=groups, epochs=a.epochs,
-                lr=a.lr, rank=a.rank, batch_size=a.batch_size, offload=a.offload)
+    epochs = a.epochs if a.epochs is not None else defaults.epochs if a.ckpt else default_model.DEFAULTS["epochs"]
+    try:
+        edges = tuple(float(e) for e in a.groups.split(","))
+    except ValueError:
+        p.error(f"--groups: {a.groups!r} is not a comma-separated list of numbers")
+    try:
+        config = EPTSConfig(edges, epochs, a.lr, a.rank, a.batch_size, a.seed)
+    except UserError as e:
+        p.error(str(e))
+    given = {k: v for k, v in vars(a).items() if k in Request.__dataclass_fields__}
+    return Request(**dict(given, sparsities=sparsities, methods=methods, evals=a.eval)), config
 
 
 if __name__ == "__main__":
-    kwargs = parse_args(sys.argv[1:])
+    request, config = parse_args(sys.argv[1:])
     try:
-        main(**kwargs)
-    except UserError as e:
+        main(request, config)
+    except USER_ERRORS as e:
         print(f"error: {e}", file=sys.stderr)
         sys.exit(2)
     except KeyboardInterrupt:

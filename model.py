@@ -1,6 +1,6 @@
 """
 Hand-written LLaMA (1/2/3.x, Mistral, Qwen2/2.5, Qwen3, SmolLM) and OPT in plain PyTorch, plus
-loading of Hugging Face-format checkpoint folders and their tokenizers.
+reading and writing Hugging Face-format checkpoint folders (their tokenizers are data.py's job).
 
 Every model exposes the interface the pruning code drives:
     x = model.embed(idx)          # (B, T) token ids -> (B, T, C) hidden states
@@ -225,7 +225,17 @@ class LlamaBlock(Block):
         return x + self.mlp(self.post_attention_layernorm(x))
 
 
-class Llama(nn.Module):
+class CausalLM(nn.Module):
+    """Both families' forward: embed -> blocks -> head."""
+
+    def forward(self, idx):
+        x = self.embed(idx)
+        for block in self.blocks:
+            x = block(x)
+        return self.head(x)
+
+
+class Llama(CausalLM):
     def __init__(self, cfg):
         super().__init__()
         self.cfg = cfg
@@ -241,12 +251,6 @@ class Llama(nn.Module):
 
     def head(self, x):
         return self.lm_head(self.norm(x))
-
-    def forward(self, idx):
-        x = self.embed(idx)
-        for block in self.blocks:
-            x = block(x)
-        return self.head(x)
 
 
 # -----------------------------------------------------------------------------
@@ -329,7 +333,7 @@ class OPTBlock(Block):
         return self.final_layer_norm(x + self.fc2(self.act(self.fc1(x))))
 
 
-class OPT(nn.Module):
+class OPT(CausalLM):
     POSITION_OFFSET = 2  # OPT's learned position table starts at index 2 (a fairseq legacy)
 
     def __init__(self, cfg):
@@ -360,12 +364,6 @@ class OPT(nn.Module):
         if self.project_out is not None:
             x = self.project_out(x)  # (B, T, E)
         return self.lm_head(x)
-
-    def forward(self, idx):
-        x = self.embed(idx)
-        for block in self.blocks:
-            x = block(x)
-        return self.head(x)
 
 
 # -----------------------------------------------------------------------------
@@ -443,15 +441,11 @@ def hf_name_map(cfg):
         prefix = "model.decoder.layers.{}."
     names = dict(top)
     with torch.device("meta"):
-        block = build_model_block(cfg)
+        block = LlamaBlock(cfg) if isinstance(cfg, LlamaConfig) else OPTBlock(cfg)
     for i in range(cfg.num_hidden_layers):
         for key in block.state_dict():
             names[f"blocks.{i}.{key}"] = prefix.format(i) + key
     return names
-
-
-def build_model_block(cfg):
-    return LlamaBlock(cfg) if isinstance(cfg, LlamaConfig) else OPTBlock(cfg)
 
 
 # keys a checkpoint may carry that hold nothing we need
@@ -650,7 +644,8 @@ def save_model(model, out_dir, tokenizer_dir=None):
         with open(os.path.join(tmp, "config.json"), "w") as f:
             json.dump(raw, f, indent=2)
         if tokenizer_dir:
-            for name in TOKENIZER_FILES + ("tokenizer_config.json", "special_tokens_map.json"):
+            for name in ("tokenizer.model", "tokenizer.json", "vocab.json", "merges.txt", "tokenizer_config.json",
+                         "special_tokens_map.json"):
                 if os.path.isfile(os.path.join(tokenizer_dir, name)):
                     shutil.copy(os.path.join(tokenizer_dir, name), tmp)
 
@@ -694,201 +689,6 @@ def save_random(raw, out_dir, n_blocks, seed=0, dtype=torch.bfloat16):
         with open(os.path.join(out_dir, fname), "w") as f:
             json.dump(obj, f, indent=2)
     return out_dir
-
-
-# -----------------------------------------------------------------------------
-# tokenizers: encode(text) -> ids (with the model's BOS), decode(ids) -> text
-
-TOKENIZER_FILES = ("tokenizer.model", "tokenizer.json", "vocab.json", "merges.txt")
-
-# the pre-tokenisation regex of GPT-2's byte-level BPE (OPT uses it too)
-GPT2_PATTERN = r"""'s|'t|'re|'ve|'m|'ll|'d| ?\p{L}+| ?\p{N}+| ?[^\s\p{L}\p{N}]+|\s+(?!\S)|\s+"""
-
-
-def bytes_to_unicode():
-    """GPT-2's reversible map from bytes to printable characters used in vocab.json/merges.txt."""
-    bs = list(range(ord("!"), ord("~") + 1)) + list(range(ord("¡"), ord("¬") + 1)) + list(range(ord("®"), ord("ÿ") + 1))
-    cs = bs[:]
-    n = 0
-    for b in range(256):
-        if b not in bs:
-            bs.append(b)
-            cs.append(256 + n)
-            n += 1
-    return dict(zip(bs, map(chr, cs)))
-
-
-class SentencePieceTokenizer:
-    """LLaMA-1/2 `tokenizer.model`; BOS once at the start, as the original tokenizer adds it."""
-
-    def __init__(self, path, bos_id, eos_id):
-        import sentencepiece as spm
-        try:
-            self.sp = spm.SentencePieceProcessor(model_file=path)
-        except Exception as e:
-            raise UserError(f"{path} is not a valid SentencePiece model ({e}); re-download it.") from None
-        self.bos_id, self.eos_id = bos_id, eos_id
-        self.vocab_size = self.sp.get_piece_size()
-
-    def encode(self, text, bos=True):
-        return [self.bos_id] * bos + self.sp.encode(text)
-
-    def decode(self, ids):
-        return self.sp.decode([i for i in ids if i != self.bos_id])
-
-
-class BPETokenizer:
-    """Byte-level BPE (GPT-2/OPT vocab.json + merges.txt, LLaMA-3/Qwen tokenizer.json) run by tiktoken.
-
-    tiktoken merges the pair whose concatenation has the lowest rank, so ranks must follow the merges' order;
-    vocab ids need not (OPT's follow fairseq's frequency order). We rank by merge order and map ranks to ids.
-    A vocabulary may lack some of the 256 bytes (tokenizers leaves out bytes its training text never held):
-    text holding them is encoded as tokenizers does, the byte dropped, or replaced by the unk token if any.
-    """
-
-    def __init__(self, vocab, merges, pattern, bos_id, eos_id, name="bpe", unk_token=None, fuse_unk=False):
-        import tiktoken
-        byte_of = {c: b for b, c in bytes_to_unicode().items()}
-
-        def to_bytes(token):
-            try:
-                return bytes(byte_of[c] for c in token)
-            except KeyError:  # a character outside the byte alphabet: an added special token
-                return None
-
-        ranks = {bytes([b]): b for b in range(256)}  # tiktoken needs a rank for every single byte
-        for a, b in merges:
-            pair = (to_bytes(a), to_bytes(b))
-            if None in pair:
-                raise UserError(f"{name}: merge {a!r} + {b!r} is not written in the byte-level alphabet; this is not "
-                                "a byte-level BPE tokenizer, or the file is damaged.")
-            ranks.setdefault(pair[0] + pair[1], len(ranks))
-        rank_to_id = [-1] * len(ranks)
-        special = {}
-        for token, i in vocab.items():
-            r = ranks.get(to_bytes(token))
-            if r is None:
-                special[token] = i
-            else:
-                rank_to_id[r] = i
-        unmatched = [t for t, r in ranks.items() if r >= 256 and rank_to_id[r] == -1]
-        if unmatched:
-            raise UserError(f"{name}: a merge produces the token {unmatched[0]!r}, which the vocabulary does not "
-                            f"contain ({len(unmatched)} such merges); the merges and the vocabulary do not belong "
-                            "together.")
-        self.missing = bytes(b for b in range(256) if rank_to_id[b] == -1)  # bytes that have no token
-        special_ranks = {tok: len(ranks) + j for j, tok in enumerate(special)}
-        rank_to_id += list(special.values())
-        self.unk_rank = special_ranks.get(unk_token) if unk_token is not None else None
-        if unk_token is not None and self.unk_rank is None:
-            self.unk_rank = ranks.get(to_bytes(unk_token))
-        self.fuse_unk = fuse_unk
-        self.enc = tiktoken.Encoding(name=name, pat_str=pattern, mergeable_ranks=ranks, special_tokens=special_ranks)
-        self.rank_to_id = torch.tensor(rank_to_id)
-        self.id_to_rank = {i: r for r, i in enumerate(rank_to_id) if i >= 0}
-        self.bos_id, self.eos_id = bos_id, eos_id
-        self.vocab_size = max(vocab.values()) + 1  # ids run to here; the model must have as many rows
-
-    def encode(self, text, bos=True):
-        data = text.encode("utf-8", "surrogatepass")
-        if self.missing and len(data.translate(None, self.missing)) < len(data):
-            ranks = self.encode_around_missing(text)
-        else:
-            ranks = self.enc.encode_ordinary(text)
-        return [self.bos_id] * bos + self.rank_to_id[ranks].tolist()
-
-    def encode_around_missing(self, text):
-        """tokenizers' behaviour for bytes without a token: after the regex split, each piece loses them (or
-        they become the unk token, consecutive ones fused if fuse_unk), and BPE runs on what is left."""
-        import regex  # tiktoken's own dependency: the regex split that tiktoken otherwise runs inside Rust
-        ranks = []
-        for piece in regex.findall(self.enc._pat_str, text):
-            run, unk_last = bytearray(), False
-            for byte in piece.encode("utf-8", "surrogatepass"):
-                if byte not in self.missing:
-                    run.append(byte)
-                    continue
-                if self.unk_rank is None:
-                    continue  # dropped: its neighbours become adjacent and may merge
-                if run:
-                    ranks += self.enc._encode_single_piece(bytes(run))
-                    run.clear()
-                    unk_last = False
-                if not (self.fuse_unk and unk_last):
-                    ranks.append(self.unk_rank)
-                unk_last = True
-            if run:
-                ranks += self.enc._encode_single_piece(bytes(run))
-        return ranks
-
-    def decode(self, ids):
-        ranks = [self.id_to_rank[i] for i in ids if i != self.bos_id]
-        return self.enc.decode(ranks)
-
-
-def load_tokenizer(ckpt_dir, bos_id, eos_id):
-    """The tokenizer in `ckpt_dir`: tokenizer.model, tokenizer.json (BPE), or vocab.json + merges.txt."""
-    path = lambda name: os.path.join(ckpt_dir, name)  # noqa: E731
-    if os.path.isfile(path("tokenizer.model")):
-        return SentencePieceTokenizer(path("tokenizer.model"), bos_id, eos_id)
-    if os.path.isfile(path("tokenizer.json")):
-        try:
-            with open(path("tokenizer.json")) as f:
-                tj = json.load(f)
-            m = tj["model"]
-        except (json.JSONDecodeError, KeyError, UnicodeDecodeError) as e:
-            raise UserError(f"{path('tokenizer.json')} is not a valid tokenizer file ({e}).") from None
-        if m.get("type") != "BPE":
-            raise UserError(f"{path('tokenizer.json')}: tokenizer type {m.get('type')!r} is not supported here "
-                            "(supported: byte-level BPE; LLaMA-1/2 ship tokenizer.model, which is).")
-        try:  # merges are "a b" strings in older files, [a, b] lists in files of tokenizers >= 0.20
-            merges = [tuple(x.split(" ", 1)) if isinstance(x, str) else tuple(x) for x in m["merges"]]
-            vocab = dict(m["vocab"])
-            vocab.update({t["content"]: t["id"] for t in tj.get("added_tokens", [])})
-            assert all(len(pair) == 2 and all(isinstance(t, str) for t in pair) for pair in merges), \
-                "every merge must be two strings"
-        except (KeyError, TypeError, ValueError, AssertionError) as e:
-            raise UserError(f"{path('tokenizer.json')}: its BPE model is malformed ({type(e).__name__}: {e}); "
-                            "re-download the file.") from None
-        return BPETokenizer(vocab, merges, find_split_pattern(tj.get("pre_tokenizer")) or GPT2_PATTERN,
-                            bos_id, eos_id, name=path("tokenizer.json"), unk_token=m.get("unk_token"),
-                            fuse_unk=bool(m.get("fuse_unk")))
-    if os.path.isfile(path("vocab.json")) and os.path.isfile(path("merges.txt")):
-        files = f"{path('vocab.json')} + merges.txt"
-        try:
-            with open(path("vocab.json"), encoding="utf-8") as f:
-                vocab = json.load(f)
-            with open(path("merges.txt"), encoding="utf-8") as f:
-                merges = [tuple(line.split()) for line in f.read().split("\n")
-                          if line and not line.startswith("#version")]
-            assert isinstance(vocab, dict) and all(isinstance(i, int) for i in vocab.values())
-            assert all(len(pair) == 2 for pair in merges)
-        except (json.JSONDecodeError, UnicodeDecodeError, AssertionError) as e:
-            raise UserError(f"{files} could not be read as a GPT-2-style BPE tokenizer ({type(e).__name__}: {e}); "
-                            "re-download both files.") from None
-        return BPETokenizer(vocab, merges, GPT2_PATTERN, bos_id, eos_id, name=files)
-    raise UserError(f"{ckpt_dir!r} has no tokenizer: expected tokenizer.model (SentencePiece), tokenizer.json "
-                    "(BPE) or vocab.json + merges.txt; copy the tokenizer files from the original model.")
-
-
-def find_split_pattern(pre):
-    """The regex of a tokenizer.json `Split` pre-tokenizer (LLaMA-3 uses its own), if any."""
-    if not isinstance(pre, dict):
-        return None
-    if pre.get("type") == "Split":
-        return pre.get("pattern", {}).get("Regex")
-    for p in pre.get("pretokenizers", []):
-        found = find_split_pattern(p)
-        if found:
-            return found
-    return None
-
-
-def load(ckpt_dir, dtype=torch.float32):
-    """Model and tokenizer of a checkpoint folder."""
-    model = load_model(ckpt_dir, dtype)
-    tok = load_tokenizer(ckpt_dir, model.cfg.bos_token_id, model.cfg.eos_token_id)
-    return model, tok
 
 
 @torch.no_grad()

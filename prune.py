@@ -12,7 +12,6 @@ import time
 
 import torch
 
-from model import UserError
 
 # -----------------------------------------------------------------------------
 # scores and masks (mask: True = weight kept)
@@ -58,8 +57,8 @@ def nm_mask(score, n, m):
     """N:M mask: in every run of m consecutive input columns of a row keep the n highest scores."""
     out_f, in_f = score.shape
     if in_f % m:
-        raise UserError(f"N:M sparsity {n}:{m} needs every layer's in_features divisible by {m}, but one has "
-                        f"{in_f}; choose an M that divides it, e.g. 2:4 or 4:8.")
+        raise ValueError(f"N:M sparsity {n}:{m} needs every layer's in_features divisible by {m}, but one has "
+                         f"{in_f}; choose an M that divides it, e.g. 2:4 or 4:8.")
     groups = score.view(out_f, in_f // m, m)
     pruned = torch.argsort(groups, dim=-1, stable=True)[..., : m - n]  # (out, in/m, m-n) lowest scores
     mask = torch.ones_like(groups, dtype=torch.bool)
@@ -88,7 +87,7 @@ def wanda_mask(W, act_norm, sparsity):
 # SparseGPT (Frantar & Alistarh 2023, Algorithm 1)
 
 
-def damped_hinv_chol(H, percdamp, warn=print):
+def damped_hinv_chol(H, percdamp):
     """Upper Cholesky factor of (H + damp*I)^-1; retry with 10x dampening if H is not positive definite."""
     damp = percdamp * torch.mean(torch.diag(H))
     eye = torch.eye(H.shape[0], device=H.device, dtype=H.dtype)
@@ -100,12 +99,13 @@ def damped_hinv_chol(H, percdamp, warn=print):
             if info == 0:
                 return U
         if attempt == 0:
-            warn(f"SparseGPT: H is not positive definite at dampening {percdamp}; retrying with 10x more")
+            print(f"SparseGPT: H is not positive definite at dampening {percdamp}; retrying with 10x more",
+                  file=sys.stderr)
         damp = damp * 10
     raise RuntimeError("SparseGPT: Cholesky failed even with 1e5x the dampening; the Hessian is degenerate")
 
 
-def sparsegpt_prune(W, H, sparsity, blocksize=128, percdamp=0.01, warn=print):
+def sparsegpt_prune(W, H, sparsity, blocksize=128, percdamp=0.01):
     """Prune W (out, in) given H = 2/n X X^T (in, in); returns the pruned, error-compensated weight.
 
     Unlike the reference code, which prunes `int(count * s) + 1` weights per block through `<=` on a
@@ -117,7 +117,7 @@ def sparsegpt_prune(W, H, sparsity, blocksize=128, percdamp=0.01, warn=print):
     dead = torch.diag(H) == 0  # inputs that were always zero carry no information: prune them freely
     H[dead, dead] = 1
     W[:, dead] = 0
-    Hinv = damped_hinv_chol(H, percdamp, warn)  # (in, in), upper triangular
+    Hinv = damped_hinv_chol(H, percdamp)  # (in, in), upper triangular
     nm = sparsity if isinstance(sparsity, tuple) else None
 
     for i1 in range(0, in_f, blocksize):
@@ -224,7 +224,7 @@ def embed_calibration(model, calib, device, batch_size, n_streams, reserve_bytes
     The caller keeps `n_streams` tensors of this size alive at once (inputs, targets, ...); they go where
     stream_device() says, which is CPU memory when they would not fit on the device beside one block.
     """
-    home = model.embed_tokens.weight.device
+    home = device_of(model)
     first = model.embed(calib[:1].to(home))  # (1, T, C)
     shape = (len(calib), *first.shape[1:])
     stream_bytes = n_streams * math.prod(shape) * first.element_size()
@@ -237,6 +237,11 @@ def embed_calibration(model, calib, device, batch_size, n_streams, reserve_bytes
     for i in range(0, len(calib), batch_size):
         X[i:i + batch_size] = model.embed(calib[i:i + batch_size].to(home)).to(where)
     return X
+
+
+def device_of(module):
+    """Where a model or block's weights are (all of one module's weights are on one device)."""
+    return next(module.parameters()).device
 
 
 def param_bytes(module):
@@ -263,15 +268,15 @@ class Progress:
 
 
 @torch.no_grad()
-def prune_model(model, method, sparsity, calib=None, device="cpu", batch_size=8, blocksize=128, percdamp=0.01,
-                warn=print):
+def prune_model(model, method, sparsity, calib=None, device="cpu", batch_size=8):
     """Prune every Linear in every decoder block of `model` in place with `method`.
 
     The statistics of block i come from inputs that went through the already-pruned blocks 0..i-1
-    (as in Wanda and SparseGPT). Only the current block and one batch of its inputs visit `device`.
+    (as in Wanda and SparseGPT). One block at a time visits `device`, with the calibration streams where they
+    fit there (embed_calibration), else one batch of them at a time.
     """
     assert method in ("magnitude", "wanda", "sparsegpt"), method
-    home = model.embed_tokens.weight.device
+    home = device_of(model)
     # two streams (inputs and outputs of a block); the block, SparseGPT's Hessians and temporaries beside them
     X = None if method == "magnitude" else embed_calibration(model, calib, device, batch_size, n_streams=2,
                                                               reserve_bytes=4 * param_bytes(model.blocks[0]))
@@ -289,7 +294,7 @@ def prune_model(model, method, sparsity, calib=None, device="cpu", batch_size=8,
                 if method == "wanda":
                     W.mul_(wanda_mask(W, stats[name].act_norm, sparsity))
                 else:
-                    W.copy_(sparsegpt_prune(W, stats[name].H, sparsity, blocksize, percdamp, warn))
+                    W.copy_(sparsegpt_prune(W, stats[name].H, sparsity))
             del stats
             X = run_block(block, X, device, batch_size)  # next block's inputs, from this pruned block
         block.to(home)

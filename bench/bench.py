@@ -20,7 +20,7 @@ HERE = os.path.dirname(os.path.abspath(__file__))
 ROOT = os.path.dirname(HERE)
 sys.path.insert(0, ROOT)
 
-import builtin  # noqa: E402
+import default_model  # noqa: E402
 import data  # noqa: E402
 import epts  # noqa: E402
 import model as M  # noqa: E402
@@ -83,15 +83,15 @@ def build_fixture(kind):
     if kind == "llama":
         with open(os.path.join(tok_dir, "train.txt"), "w", encoding="utf-8") as f:
             f.write(text)
-        builtin.train_sentencepiece(os.path.join(tok_dir, "train.txt"), os.path.join(tok_dir, "tokenizer"),
+        default_model.train_sentencepiece(os.path.join(tok_dir, "train.txt"), os.path.join(tok_dir, "tokenizer"),
                                     cfg["vocab_size"])
     else:
         train_bpe(text, tok_dir, cfg["vocab_size"])
-    tok = M.load_tokenizer(tok_dir, cfg["bos_token_id"], cfg["eos_token_id"])
+    tok = data.load_tokenizer(tok_dir, cfg["bos_token_id"])
     ids = torch.tensor(tok.encode(text), dtype=torch.long)
     log(f"training the {kind} fixture on {len(ids):,} tokens ({TRAIN['steps']} steps)")
     t0 = time.time()
-    builtin.train_checkpoint(cfg, ids, folder, tokenizer_dir=tok_dir, log=lambda m: log(f"{kind}: {m}"), **TRAIN)
+    default_model.train_checkpoint(cfg, ids, folder, tokenizer_dir=tok_dir, log=lambda m: log(f"{kind}: {m}"), **TRAIN)
     log(f"{kind} fixture trained in {time.time() - t0:.0f}s")
     sensitivity_check(kind, folder)
     return folder
@@ -99,7 +99,7 @@ def build_fixture(kind):
 
 def sensitivity_check(kind, folder):
     """Print how much magnitude pruning hurts the fixture: a robust model would make every method look alike."""
-    model, tok = M.load(folder)
+    model, tok = epts.load(folder)
     ids = data.eval_tokens(eval_file(), tok, RUN["seqlen"])
     dense = perplexity(model, ids, RUN["seqlen"], 8)
     cells = []
@@ -126,13 +126,13 @@ def eval_file():
 
 def single_sparsity_runs(ckpt, calib, s_list, out_root):
     """The 'one session per sparsity' way: our EPTS code with one group pinned at the target sparsity."""
-    model, tok = M.load(ckpt)
+    model, tok = epts.load(ckpt)
     calib_ids = data.calibration(calib, tok, RUN["nsamples"], RUN["seqlen"], RUN["seed"])
     results = {}
     for s in s_list:
         t0 = time.time()
-        elastic = epts.run_epts(model, calib_ids, os.path.join(out_root, f"single-{s}"), edges=[s - 1e-6, s],
-                                epochs=RUN["epochs"], seed=RUN["seed"])
+        config = epts.EPTSConfig(edges=(s - 1e-6, s), epochs=RUN["epochs"], seed=RUN["seed"])
+        elastic = epts.run_epts(model, calib_ids, os.path.join(out_root, f"single-{s}"), config)
         results[s] = (elastic, time.time() - t0)
     return results
 
@@ -148,16 +148,17 @@ def matmul_gflops(n=1024, repeat=20):
 
 def reconstruction_gflops(ckpt, calib):
     """Achieved GFLOP/s of one block's EPTS training loop, counting the block's matmuls (fwd + 2x for bwd)."""
-    model, tok = M.load(ckpt)
+    model, tok = epts.load(ckpt)
     calib_ids = data.calibration(calib, tok, 8, RUN["seqlen"], 0)
     block = model.blocks[0]
     X = model.embed(calib_ids)
     stats = prune.new_stats(block, False, "cpu")
     Y = prune.run_block(block, X, "cpu", 8, stats)
-    G = len(epts.DEFAULT_EDGES) - 1
+    config = epts.EPTSConfig(epochs=1)
+    G = len(config.edges) - 1
     layers = epts.elastic_layers(block, {n: s.act_norm for n, s in stats.items()}, G, 8)
     t0 = time.time()
-    epts.train_block(block, layers, X, Y, epts.DEFAULT_EDGES, 1, 1e-3, 1, "cpu", torch.Generator().manual_seed(0))
+    epts.train_block(block, layers, X, Y, config, "cpu", torch.Generator().manual_seed(0))
     seconds = time.time() - t0
     T, C = RUN["seqlen"], model.cfg.hidden_size
     weights = sum(lin.in_features * lin.out_features for lin in block.linears().values())
@@ -172,12 +173,12 @@ def reconstruction_gflops(ckpt, calib):
 def run_fixture(kind, ckpt, calib, evals):
     out = os.path.join(CACHE, f"run-{kind}")
     shutil.rmtree(out, ignore_errors=True)  # timings are measured: never reuse an earlier run's elastic model
-    report = epts.main(ckpt=ckpt, sparsities=SPARSITIES + [(2, 4)],
-                       methods=["dense", "magnitude", "wanda", "sparsegpt", "epts"], calib=calib, evals=[evals],
-                       nsamples=RUN["nsamples"], seqlen=RUN["seqlen"], epochs=RUN["epochs"], seed=RUN["seed"],
-                       out=out, eval_batch_size=8)
+    request = epts.Request(ckpt=ckpt, sparsities=SPARSITIES + [(2, 4)],
+                           methods=["dense", "magnitude", "wanda", "sparsegpt", "epts"], calib=calib, evals=[evals],
+                           nsamples=RUN["nsamples"], seqlen=RUN["seqlen"], out=out, eval_batch_size=8)
+    report = epts.main(request, epts.EPTSConfig(epochs=RUN["epochs"], seed=RUN["seed"]))
     singles = single_sparsity_runs(ckpt, calib, SPARSITIES, out)
-    model, tok = M.load(ckpt)
+    model, tok = epts.load(ckpt)
     ids = data.eval_tokens(evals, tok, RUN["seqlen"])
     for s, (elastic, seconds) in singles.items():
         m = epts.deploy(M.load_model(ckpt), elastic, s)

@@ -75,11 +75,11 @@ def measure():
     model = M.build_model(cfg).eval().requires_grad_(False)
     calib = torch.randint(0, 256, (s["N"], s["T"]))
     with tempfile.TemporaryDirectory() as out:  # a run on 2 x 8 tokens pages in torch's code and thread pools
-        epts.run_epts(model, calib[:2, :8], out, epochs=1)
+        epts.run_epts(model, calib[:2, :8], out, epts.EPTSConfig(epochs=1))
     before = status_bytes("VmRSS")
     open("/proc/self/clear_refs", "w").write("5")  # restart the peak (VmHWM) from here
     with tempfile.TemporaryDirectory() as out:
-        elastic = epts.run_epts(model, calib, out, epochs=1)
+        elastic = epts.run_epts(model, calib, out, epts.EPTSConfig(epochs=1))
     kept = sum(t.numel() * t.element_size() for rec in elastic["blocks"] for k in ("act_norm", "A", "B")
                for t in rec[k].values())
     # what stays resident once run_epts has returned, beyond the elastic model it returns: no tensor holds it

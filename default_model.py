@@ -18,6 +18,7 @@ import time
 import torch
 import torch.nn.functional as F
 
+import data
 import model as M
 
 VERSION = "default-v1"
@@ -132,8 +133,7 @@ def build_default(out_dir):
             with open(os.path.join(work, name), "w", encoding="utf-8") as f:
                 f.write("\n\n".join(part))
         train_sentencepiece(os.path.join(work, "calib.txt"), os.path.join(work, "tokenizer"), CONFIG["vocab_size"])
-        tok = M.SentencePieceTokenizer(os.path.join(work, "tokenizer.model"), CONFIG["bos_token_id"],
-                                       CONFIG["eos_token_id"])
+        tok = data.SentencePieceTokenizer(os.path.join(work, "tokenizer.model"), CONFIG["bos_token_id"])
         ids = torch.tensor([i for d in train_docs for i in tok.encode(d)], dtype=torch.long)
         log(f"tokenizer trained, {len(ids):,} training tokens")
         train_checkpoint(CONFIG, ids, model_dir, tokenizer_dir=work, log=log, **TRAIN)

@@ -1,0 +1,63 @@
+"""Tests of the benchmarks' own code: the README's memory formula against autograd, and the results table.
+Run by `make test` beside test_epts.py."""
+
+import os
+import sys
+
+import pytest
+import torch
+
+import epts
+from conftest import tiny_llama
+
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+import bench  # noqa: E402
+import memory_check  # noqa: E402
+
+
+def test_memory_formula_counts_what_autograd_saves():
+    """The README formula's 'saved for backward' + 'activations' terms against the bytes autograd really keeps
+    for one group's forward through a LLaMA block (fp32, C = 256, F = 688, T = 128)."""
+    C, F, heads, kv_heads, T = 256, 688, 8, 2, 128
+    block = tiny_llama(hidden_size=C, intermediate_size=F, num_attention_heads=heads, num_key_value_heads=kv_heads,
+                       num_hidden_layers=1).blocks[0]
+    layers = epts.elastic_layers(block, {n: torch.rand(lin.in_features) + 0.1 for n, lin in block.linears().items()},
+                                 n_groups=7, rank=8)
+    storages = {}  # data_ptr -> bytes: a tensor saved twice (or two views of one) counts once
+
+    def pack(t):
+        storages[t.untyped_storage().data_ptr()] = t.untyped_storage().nbytes()
+        return t
+
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+        epts.block_forward(block, layers, torch.randn(1, T, C), g=6, s=0.7)
+    terms = memory_check.epts_block_bytes(C, F, heads, kv_heads, N=1, T=T, G=7, r=8, elt=4)["training"]
+    formula = terms["saved for backward: bool mask + merged weight"] + terms["activations of one batch"]
+    assert 0.8 * formula < sum(storages.values()) < 1.1 * formula
+
+
+def test_bench_table_json_and_readme_section(tmp_path):
+    """The benchmark turns results into a table with every method and sparsity, and rewrites only its section."""
+    rows = [{"method": "dense", "sparsity": 0.0, "ppl": 10.0, "seconds": 0}]
+    for m in ("magnitude", "wanda", "sparsegpt", "lora-single", "epts"):
+        rows += [{"method": m, "sparsity": s, "ppl": 11.0 + s, "seconds": 1.0} for s in bench.SPARSITIES]
+    rows += [{"method": "wanda", "sparsity": "2:4", "ppl": 13.5, "seconds": 1.0}]
+    rows += [{"method": "epts, adapter 0 off", "sparsity": 0.3, "ppl": 11.2, "seconds": 0.0}]
+    timing = {"epts_one_run_s": 7.0, "wanda_sum_s": 5.0, "sparsegpt_sum_s": 5.0, "lora_single_sum_s": 5.0,
+              "epts_over_lora_single": 1.4, "epts_over_wanda": 1.4, "epts_over_sparsegpt": 1.4}
+    results = {"date": "2026-11-22", "command": "make bench", "machine": {"cpu": "x", "threads": 2, "torch": "t"},
+               "models": {"llama": {"results": rows, "timing": timing}},
+               "gflops": {"reconstruction": 1.0, "matmul": 2.0}}
+    table = bench.table(results)
+    assert "| llama | epts | 11.30 | 11.40 | 11.50 | 11.60 | 11.70 | — |" in table
+    assert "| llama | wanda | 11.30 | 11.40 | 11.50 | 11.60 | 11.70 | 13.50 |" in table
+    assert "| llama | epts, adapter 0 off | 11.20 | — | — | — | — | — |" in table
+    readme = tmp_path / "README.md"
+    readme.write_text(f"before\n{bench.README_START}\nold\n{bench.README_END}\nafter\n")
+    bench.write_readme(results, str(readme))
+    text = readme.read_text()
+    assert text.startswith("before\n") and text.endswith("after\n") and "old" not in text
+    assert "| llama | 7.0 | 5.0 | 5.0 | 5.0 | 1.40 |" in text
+    pytest.importorskip("matplotlib")
+    bench.plot(results, str(tmp_path / "p.png"))
+    assert (tmp_path / "p.png").read_bytes()[:4] == b"\x89PNG"

@@ -1,0 +1,222 @@
+"""Builders of the tests' fixtures, shared by test_epts.py and bench/test_bench.py: tiny transformers models
+of every family, tokenizers trained by `tokenizers`, small trained checkpoints, real-shaped random ones."""
+
+import dataclasses
+import json
+import os
+import shutil
+import subprocess
+import sys
+
+import pytest
+import torch
+
+import data
+import epts
+import model as M
+
+HERE = os.path.dirname(os.path.abspath(__file__))
+SHARED = os.path.join(HERE, "..", "shared", "data")
+
+LLAMA2_TOKENIZER = os.path.join(SHARED, "llama2-tokenizer", "tokenizer.model")
+TEXT = ("Hello world!  The 3 quick brown foxes — naïve café, 東京 🚀 —\n\tjumped over 1234567 lazy dogs...\n\n"
+        "   Indented line with    runs of spaces; it's what we'd've done. ")
+
+
+try:  # the reference the hand-written models must match; only the tests that use it skip without it
+    import transformers
+except ImportError:
+    transformers = None
+
+needs_transformers = pytest.mark.skipif(transformers is None, reason="transformers is not installed (make setup)")
+
+
+# tiny configurations of every family the loader covers: (transformers class prefix, its config overrides)
+TINY_LLAMA_FAMILY = {
+    "llama_mha": ("Llama", {}),
+    "llama_gqa": ("Llama", dict(num_key_value_heads=2, tie_word_embeddings=True,  # LLaMA-3.2 style
+                                rope_scaling={"rope_type": "llama3", "factor": 8.0, "low_freq_factor": 1.0,
+                                              "high_freq_factor": 4.0, "original_max_position_embeddings": 16})),
+    "llama_linear": ("Llama", dict(rope_scaling={"rope_type": "linear", "factor": 4.0}, rope_theta=500.0)),
+    "smollm": ("Llama", dict(num_key_value_heads=1, head_dim=32, hidden_size=96, num_attention_heads=3,
+                             tie_word_embeddings=True, rope_theta=100000.0)),
+    "mistral": ("Mistral", dict(num_key_value_heads=2, head_dim=24, sliding_window=None)),
+    "qwen2": ("Qwen2", dict(num_key_value_heads=2, rope_theta=1e6, tie_word_embeddings=False)),
+    "qwen3": ("Qwen3", dict(num_key_value_heads=2, head_dim=32, rope_theta=1e6, tie_word_embeddings=True)),
+}
+
+
+def hf_tiny(kind, **over):
+    """A tiny random transformers model of one of the architectures the loader must cover."""
+    torch.manual_seed(0)
+    if kind in TINY_LLAMA_FAMILY:
+        family, extra = TINY_LLAMA_FAMILY[kind]
+        cfg = dict(vocab_size=101, hidden_size=64, intermediate_size=96, num_hidden_layers=2, num_attention_heads=4)
+        cfg.update(extra)
+        cfg.update(over)
+        config = getattr(transformers, f"{family}Config")(**cfg)
+        ref = getattr(transformers, f"{family}ForCausalLM")(config)
+    else:
+        cfg = dict(vocab_size=101, hidden_size=64, ffn_dim=96, num_hidden_layers=2, num_attention_heads=4)
+        if kind == "opt_post":
+            cfg.update(do_layer_norm_before=False, word_embed_proj_dim=32)
+        cfg.update(over)
+        ref = transformers.OPTForCausalLM(transformers.OPTConfig(**cfg))
+    with torch.no_grad():  # move off the init values so biases and norms matter
+        for p in ref.parameters():
+            p.add_(torch.randn_like(p) * 0.05)
+    return ref.eval()
+
+
+def save_bin(ref, path):
+    """Write a checkpoint as older releases ship it: config.json + pytorch_model.bin."""
+    ref.config.save_pretrained(path)
+    torch.save(ref.state_dict(), os.path.join(path, "pytorch_model.bin"))
+
+
+def train_bpe(tmp_path, vocab_size=400):
+    """A GPT-2-style byte-level BPE trained by `tokenizers`, saved as vocab.json/merges.txt and tokenizer.json."""
+    tok = train_family_bpe(tmp_path, vocab_size=vocab_size)
+    tok.save(str(tmp_path / "tokenizer.json"))
+    return tok
+
+
+# the pre-tokenizer regexes of real tokenizer.json files (LLaMA-3 splits digits in threes, Qwen2 one by one)
+LLAMA3_PATTERN = (r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}{1,3}| ?[^\s\p{L}\p{N}]+[\r\n]*"
+                  r"|\s*[\r\n]+|\s+(?!\S)|\s+")
+QWEN2_PATTERN = LLAMA3_PATTERN.replace(r"\p{N}{1,3}", r"\p{N}")
+
+
+def train_family_bpe(out_dir, pattern=None, vocab_size=400, texts=None, special=("<s>", "<pad>", "</s>", "<unk>"),
+                     all_bytes=True):
+    """A byte-level BPE trained by `tokenizers`. With `pattern`: a LLaMA-3/Qwen-style tokenizer.json (Split on
+    the regex, then ByteLevel without its own regex); without: GPT-2/OPT-style vocab.json + merges.txt.
+    all_bytes=False: only the bytes of the training text get a token, as in many real vocabularies."""
+    tokenizers = pytest.importorskip("tokenizers")
+    pre = tokenizers.pre_tokenizers
+    tok = tokenizers.Tokenizer(tokenizers.models.BPE())
+    if pattern is None:
+        tok.pre_tokenizer = pre.ByteLevel(add_prefix_space=False)
+    else:
+        tok.pre_tokenizer = pre.Sequence([pre.Split(tokenizers.Regex(pattern), behavior="isolated"),
+                                          pre.ByteLevel(add_prefix_space=False, use_regex=False)])
+    tok.decoder = tokenizers.decoders.ByteLevel()
+    trainer = tokenizers.trainers.BpeTrainer(vocab_size=vocab_size, special_tokens=list(special),
+                                             initial_alphabet=pre.ByteLevel.alphabet() if all_bytes else [])
+    if texts is None:
+        import pydoc_data.topics
+        texts = list(pydoc_data.topics.topics.values())[:200] + [TEXT]
+    tok.train_from_iterator(texts, trainer)
+    os.makedirs(out_dir, exist_ok=True)
+    if pattern is None:
+        tok.model.save(str(out_dir))
+    else:
+        tok.save(os.path.join(str(out_dir), "tokenizer.json"))
+    return tok
+
+
+def tiny_llama(seed=0, **over):
+    torch.manual_seed(seed)
+    cfg = dict(model_type="llama", vocab_size=64, hidden_size=32, intermediate_size=48, num_hidden_layers=2,
+               num_attention_heads=4, num_key_value_heads=2)
+    cfg.update(over)
+    return M.build_model(M.config_from_dict(cfg)).eval().requires_grad_(False)
+
+
+def calib_ids(n=4, T=16, vocab=64, seed=0):
+    return torch.randint(0, vocab, (n, T), generator=torch.Generator().manual_seed(seed))
+
+
+# small trained checkpoints: pruning hurts them visibly, so the methods' order shows
+SMALL = {
+    "llama": dict(model_type="llama", vocab_size=512, hidden_size=64, intermediate_size=168, num_hidden_layers=4,
+                  num_attention_heads=2, num_key_value_heads=1, max_position_embeddings=128, rms_norm_eps=1e-5,
+                  bos_token_id=1, eos_token_id=2),
+    "opt": dict(model_type="opt", vocab_size=512, hidden_size=64, ffn_dim=256, num_hidden_layers=4,
+                num_attention_heads=2, max_position_embeddings=128, word_embed_proj_dim=64,
+                do_layer_norm_before=True, bos_token_id=1, eos_token_id=2),
+}
+
+
+@pytest.fixture(scope="session")
+def small(tmp_path_factory):
+    """A small trained LLaMA and OPT (Python's documentation, a 512-piece SentencePiece vocabulary).
+
+    The capacity sits in the blocks and each block parameter sees ~8 training tokens, so pruning hurts visibly
+    (50 % magnitude: ~+30 % perplexity) while the fixture trains in about half a minute per model.
+    """
+    import default_model
+    root = tmp_path_factory.mktemp("small")
+    docs = default_model.corpus()
+    train, test = docs[: -len(docs) // 10], docs[-len(docs) // 10:]
+    (root / "train.txt").write_text("\n\n".join(train))
+    (root / "test.txt").write_text("\n\n".join(test)[:200_000])
+    default_model.train_sentencepiece(str(root / "train.txt"), str(root / "tokenizer"), 512)
+    tok = data.SentencePieceTokenizer(str(root / "tokenizer.model"), 1)
+    ids = torch.tensor(tok.encode("\n\n".join(train)), dtype=torch.long)
+    for kind, cfg in SMALL.items():
+        default_model.train_checkpoint(cfg, ids, str(root / kind), tokenizer_dir=str(root), steps=800, batch_size=16,
+                                 seqlen=128, lr=1e-2, seed=0)
+    return root
+
+
+def cli(*args, timeout=120):
+    # THP_MEM_ALLOC_ENABLE: PyTorch backs large CPU tensors with huge pages, which spares the page faults that
+    # dominate multi-GB temporaries on the CPU (README, "Scale"); results are identical
+    return subprocess.run([sys.executable, os.path.join(HERE, "epts.py"), *args], capture_output=True, text=True,
+                          timeout=timeout, cwd=HERE, env=dict(os.environ, THP_MEM_ALLOC_ENABLE="1"))
+
+
+# configs/NAME.json (the published config.json values) -> the kind of tokenizer its family ships
+REAL_TOKENIZERS = {"llama-2-7b": "sentencepiece", "llama-3.1-8b": LLAMA3_PATTERN, "llama-3.2-1b": LLAMA3_PATTERN,
+                   "mistral-7b": "sentencepiece", "qwen2.5-7b": QWEN2_PATTERN, "qwen3-8b": QWEN2_PATTERN,
+                   "opt-1.3b": "gpt2"}
+
+
+@pytest.fixture(scope="session")
+def real_text(tmp_path_factory):
+    """Calibration and evaluation text (Python's reference topics) and a SentencePiece model trained on it."""
+    import default_model
+    import pydoc_data.topics
+    root = tmp_path_factory.mktemp("real")
+    text = "\n\n".join(pydoc_data.topics.topics.values())
+    (root / "corpus.txt").write_text(text)
+    (root / "calib.txt").write_text(text[:20_000])
+    (root / "eval.txt").write_text(text[-600:])  # a few windows of 32: the head of a 150k vocabulary is costly
+    (root / "sp").mkdir()
+    default_model.train_sentencepiece(str(root / "corpus.txt"), str(root / "sp" / "tokenizer"), 512)
+    return root
+
+
+def write_real_shape(real_text, name, out_dir, n_blocks=1):
+    """configs/NAME.json with `n_blocks` random bf16 blocks, and a tokenizer of the family's kind."""
+    with open(os.path.join(HERE, "configs", f"{name}.json")) as f:
+        raw = json.load(f)
+    M.save_random(raw, out_dir, n_blocks)
+    kind = REAL_TOKENIZERS[name]
+    if kind == "sentencepiece":
+        shutil.copy(real_text / "sp" / "tokenizer.model", out_dir)
+    else:
+        train_family_bpe(out_dir, None if kind == "gpt2" else kind, texts=[(real_text / "corpus.txt").read_text()])
+    return raw
+
+
+@pytest.fixture
+def tiny(tmp_path):
+    """main()'s arguments for a tiny random LLaMA with a BPE tokenizer, calibration and evaluation text."""
+    import pydoc_data.topics
+    ckpt = tmp_path / "ckpt"
+    hf_tiny("llama_mha", vocab_size=512).save_pretrained(ckpt)
+    train_bpe(ckpt)
+    text = "\n\n".join(list(pydoc_data.topics.topics.values())[:40])
+    (tmp_path / "calib.txt").write_text(text[:20_000])
+    (tmp_path / "eval.txt").write_text(text[-3_000:])
+    return dict(ckpt=str(ckpt), calib=str(tmp_path / "calib.txt"), evals=[str(tmp_path / "eval.txt")], seqlen=16,
+                nsamples=2, epochs=1, out=str(tmp_path / "run"))
+
+
+def main(**kw):
+    """epts.main with one flat set of arguments, split into its Request and its EPTSConfig."""
+    config = {f.name for f in dataclasses.fields(epts.EPTSConfig)}
+    return epts.main(epts.Request(**{k: v for k, v in kw.items() if k not in config}),
+                     epts.EPTSConfig(**{k: v for k, v in kw.items() if k in config}))
