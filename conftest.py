@@ -167,6 +167,13 @@ def cli(*args, timeout=120):
                           timeout=timeout, cwd=HERE, env=dict(os.environ, THP_MEM_ALLOC_ENABLE="1"))
 
 
+def torchrun(nproc, *args, timeout=300):
+    """epts.py under torchrun: `nproc` processes on this machine (gloo on the CPU)."""
+    return subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc-per-node={nproc}",
+                           os.path.join(HERE, "epts.py"), *args], capture_output=True, text=True, timeout=timeout,
+                          cwd=HERE)
+
+
 # configs/NAME.json (the published config.json values) -> the kind of tokenizer its family ships
 REAL_TOKENIZERS = {"llama-2-7b": "sentencepiece", "llama-3.1-8b": LLAMA3_PATTERN, "llama-3.2-1b": LLAMA3_PATTERN,
                    "mistral-7b": "sentencepiece", "qwen2.5-7b": QWEN2_PATTERN, "qwen3-8b": QWEN2_PATTERN,

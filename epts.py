@@ -168,6 +168,114 @@ def deployed_forward(block, layers, use_adapter0):
 
 
 # -----------------------------------------------------------------------------
+# processes: one, or K under torchrun, sharing one optimisation group by group
+
+
+class Ranks:
+    """The processes that compute one EPTS optimisation together. The G groups of a training step are
+    independent passes over the same input, so group g goes to rank g % K; group 0's output is broadcast (the
+    others' second target) and the adapter gradients are summed before the step, so every process takes the
+    step a single process would. Passes without gradients (the dense target, the low-group check, the mixer)
+    split the windows, whole batches per rank, and exchange the results.
+
+    SOLO (one process, no torchrun) makes every exchange a no-op and never touches torch.distributed.
+    """
+
+    def __init__(self, rank=0, size=1, device="cpu"):
+        self.rank, self.size = rank, size
+        self.comm = torch.device(device)  # NCCL exchanges CUDA tensors, gloo CPU ones
+
+    @classmethod
+    def from_env(cls, device):
+        """The torchrun processes (WORLD_SIZE, RANK, LOCAL_RANK in the environment), else SOLO. On CUDA each
+        process takes the GPU of its LOCAL_RANK."""
+        if int(os.environ.get("WORLD_SIZE", "1")) == 1:
+            return SOLO
+        import torch.distributed as dist
+        if str(device).startswith("cuda"):
+            device = f"cuda:{int(os.environ.get('LOCAL_RANK', '0'))}"
+            torch.cuda.set_device(device)
+        if not dist.is_initialized():
+            dist.init_process_group("nccl" if device.startswith("cuda") else "gloo")
+        return cls(dist.get_rank(), dist.get_world_size(), device)
+
+    def owns(self, g):
+        return g % self.size == self.rank
+
+    def windows(self, n, batch_size, rank=None):
+        """The windows [lo, hi) of n that a rank passes through a block: a contiguous run of whole batches, so
+        every batch is the one a single process would form."""
+        rank = self.rank if rank is None else rank
+        n_batches = math.ceil(n / batch_size)
+        return tuple(min(n, n_batches * r // self.size * batch_size) for r in (rank, rank + 1))
+
+    def broadcast(self, t, src):
+        """t from rank `src` to every rank, in place, wherever t lives."""
+        if self.size > 1 and t.numel():
+            import torch.distributed as dist
+            buf = t.to(self.comm)
+            dist.broadcast(buf, src)
+            t.copy_(buf)
+        return t
+
+    def sum(self, t):
+        """The sum of t over the ranks, in place, wherever t lives."""
+        if self.size > 1:
+            import torch.distributed as dist
+            buf = t.to(self.comm)
+            dist.all_reduce(buf)
+            t.copy_(buf)
+        return t
+
+    def share(self, obj):
+        """Rank 0's (picklable) object, on every rank."""
+        if self.size == 1:
+            return obj
+        import torch.distributed as dist
+        box = [obj]
+        dist.broadcast_object_list(box, src=0, device=self.comm)
+        return box[0]
+
+    def share_windows(self, X, batch_size):
+        """Each rank's windows of X (N, T, C), as it computed them, to every rank."""
+        for r in range(self.size):
+            lo, hi = self.windows(X.shape[0], batch_size, r)
+            self.broadcast(X[lo:hi], r)
+        return X
+
+    def run_block(self, block, X, device, batch_size, stats=None):
+        """prune.run_block over this rank's windows, the outputs exchanged and the input statistics summed."""
+        lo, hi = self.windows(X.shape[0], batch_size)
+        Y = torch.empty_like(X)
+        Y[lo:hi] = prune.run_block(block, X[lo:hi], device, batch_size, stats)
+        for s in (stats or {}).values():
+            self.sum(s.sq)
+        return self.share_windows(Y, batch_size)
+
+    def sum_gradients(self, params, loss):
+        """One all-reduce per step: every adapter gradient flattened into one buffer (G r (in + out) floats per
+        layer), the step's loss at its end. Returns the summed loss."""
+        if self.size == 1:
+            return loss.item()
+        grads = [p.grad if p.grad is not None else torch.zeros_like(p) for p in params]
+        flat = self.sum(torch.cat([g.reshape(-1) for g in grads] + [loss.reshape(1).to(grads[0].device)]))
+        for p, g in zip(params, flat[:-1].split([p.numel() for p in params])):
+            p.grad = g.view_as(p)
+        return flat[-1].item()
+
+    def check_same(self, params):
+        """The adapters are bit-identical on every rank (the same summed gradients, the same Adam): checked
+        once per block, as cheap insurance against a silent divergence."""
+        if self.size > 1:
+            flat = torch.cat([p.detach().reshape(-1) for p in params])
+            if not torch.equal(self.broadcast(flat.clone(), 0), flat):
+                raise RuntimeError(f"rank {self.rank}: adapters differ from rank 0's after the same steps")
+
+
+SOLO = Ranks()
+
+
+# -----------------------------------------------------------------------------
 # phase 1: block-wise multi-sparsity reconstruction
 
 
@@ -179,11 +287,13 @@ def group_loss(out, y, out0=None):
     return 0.5 * F.mse_loss(out, y) + 0.5 * F.mse_loss(out, out0)
 
 
-def train_block(block, layers, X, Y, config, device, gen):
+def train_block(block, layers, X, Y, config, device, gen, ranks=SOLO):
     """Train the adapters of one block so that every group's output matches the dense output Y.
 
     Per step: every group g's loss (group_loss) at a sparsity drawn from its range, each group's gradient
     accumulated, one Adam step with a cosine-decayed learning rate. Returns the mean loss of each epoch.
+    With several processes each computes the groups it owns: group 0's output is broadcast, the gradients
+    are summed before the step, and every process takes the step one process would have taken.
     """
     edges, batch_size = config.edges, config.batch_size
     N, G = X.shape[0], len(edges) - 1
@@ -196,41 +306,47 @@ def train_block(block, layers, X, Y, config, device, gen):
     epoch_losses = []
     for epoch in range(config.epochs):
         order = torch.randperm(N, generator=gen)
-        total = torch.zeros(())
+        total = 0.0
         for b in range(per_epoch):
             step = epoch * per_epoch + b
             idx = order[b * batch_size:(b + 1) * batch_size]
             x, y = X[idx].to(device), Y[idx].to(device).float()  # (B, T, C)
+            out0, step_loss = torch.empty_like(y), torch.zeros((), device=device)
             for g in range(G):
-                out = block_forward(block, layers, x, g, draws[g][step]).float()
+                if ranks.owns(g):
+                    out = block_forward(block, layers, x, g, draws[g][step]).float()
+                    loss = group_loss(out, y, None if g == 0 else out0)
+                    loss.backward()  # gradients of all groups accumulate before the one step
+                    step_loss += loss.detach()
+                    out0 = out.detach() if g == 0 else out0
                 if g == 0:
-                    out0 = out.detach()
-                loss = group_loss(out, y, None if g == 0 else out0)
-                loss.backward()  # gradients of all groups accumulate before the one step
-                total += loss.detach().cpu()
+                    ranks.broadcast(out0, src=0)  # group 0's output: the other groups' second target
+            total += ranks.sum_gradients(params, step_loss)
             opt.step()
             opt.zero_grad(set_to_none=True)
             sched.step()
-        epoch_losses.append(total.item() / (per_epoch * G))
+        epoch_losses.append(total / (per_epoch * G))
+    ranks.check_same(params)
     return epoch_losses
 
 
 @torch.no_grad()
-def mean_error(forward, X, Y, device, batch_size):
-    """Mean squared error of forward(X) against Y, a batch of windows at a time."""
-    err = 0.0
-    for i in range(0, X.shape[0], batch_size):
+def mean_error(forward, X, Y, device, batch_size, ranks=SOLO):
+    """Mean squared error of forward(X) against Y, a batch of windows at a time (each process its share)."""
+    err = torch.zeros((), dtype=torch.float64)
+    lo, hi = ranks.windows(X.shape[0], batch_size)
+    for i in range(lo, hi, batch_size):
         out = forward(X[i:i + batch_size].to(device))
-        err += F.mse_loss(out.float(), Y[i:i + batch_size].to(device).float(), reduction="sum").item()
-    return err / Y.numel()
+        err += F.mse_loss(out.float(), Y[i:i + batch_size].to(device).float(), reduction="sum").cpu()
+    return ranks.sum(err).item() / Y.numel()
 
 
-def low_group_check(block, layers, X, Y, config, device):
+def low_group_check(block, layers, X, Y, config, device, ranks=SOLO):
     """True if adapter 0 lowers the block's error at the check sparsity (inside group 0's range); else group 0
     deploys without its adapter."""
     s = min(max(config.check_sparsity, config.edges[0]), config.edges[1])
     error = lambda adapters: mean_error(lambda x: block_forward(block, layers, x, 0, s, adapters),  # noqa: E731
-                                        X, Y, device, config.batch_size)
+                                        X, Y, device, config.batch_size, ranks)
     return error(adapters=True) < error(adapters=False)
 
 
@@ -259,15 +375,18 @@ class MSFM:
                 for lo, hi in zip(self.edges, self.edges[1:])]
 
     @torch.no_grad()
-    def mix(self, forward, X, device, batch_size, gen):
+    def mix(self, forward, X, device, batch_size, gen, ranks=SOLO):
         """The mixed outputs (N, T, C) of forward(x, g, s) (the block at sparsity s in group g) over the pruned
-        stream X, fresh draws for every batch."""
+        stream X, fresh draws for every batch (each process mixes its share of the batches)."""
         out = torch.empty_like(X)
+        lo, hi = ranks.windows(X.shape[0], batch_size)
         for i in range(0, X.shape[0], batch_size):
-            x = X[i:i + batch_size].to(device)
-            mixed = sum(w * forward(x, g, s).float() for g, (w, s) in enumerate(zip(self.weights, self.draw(gen))))
-            out[i:i + batch_size] = mixed.to(out.dtype).to(out.device)
-        return out
+            draws = self.draw(gen)  # every process draws for every batch: its generator stays in step
+            if lo <= i < hi:
+                x = X[i:i + batch_size].to(device)
+                mixed = sum(w * forward(x, g, s).float() for g, (w, s) in enumerate(zip(self.weights, draws)))
+                out[i:i + batch_size] = mixed.to(out.dtype).to(out.device)
+        return ranks.share_windows(out, batch_size)
 
 
 # -----------------------------------------------------------------------------
@@ -352,12 +471,18 @@ def restore_layers(block, rec, n_groups, rank):
 # the EPTS run: one optimisation for every sparsity
 
 
-def run_epts(model, calib_ids, out_dir, config=EPTSConfig(), device="cpu"):
+def run_epts(model, calib_ids, out_dir, config=EPTSConfig(), device="cpu", ranks=SOLO):
     """Train the elastic model block by block; saves each finished block in out_dir and resumes from them.
 
     A finished run in out_dir with the same settings is reused; one with other settings is refused, never
-    overwritten. Only one process at a time may work in out_dir.
+    overwritten. Only one run at a time may work in out_dir. With several processes (`ranks`), rank 0 alone
+    reads and writes out_dir and tells the others what it found.
     """
+    if ranks.rank > 0:
+        if ranks.share(None) == "finished":
+            return None
+        done = ranks.share(None)
+        return train_blocks(model, calib_ids, config, device, (None, done), ranks)
     settings = {**asdict(config), "edges": [float(e) for e in config.edges], "nsamples": calib_ids.shape[0],
                 "seqlen": calib_ids.shape[1], "fingerprint": fingerprint(model),
                 "calib_sha256": hashlib.sha256(calib_ids.numpy().tobytes()).hexdigest()[:16]}
@@ -372,9 +497,12 @@ def run_epts(model, calib_ids, out_dir, config=EPTSConfig(), device="cpu"):
                                 f"({', '.join(changed)}); it is not overwritten: pass another --out, or delete "
                                 f"{final} to train again there.")
             print(f"epts: {final} already holds a finished run with these settings; reusing it", file=sys.stderr)
+            ranks.share("finished")
             return elastic
+        ranks.share("train")
         try:
-            records = train_blocks(model, calib_ids, config, device, partial, resume_records(partial, settings))
+            records = train_blocks(model, calib_ids, config, device,
+                                   (partial, ranks.share(resume_records(partial, settings))), ranks)
         except KeyboardInterrupt:
             print(f"interrupted: the finished EPTS blocks are saved in {partial}; run the same command "
                   "again to resume from the first unfinished block", file=sys.stderr)
@@ -434,10 +562,11 @@ def resume_records(partial, settings):
     return records
 
 
-def train_blocks(model, calib_ids, config, device, partial, done):
-    """Phase 1 and 2 for every block in turn (the loop of EPTS); each finished block's record is saved in
-    `partial`, and the records `done` by an interrupted run are replayed instead of trained."""
-    G = len(config.edges) - 1
+def train_blocks(model, calib_ids, config, device, resume, ranks=SOLO):
+    """Phase 1 and 2 for every block in turn (the loop of EPTS). resume = (partial, done): each finished
+    block's record is saved in the folder `partial` (if not None), and the records `done` by an interrupted
+    run are replayed instead of trained."""
+    (partial, done), G = resume, len(config.edges) - 1
     home = prune.device_of(model)
     # four streams: dense inputs, their outputs (the target), pruned inputs, mixed outputs; beside them one
     # block's weights, ranks, saved tensors and activations, about 6x its weights (README, "Scale")
@@ -446,7 +575,7 @@ def train_blocks(model, calib_ids, config, device, partial, done):
     X_pruned = X_dense.clone()
     progress = prune.Progress(len(model.blocks), "epts", start=len(done))
     msfm = MSFM(config.edges)
-    if done:
+    if done and partial:
         print(f"epts: resuming {partial}: blocks 0..{len(done) - 1} are done, replaying their outputs",
               file=sys.stderr)
     records = []
@@ -460,23 +589,24 @@ def train_blocks(model, calib_ids, config, device, partial, done):
         if i < len(done):
             rec = done[i]
             layers = restore_layers(block, rec, G, config.rank)
-            Y = prune.run_block(block, X_dense, device, config.batch_size)
+            Y = ranks.run_block(block, X_dense, device, config.batch_size)
         else:
             stats = prune.new_stats(block, hessian=False, device=device)
-            Y = prune.run_block(block, X_dense, device, config.batch_size, stats)  # act norms of DENSE inputs
+            Y = ranks.run_block(block, X_dense, device, config.batch_size, stats)  # act norms of DENSE inputs
             act_norms = {n: s.act_norm for n, s in stats.items()}
             layers = elastic_layers(block, act_norms, G, config.rank, generator=gen)
-            losses = train_block(block, layers, X_pruned, Y, config, device, gen)
-            use0 = low_group_check(block, layers, X_pruned, Y, config, device)
+            losses = train_block(block, layers, X_pruned, Y, config, device, gen, ranks)
+            use0 = low_group_check(block, layers, X_pruned, Y, config, device, ranks)
             rec = block_record(layers, use0, act_norms, losses)
-            save(rec, os.path.join(partial, f"block_{i:03d}.pt"))
+            if partial:
+                save(rec, os.path.join(partial, f"block_{i:03d}.pt"))
         records.append(rec)
         X_pruned = msfm.mix(deployed_forward(block, layers, rec["use_adapter0"]), X_pruned, device,
-                            config.batch_size, mix_gen)
+                            config.batch_size, mix_gen, ranks)
         X_dense = Y
         del layers
         block.to(home)
-        if i >= len(done):
+        if i >= len(done) and ranks.rank == 0:
             progress.step(f", loss {rec['losses'][0]:.3g} -> {rec['losses'][-1]:.3g}, "
                           f"adapter 0 {'on' if rec['use_adapter0'] else 'off'}")
     return records
@@ -522,9 +652,9 @@ def default_dtype(cfg, device):
 
 
 def evaluate(model, eval_sets, seqlen, device, batch_size):
+    """Perplexity on each evaluation stream, the model on `device` meanwhile (it may live in CPU memory)."""
     home = prune.device_of(model)
-    model.to(device)
-    ppl = {name: perplexity(model, ids, seqlen, batch_size, device) for name, ids in eval_sets.items()}
+    ppl = {name: perplexity(model.to(device), ids, seqlen, batch_size, device) for name, ids in eval_sets.items()}
     model.to(home)
     return ppl
 
@@ -569,6 +699,9 @@ def main(request=Request(), config=EPTSConfig()):
     if r.device.startswith("cuda") and not torch.cuda.is_available():
         raise UserError("--device cuda was given but PyTorch sees no CUDA GPU; use --device cpu or install a "
                         "CUDA build of PyTorch.")
+    ranks = Ranks.from_env(r.device)  # under torchrun: this process's rank, and its GPU
+    if ranks.size > 1:
+        r = replace(r, device=str(ranks.comm))
     if r.ckpt is None:
         ckpt, defaults = default_model.ensure_default()
         r = replace(r, ckpt=ckpt, calib=r.calib or defaults["calib"], evals=r.evals or [defaults["eval"]],
@@ -603,7 +736,7 @@ def main(request=Request(), config=EPTSConfig()):
             raise UserError(f"--export {r.export!r} is the checkpoint folder itself; choose a new folder.")
         M.check_new_folder(r.export, "--export")
     if r.json:
-        check_writable_file(r.json, "--json")
+        check_writable(r.json, "--json")
     elastic, out_dir = None, None
     if "epts" in r.methods and r.elastic:
         elastic = load_elastic(r.elastic)
@@ -611,9 +744,14 @@ def main(request=Request(), config=EPTSConfig()):
             group_of(elastic["edges"], s)  # every requested sparsity inside the trained range, or a clear error
     if train_epts:
         config = replace(config, edges=tuple(extend_edges(config.edges, max(fractional))))
+        if ranks.size > len(config.edges) - 1:
+            raise UserError(f"{ranks.size} processes for {len(config.edges) - 1} groups: each process computes "
+                            "whole groups, so run at most as many processes as groups.")
         out_dir = r.out or os.path.join("runs", f"epts-{os.path.basename(os.path.normpath(r.ckpt))}")
-        check_writable_folder(out_dir, "--out")
+        check_writable(out_dir, "--out", folder=True)
 
+    if ranks.rank > 0 and not train_epts:
+        return None  # several processes share only the EPTS optimisation; rank 0 does the rest
     model, tok = load(r.ckpt, DTYPES[dtype])
     model.to("cpu" if r.offload else r.device)
     check_nm(model, r.sparsities)
@@ -640,6 +778,25 @@ def main(request=Request(), config=EPTSConfig()):
             M.save_model(pruned, r.export, tokenizer_dir=r.ckpt)
             print(f"exported {method} at {prune.format_sparsity(sparsity)} to {r.export}", file=sys.stderr)
 
+    def train():
+        t0 = time.time()
+        elastic = run_epts(model, calib_ids, out_dir, config, r.device, ranks)
+        train_seconds = time.time() - t0
+        if ranks.rank > 0:
+            return elastic
+        size = os.path.getsize(os.path.join(out_dir, "elastic.pt"))
+        model_bytes = prune.param_bytes(model)  # a tied head once
+        print(f"epts: one optimisation took {train_seconds:.1f}s; elastic model {out_dir}/elastic.pt is "
+              f"{size / 2**20:.2f} MiB ({100 * size / model_bytes:.1f}% of the model's "
+              f"{model_bytes / 2**20:.1f} MiB)", file=sys.stderr)
+        report["epts"] = {"out": out_dir, "train_seconds": round(train_seconds, 3), "elastic_bytes": size,
+                          "model_bytes": model_bytes, "edges": list(config.edges), "processes": ranks.size}
+        return elastic
+
+    if train_epts and ranks.size > 1:  # every process takes part in the optimisation, so it comes first
+        elastic = train()
+        if ranks.rank > 0:
+            return None  # rank 0 evaluates and writes the results
     widths = {"method": 10, "sparsity": 9, "eval": max(14, *map(len, eval_sets)) + 1, "ppl": 10, "seconds": 9}
     print_row({name: name for name in widths}, widths)
     if "dense" in r.methods:
@@ -650,17 +807,8 @@ def main(request=Request(), config=EPTSConfig()):
                 pruned, t0 = prunable_copy(model), time.time()
                 prune.prune_model(pruned, method, s, calib_ids, r.device)
                 record(method, s, pruned, time.time() - t0)
-    if train_epts:
-        t0 = time.time()
-        elastic = run_epts(model, calib_ids, out_dir, config, r.device)
-        train_seconds = time.time() - t0
-        size = os.path.getsize(os.path.join(out_dir, "elastic.pt"))
-        model_bytes = prune.param_bytes(model)  # a tied head once
-        print(f"epts: one optimisation took {train_seconds:.1f}s; elastic model {out_dir}/elastic.pt is "
-              f"{size / 2**20:.2f} MiB ({100 * size / model_bytes:.1f}% of the model's "
-              f"{model_bytes / 2**20:.1f} MiB)", file=sys.stderr)
-        report["epts"] = {"out": out_dir, "train_seconds": round(train_seconds, 3), "elastic_bytes": size,
-                          "model_bytes": model_bytes, "edges": list(config.edges)}
+    if train_epts and ranks.size == 1:
+        elastic = train()
     if "epts" in r.methods:
         for s in fractional:
             pruned, t0 = prunable_copy(model), time.time()
@@ -700,24 +848,17 @@ def check_nm(model, sparsities):
                                 f"{name} has {lin.in_features}; choose an M that divides it, e.g. 2:4 or 4:8.")
 
 
-def check_writable_file(path, flag):
-    """A file we will write later: its folder must exist and be writable now, before any time is spent."""
-    folder = os.path.dirname(os.path.abspath(path))
-    if os.path.isdir(path):
-        raise UserError(f"{flag} {path!r} is a folder; give a file name.")
-    if not os.path.isdir(folder) or not os.access(folder, os.W_OK):
-        raise UserError(f"{flag} {path!r} cannot be written: the folder {folder!r} is missing or not writable.")
-
-
-def check_writable_folder(path, flag):
-    """A folder we will create or write into later."""
-    if os.path.exists(path) and not os.path.isdir(path):
-        raise UserError(f"{flag} {path!r} is a file, not a folder; choose a folder name.")
-    existing = os.path.abspath(path)
-    while not os.path.exists(existing):
+def check_writable(path, flag, folder=False):
+    """A file (in an existing folder) or a folder (created with its parents) that we will write later: checked
+    now, before any time is spent."""
+    if os.path.exists(path) and os.path.isdir(path) != folder:
+        raise UserError(f"{flag} {path!r} is a {'file' if folder else 'folder'}; give a "
+                        f"{'folder' if folder else 'file'} name.")
+    existing = os.path.abspath(path) if folder else os.path.dirname(os.path.abspath(path))
+    while folder and not os.path.exists(existing):
         existing = os.path.dirname(existing)
-    if not os.access(existing, os.W_OK):
-        raise UserError(f"{flag} {path!r} cannot be written: {existing!r} is not writable.")
+    if not os.path.isdir(existing) or not os.access(existing, os.W_OK):
+        raise UserError(f"{flag} {path!r} cannot be written: the folder {existing!r} is missing or not writable.")
 
 
 def eval_names(paths):

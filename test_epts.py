@@ -16,8 +16,8 @@ import model as M
 import prune
 from eval import perplexity
 from conftest import (LLAMA2_TOKENIZER, LLAMA3_PATTERN, QWEN2_PATTERN, SMALL, TEXT, calib_ids, cli, hf_tiny,
-                      main, needs_transformers, save_bin, tiny_llama, train_bpe, train_family_bpe, transformers,
-                      write_real_shape)
+                      main, needs_transformers, save_bin, tiny_llama, torchrun, train_bpe, train_family_bpe,
+                      transformers, write_real_shape)
 from model import UserError
 
 
@@ -1209,3 +1209,48 @@ def test_default_model_first_use_builds_once_under_concurrency(tmp_path, monkeyp
     for t in threads:
         t.join()
     assert len(builds) == 1 and leftovers(os.path.dirname(builds[0])) == []
+
+
+# -----------------------------------------------------------------------------
+# group-parallel EPTS: torchrun processes share one optimisation
+
+
+def test_windows_are_whole_batches_shared_out_in_order():
+    """K ranks' window slices tile [0, N) in order, each a run of whole batches; one process takes them all."""
+    for n, batch, K in ((10, 3, 3), (4, 1, 3), (2, 1, 3), (7, 2, 2)):
+        slices = [epts.Ranks(r, K).windows(n, batch) for r in range(K)]
+        assert slices[0][0] == 0 and slices[-1][1] == n
+        assert all(a[1] == b[0] for a, b in zip(slices, slices[1:]))
+        assert all(lo % batch == 0 for lo, _ in slices)
+    assert epts.SOLO.windows(10, 3) == (0, 10)
+    assert [g for g in range(7) if epts.Ranks(1, 3).owns(g)] == [1, 4]
+
+
+@needs_transformers
+@pytest.mark.parametrize("nproc", [2, 3])
+def test_group_parallel_run_equals_one_process(tiny, tmp_path, nproc):
+    """torchrun with 2 and 3 CPU processes (gloo) trains the elastic model that one process trains: the same
+    settings and low-group decisions, adapters equal to float32 round-off (|diff| <= 1e-5 + 1e-4 |A|), and the
+    deployed perplexities equal to 4 significant digits. Only rank 0 writes."""
+    args = ["--ckpt", tiny["ckpt"], "--calib", tiny["calib"], "--eval", *tiny["evals"], "--seqlen", "16",
+            "--nsamples", "5", "--epochs", "2", "--batch-size", "2", "--methods", "epts", "--sparsities", "0.5,0.7"]
+    one = cli(*args, "--out", str(tmp_path / "one"), "--json", str(tmp_path / "one.json"))
+    assert one.returncode == 0, one.stderr[-3000:]
+    many = torchrun(nproc, *args, "--out", str(tmp_path / "many"), "--json", str(tmp_path / "many.json"))
+    assert many.returncode == 0, many.stderr[-3000:]
+    a, b = (torch.load(tmp_path / run / "elastic.pt", weights_only=True) for run in ("one", "many"))
+    assert {k: v for k, v in a.items() if k != "blocks"} == {k: v for k, v in b.items() if k != "blocks"}
+    for ra, rb in zip(a["blocks"], b["blocks"]):
+        assert ra["use_adapter0"] == rb["use_adapter0"]
+        assert ra["losses"] == pytest.approx(rb["losses"], rel=1e-5)
+        for key in ("A", "B", "act_norm"):
+            for name in ra[key]:
+                torch.testing.assert_close(rb[key][name], ra[key][name], atol=1e-5, rtol=1e-4)
+    ppl = [[row["ppl"] for row in json.loads((tmp_path / f"{run}.json").read_text())["results"]]
+           for run in ("one", "many")]
+    assert len(ppl[0]) == 2 and [f"{p:.4g}" for p in ppl[0]] == [f"{p:.4g}" for p in ppl[1]]
+    assert many.stdout.count("epts ") == 2  # one table, rank 0's
+    assert json.loads((tmp_path / "many.json").read_text())["epts"]["processes"] == nproc
+    too_many = torchrun(nproc, *args[:-4], "--methods", "epts", "--sparsities", "0.5", "--groups", "0,0.5",
+                        "--out", str(tmp_path / "x"))
+    assert too_many.returncode != 0 and "run at most as many processes as groups" in too_many.stderr
