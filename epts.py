@@ -31,11 +31,11 @@ import data
 import default_model
 import model as M
 import prune
-from eval import perplexity
+from eval import TASKS, TaskError, perplexity, read_task, zero_shot
 from model import UserError
 
 FORMAT = "epts-elastic-v2"  # v2: integer-indexed fingerprint, a checksum of every block's tensors
-USER_ERRORS = (UserError, data.DataError)  # bad input: the CLI prints the message, no traceback
+USER_ERRORS = (UserError, data.DataError, TaskError)  # bad input: the CLI prints the message, no traceback
 
 
 @dataclass(frozen=True)
@@ -618,12 +618,13 @@ def train_blocks(model, calib_ids, config, device, resume, ranks=SOLO):
 
 @torch.no_grad()
 def deploy(model, elastic, sparsity):
-    """Turn the dense `model` into the sparse model at `sparsity` (one float, or one per block), in place."""
+    """Turn the dense `model` into the sparse model at `sparsity` (a fraction, or a list: one per block), in
+    place."""
     if elastic["fingerprint"] != fingerprint(model):
         raise UserError("the elastic model was trained on a different checkpoint (fingerprints differ); deploy it "
                         "on the --ckpt it was trained with, or train a new one for this checkpoint.")
     n_blocks = len(model.blocks)
-    per_block = list(sparsity) if isinstance(sparsity, (list, tuple)) else [sparsity] * n_blocks
+    per_block = sparsity if isinstance(sparsity, list) else [sparsity] * n_blocks
     if len(per_block) != n_blocks or len(elastic["blocks"]) != n_blocks:
         raise UserError(f"deploy needs one sparsity per block ({n_blocks} blocks), got {len(per_block)}.")
     edges, G = elastic["edges"], len(elastic["edges"]) - 1
@@ -651,12 +652,13 @@ def default_dtype(cfg, device):
     return stored if stored in DTYPES else "float32"
 
 
-def evaluate(model, eval_sets, seqlen, device, batch_size):
-    """Perplexity on each evaluation stream, the model on `device` meanwhile (it may live in CPU memory)."""
+def evaluate(model, measures, device):
+    """{name: metrics} of every measure (a function of the model), the model on `device` meanwhile (it may
+    live in CPU memory)."""
     home = prune.device_of(model)
-    ppl = {name: perplexity(model.to(device), ids, seqlen, batch_size, device) for name, ids in eval_sets.items()}
+    metrics = {name: measure(model.to(device)) for name, measure in measures.items()}
     model.to(home)
-    return ppl
+    return metrics
 
 
 def load(ckpt, dtype=torch.float32):
@@ -686,6 +688,9 @@ class Request:
     elastic: str = None  # deploy an earlier EPTS run (its --out or elastic.pt) instead of training
     export: str = None  # write the one pruned model here as a Hugging Face-format folder
     json: str = None  # write the results here
+    allocation: str = "uniform"  # per-block sparsities: uniform, owl, or a JSON file's list
+    tasks: list = ()  # zero-shot tasks (eval.TASKS), each read from tasks_dir/TASK.jsonl
+    tasks_dir: str = None
     eval_batch_size: int = 4
 
 
@@ -713,9 +718,13 @@ def main(request=Request(), config=EPTSConfig()):
     print(f"model: {r.ckpt} ({cfg.raw.get('model_type')}, {cfg.num_hidden_layers} blocks), dtype {dtype}, "
           f"seqlen {seqlen}", file=sys.stderr)
     check_seqlen(cfg, seqlen)
-    if not r.evals:
+    if not r.evals and not r.tasks:
         raise UserError("no evaluation data: pass --eval FILE (e.g. WikiText-2 wiki.test.raw) to measure "
-                        "perplexity.")
+                        "perplexity, or --tasks with --tasks-dir for zero-shot accuracy.")
+    if r.tasks and not r.tasks_dir:
+        raise UserError("--tasks needs --tasks-dir DIR, the folder holding TASK.jsonl for every task (nothing is "
+                        "downloaded).")
+    task_docs = {task: read_task(r.tasks_dir, task) for task in r.tasks}
     fractional = [s for s in r.sparsities if not isinstance(s, tuple)]
     train_epts = "epts" in r.methods and not r.elastic
     if "epts" in r.methods and not fractional:
@@ -727,6 +736,12 @@ def main(request=Request(), config=EPTSConfig()):
     if needs_calib and not r.calib:
         raise UserError("no calibration data: pass --calib FILE (e.g. a C4 train shard .json.gz or WikiText-2 "
                         "wiki.train.raw).")
+    file_sparsities = read_allocation(r.allocation, cfg.num_hidden_layers)
+    if file_sparsities:  # the file's list is the one fractional deployment; its mean names the rows
+        fractional = [sum(file_sparsities) / len(file_sparsities)]
+        r = replace(r, sparsities=fractional + [s for s in r.sparsities if isinstance(s, tuple)])
+        print(f"note: --allocation {r.allocation}: one fractional row per method, at the file's per-block "
+              f"sparsities (mean {fractional[0]:.4g}); N:M rows stay uniform", file=sys.stderr)
     pruned_rows = [(m, s) for m in r.methods if m != "dense" for s in (fractional if m == "epts" else r.sparsities)]
     if r.export:
         if len(pruned_rows) != 1:
@@ -740,10 +755,10 @@ def main(request=Request(), config=EPTSConfig()):
     elastic, out_dir = None, None
     if "epts" in r.methods and r.elastic:
         elastic = load_elastic(r.elastic)
-        for s in fractional:
+        for s in file_sparsities or fractional:
             group_of(elastic["edges"], s)  # every requested sparsity inside the trained range, or a clear error
     if train_epts:
-        config = replace(config, edges=tuple(extend_edges(config.edges, max(fractional))))
+        config = replace(config, edges=tuple(extend_edges(config.edges, max(file_sparsities or fractional))))
         if ranks.size > len(config.edges) - 1:
             raise UserError(f"{ranks.size} processes for {len(config.edges) - 1} groups: each process computes "
                             "whole groups, so run at most as many processes as groups.")
@@ -756,22 +771,51 @@ def main(request=Request(), config=EPTSConfig()):
     model.to("cpu" if r.offload else r.device)
     check_nm(model, r.sparsities)
     eval_sets = {name: data.eval_tokens(p, tok, seqlen) for name, p in eval_names(r.evals).items()}
+    bs = r.eval_batch_size
+    measures = {name: lambda m, ids=ids: {"ppl": perplexity(m, ids, seqlen, bs, r.device)}
+                for name, ids in eval_sets.items()}
+    measures.update({task: lambda m, task=task, docs=docs: zero_shot(m, tok, task, docs, r.device, bs)
+                     for task, docs in task_docs.items()})
     calib_ids = data.calibration(r.calib, tok, nsamples, seqlen, config.seed) if needs_calib else None
     report = {"ckpt": r.ckpt, "seqlen": seqlen, "nsamples": nsamples, "seed": config.seed, "dtype": dtype,
-              "results": []}
+              "allocation": r.allocation, "results": []}
+    ratios = {}  # OWL's outlier ratio per block: from the calibration pass (baselines), the elastic file (EPTS)
 
-    def record(method, sparsity, pruned, seconds):
-        for name, ppl in evaluate(pruned, eval_sets, seqlen, r.device, r.eval_batch_size).items():
-            if not math.isfinite(ppl):
-                raise UserError(f"{method} at sparsity {prune.format_sparsity(sparsity)} gives perplexity {ppl} on "
-                                f"{name}: the model's outputs are not finite (a damaged checkpoint, or float16 "
-                                "overflow: try --dtype bfloat16 or float32).")
-            row = {"method": method, "sparsity": prune.format_sparsity(sparsity), "eval": name, "ppl": ppl,
+    def per_block(method, s):
+        """What `method` deploys for target s: s itself (uniform, N:M), the file's list, or OWL's."""
+        if isinstance(s, tuple) or r.allocation == "uniform":
+            return s
+        if file_sparsities:
+            return file_sparsities
+        source = "epts" if method == "epts" else "calibration"
+        if source not in ratios:
+            ratios[source] = prune.owl_ratios(model, calib_ids, r.device) if source == "calibration" else \
+                [prune.outlier_ratio(b, rec["act_norm"]) for b, rec in zip(model.blocks, elastic["blocks"])]
+        hi = elastic["edges"][-1] if method == "epts" else 0.99  # EPTS: inside the elastic model's range
+        sparsities, clipped = prune.owl_sparsities(ratios[source], s, hi=hi)
+        if clipped:
+            print(f"note: OWL at {s} for {method}: blocks clipped to <= {hi}, the others raised to keep the mean",
+                  file=sys.stderr)
+        return sparsities
+
+    def record(method, sparsity, pruned, seconds, deployed=None):
+        results = evaluate(pruned, measures, r.device)
+        if task_docs:  # the tasks' mean accuracy, as the papers' tables give it
+            results["zero-shot mean"] = {"acc": sum(results[t]["acc"] for t in task_docs) / len(task_docs)}
+        for name, metrics in results.items():
+            if not math.isfinite(metrics.get("ppl", 0)):
+                raise UserError(f"{method} at sparsity {prune.format_sparsity(sparsity)} gives perplexity "
+                                f"{metrics['ppl']} on {name}: the model's outputs are not finite (a damaged "
+                                "checkpoint, or float16 overflow: try --dtype bfloat16 or float32).")
+            row = {"method": method, "sparsity": prune.format_sparsity(sparsity), "eval": name, **metrics,
                    "seconds": round(seconds, 3)}
             if method != "dense":
                 row["achieved_sparsity"] = round(prune.sparsity_report(pruned)[1], 6)
+                if isinstance(deployed, list):
+                    row["block_sparsities"] = [round(x, 6) for x in deployed]
             report["results"].append(row)
-            print_row(dict(row, ppl=f"{ppl:.3f}", seconds=f"{seconds:.1f}"), widths)
+            value = f"{metrics['ppl']:.3f}" if "ppl" in metrics else f"acc {metrics['acc']:.4f}"
+            print_row(dict(row, ppl=value, seconds=f"{seconds:.1f}"), widths)
         if r.json:
             write_json(report, r.json)
         if r.export and method != "dense":
@@ -797,23 +841,23 @@ def main(request=Request(), config=EPTSConfig()):
         elastic = train()
         if ranks.rank > 0:
             return None  # rank 0 evaluates and writes the results
-    widths = {"method": 10, "sparsity": 9, "eval": max(14, *map(len, eval_sets)) + 1, "ppl": 10, "seconds": 9}
+    widths = {"method": 10, "sparsity": 9, "eval": max(14, *map(len, measures)) + 1, "ppl": 11, "seconds": 9}
     print_row({name: name for name in widths}, widths)
     if "dense" in r.methods:
         record("dense", 0.0, model, 0.0)
     for method in ("magnitude", "wanda", "sparsegpt"):
         if method in r.methods:
             for s in r.sparsities:
-                pruned, t0 = prunable_copy(model), time.time()
-                prune.prune_model(pruned, method, s, calib_ids, r.device)
-                record(method, s, pruned, time.time() - t0)
+                pruned, t0, deployed = prunable_copy(model), time.time(), per_block(method, s)
+                prune.prune_model(pruned, method, deployed, calib_ids, r.device)
+                record(method, s, pruned, time.time() - t0, deployed)
     if train_epts and ranks.size == 1:
         elastic = train()
     if "epts" in r.methods:
         for s in fractional:
-            pruned, t0 = prunable_copy(model), time.time()
-            deploy(pruned, elastic, s)
-            record("epts", s, pruned, time.time() - t0)
+            pruned, t0, deployed = prunable_copy(model), time.time(), per_block("epts", s)
+            deploy(pruned, elastic, deployed)
+            record("epts", s, pruned, time.time() - t0, deployed)
     if r.json:
         write_json(report, r.json)
     return report
@@ -837,6 +881,23 @@ def check_seqlen(cfg, seqlen):
         print(f"warning: --seqlen {seqlen} is longer than the model's max_position_embeddings "
               f"({cfg.max_position_embeddings}); RoPE extrapolates beyond what the model was trained on",
               file=sys.stderr)
+
+
+def read_allocation(allocation, n_blocks):
+    """None for 'uniform' and 'owl'; else the per-block sparsities of a JSON file (a list, one per block)."""
+    if allocation in ("uniform", "owl"):
+        return None
+    try:
+        with open(allocation) as f:
+            sparsities = json.load(f)
+        assert isinstance(sparsities, list) and all(isinstance(x, (int, float)) and 0 <= x < 1 for x in sparsities)
+    except (OSError, json.JSONDecodeError, UnicodeDecodeError, AssertionError):
+        raise UserError(f"--allocation {allocation!r} is not uniform, owl, or a readable JSON file holding a list "
+                        "of per-block sparsities in [0, 1), e.g. [0.45, 0.5, 0.55, ...].") from None
+    if len(sparsities) != n_blocks:
+        raise UserError(f"--allocation {allocation!r} lists {len(sparsities)} sparsities, but the model has "
+                        f"{n_blocks} blocks; give one per block.")
+    return [float(x) for x in sparsities]
 
 
 def check_nm(model, sparsities):
@@ -888,6 +949,8 @@ def parse_args(argv):
     p.add_argument("--methods", default="dense,epts", help=f"comma-separated, any of {','.join(METHODS)}")
     p.add_argument("--calib", help="calibration data: C4 .json(.gz) shard, WikiText-2 file/folder, or .txt")
     p.add_argument("--eval", nargs="+", default=[], help="evaluation file(s) for perplexity")
+    p.add_argument("--tasks", default="", help=f"zero-shot tasks, comma-separated: {','.join(sorted(TASKS))}")
+    p.add_argument("--tasks-dir", help="folder holding TASK.jsonl for each task (the datasets' field names)")
     p.add_argument("--nsamples", type=int, help="calibration windows (default 128; built-in model: less)")
     p.add_argument("--seqlen", type=int, help="tokens per window (default min(2048, the model's positions); "
                    "built-in model: less)")
@@ -899,6 +962,8 @@ def parse_args(argv):
     p.add_argument("--elastic", help="deploy an earlier EPTS run (its --out folder or elastic.pt), no training")
     p.add_argument("--export", help="write the one pruned model as a Hugging Face-format folder")
     p.add_argument("--json", help="write the results as JSON")
+    p.add_argument("--allocation", default="uniform", help="per-block sparsities: uniform, owl (from Wanda "
+                   "scores' outliers; EPTS: from the elastic file, no calibration), or a JSON file's list")
     p.add_argument("--groups", default=",".join(f"{e:g}" for e in defaults.edges), help="EPTS group edges")
     p.add_argument("--epochs", type=int, help=f"EPTS epochs per block (default {defaults.epochs}; built-in model: "
                    f"{default_model.DEFAULTS['epochs']})")
@@ -929,8 +994,12 @@ def parse_args(argv):
         config = EPTSConfig(edges, epochs, a.lr, a.rank, a.batch_size, a.seed)
     except UserError as e:
         p.error(str(e))
+    tasks = [t.strip() for t in a.tasks.split(",") if t.strip()]
+    if any(t not in TASKS for t in tasks):
+        p.error(f"--tasks: unknown task {', '.join(t for t in tasks if t not in TASKS)}; choose from "
+                f"{', '.join(sorted(TASKS))}")
     given = {k: v for k, v in vars(a).items() if k in Request.__dataclass_fields__}
-    return Request(**dict(given, sparsities=sparsities, methods=methods, evals=a.eval)), config
+    return Request(**dict(given, sparsities=sparsities, methods=methods, evals=a.eval, tasks=tasks)), config
 
 
 if __name__ == "__main__":

@@ -1,6 +1,10 @@
-"""Perplexity over non-overlapping windows, as Wanda and SparseGPT report it."""
+"""Perplexity over non-overlapping windows, as Wanda and SparseGPT report it, and zero-shot accuracy on
+local copies of lm-eval-harness's tasks, scored by its conventions."""
 
+import json
 import math
+import os
+import re
 
 import torch
 import torch.nn.functional as F
@@ -30,3 +34,133 @@ def perplexity(model, ids, seqlen, batch_size=4, device="cpu", logit_bytes=2**28
             nll += F.cross_entropy(logits, targets[j:j + chunk], reduction="sum").double().cpu()
         count += len(targets)
     return math.exp(nll.item() / count)
+
+
+# -----------------------------------------------------------------------------
+# zero-shot accuracy by lm-eval-harness's conventions: each choice scored by the summed log-probability of
+# its continuation given the context; acc picks the highest, acc_norm the highest per character
+
+
+class TaskError(ValueError):
+    """A task file that cannot be used: the message names the expected path and fields."""
+
+
+def hellaswag_clean(text):
+    """lm-eval's HellaSwag preprocessing: WikiHow's "[title]" markers become sentence breaks, other [..] go."""
+    text = text.strip().replace(" [title]", ". ")
+    return re.sub(r"\[.*?\]", "", text).replace("  ", " ")
+
+
+def choice_of(doc, key="answerKey"):
+    """The index of the answer key among an ARC/OpenBookQA item's choice labels."""
+    return doc["choices"]["label"].index(doc[key].strip())
+
+
+def label_of(doc, *keys):
+    """The gold label under the first of `keys` the item has (datasets name it differently), as an int."""
+    return int(next(doc[k] for k in keys if k in doc))
+
+
+# task -> (fields each JSON line needs, alternatives joined by "|"; doc -> ([(context, continuation)], gold);
+# whether lm-eval reports acc_norm). Continuations start with lm-eval's target delimiter, one space.
+TASKS = {
+    "boolq": (("passage", "question", "label|answer"),
+              lambda d: ([(f"{d['passage']}\nQuestion: {d['question']}?\nAnswer:", f" {c}") for c in ("no", "yes")],
+                         label_of(d, "label", "answer")), False),
+    "rte": (("sentence1|premise", "sentence2|hypothesis", "label"),
+            lambda d: ([(f"{d.get('sentence1', d.get('premise'))}\nQuestion: {d.get('sentence2', d.get('hypothesis'))}"
+                         " True or False?\nAnswer:", f" {c}") for c in ("True", "False")], label_of(d, "label")), False),
+    "hellaswag": (("activity_label", "ctx_a", "ctx_b", "endings", "label"),
+                  lambda d: ([(hellaswag_clean(f"{d['activity_label']}: {d['ctx_a']} {d['ctx_b'].capitalize()}"),
+                               f" {hellaswag_clean(e)}") for e in d["endings"]], label_of(d, "label")), True),
+    # WinoGrande's partial scoring: the sentence up to the blank, with each option, as the context; the rest of
+    # the sentence, the same for both, as the continuation
+    "winogrande": (("sentence", "option1", "option2", "answer"),
+                   lambda d: ([(d["sentence"][:d["sentence"].index("_")] + o,
+                                " " + d["sentence"][d["sentence"].index("_") + 1:].strip())
+                               for o in (d["option1"], d["option2"])], label_of(d, "answer") - 1), False),
+    "arc_easy": (("question", "choices", "answerKey"),
+                 lambda d: ([(f"Question: {d['question']}\nAnswer:", f" {c}") for c in d["choices"]["text"]],
+                            choice_of(d)), True),
+    "openbookqa": (("question_stem", "choices", "answerKey"),
+                   lambda d: ([(d["question_stem"], f" {c}") for c in d["choices"]["text"]], choice_of(d)), True),
+    "piqa": (("goal", "sol1", "sol2", "label"),
+             lambda d: ([(f"Question: {d['goal']}\nAnswer:", f" {c}") for c in (d["sol1"], d["sol2"])],
+                        label_of(d, "label")), True),
+}
+TASKS["arc_challenge"] = TASKS["arc_easy"]
+
+
+def read_task(tasks_dir, name):
+    """The items of `tasks_dir/name.jsonl` (one JSON object per line, the public dataset's field names)."""
+    if name not in TASKS:
+        raise TaskError(f"unknown task {name!r}; choose from {', '.join(TASKS)}")
+    fields = TASKS[name][0]
+    path = os.path.join(tasks_dir, f"{name}.jsonl")
+    hint = f"{path} must hold one JSON object per line with the fields {', '.join(fields)}"
+    try:
+        with open(path, encoding="utf-8") as f:
+            docs = [json.loads(line) for line in f if line.strip()]
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
+        raise TaskError(f"task {name}: {path} could not be read ({type(e).__name__}: {e}); {hint}.") from None
+    for n, doc in enumerate(docs, 1):
+        missing = [f for f in fields if not isinstance(doc, dict) or not any(k in doc for k in f.split("|"))]
+        if missing:
+            raise TaskError(f"task {name}: {path} line {n} lacks {', '.join(missing)}; {hint}.")
+    if not docs:
+        raise TaskError(f"task {name}: {path} holds no items; {hint}.")
+    return docs
+
+
+def encode_pair(tok, context, continuation):
+    """lm-eval's tokens for one request: (context ids, continuation ids). The context's trailing spaces move
+    to the continuation; the continuation's ids are those of context + continuation past the context's own
+    count. No BOS, as lm-eval (the tokenizer's BOS stands in for an empty context)."""
+    n_spaces = len(context) - len(context.rstrip())
+    if n_spaces:
+        context, continuation = context[:-n_spaces], context[-n_spaces:] + continuation
+    ctx = tok.encode(context, bos=False) or [tok.bos_id]
+    return ctx, tok.encode(context + continuation, bos=False)[len(ctx):]
+
+
+@torch.no_grad()
+def loglikelihoods(model, pairs, tok, device="cpu", batch_size=8, max_len=2048):
+    """log P(continuation | context) summed over the continuation's tokens, for every (context, continuation)
+    pair. Batches of similar length, right-padded (causal attention never looks right); a window longer than
+    max_len keeps its last max_len tokens."""
+    encoded = [encode_pair(tok, c, x) for c, x in pairs]
+    order = sorted(range(len(pairs)), key=lambda i: -sum(map(len, encoded[i])))
+    out = [0.0] * len(pairs)
+    for b in range(0, len(order), batch_size):
+        batch = order[b:b + batch_size]
+        rows = [(encoded[i][0] + encoded[i][1])[-(max_len + 1):] for i in batch]
+        starts = [max(1, len(row) - len(encoded[i][1])) for row, i in zip(rows, batch)]  # continuation's first
+        T = max(len(row) for row in rows) - 1
+        idx = torch.zeros(len(rows), T, dtype=torch.long)
+        for j, row in enumerate(rows):
+            idx[j, :len(row) - 1] = torch.tensor(row[:-1])
+        h = model.embed(idx.to(device))
+        for block in model.blocks:
+            h = block(h)
+        for j, (row, start) in enumerate(zip(rows, starts)):
+            logp = model.head(h[j, start - 1:len(row) - 1]).float().log_softmax(-1)  # (n_cont, V)
+            target = torch.tensor(row[start:], device=logp.device)
+            out[batch[j]] = logp.gather(1, target[:, None]).sum().item()
+    return out
+
+
+def zero_shot(model, tok, name, docs, device="cpu", batch_size=8):
+    """{'acc': ..., 'acc_norm': ... (where lm-eval reports it)} of `model` on the items of task `name`."""
+    _, to_pairs, has_norm = TASKS[name]
+    items = [to_pairs(d) for d in docs]
+    scores = iter(loglikelihoods(model, [p for pairs, _ in items for p in pairs], tok, device, batch_size))
+    acc = acc_norm = 0
+    for pairs, gold in items:
+        ll = [next(scores) for _ in pairs]
+        chars = [len(x.lstrip(" ")) for _, x in pairs]  # acc_norm: by the choice's length in characters
+        acc += max(range(len(ll)), key=ll.__getitem__) == gold
+        acc_norm += max(range(len(ll)), key=lambda k: ll[k] / chars[k]) == gold
+    result = {"acc": acc / len(items)}
+    if has_norm:
+        result["acc_norm"] = acc_norm / len(items)
+    return result

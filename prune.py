@@ -269,7 +269,8 @@ class Progress:
 
 @torch.no_grad()
 def prune_model(model, method, sparsity, calib=None, device="cpu", batch_size=8):
-    """Prune every Linear in every decoder block of `model` in place with `method`.
+    """Prune every Linear in every decoder block of `model` in place with `method`, at `sparsity` (a fraction,
+    an (n, m) N:M pattern, or a list: one fraction per block).
 
     The statistics of block i come from inputs that went through the already-pruned blocks 0..i-1
     (as in Wanda and SparseGPT). One block at a time visits `device`, with the calibration streams where they
@@ -281,7 +282,8 @@ def prune_model(model, method, sparsity, calib=None, device="cpu", batch_size=8)
     X = None if method == "magnitude" else embed_calibration(model, calib, device, batch_size, n_streams=2,
                                                               reserve_bytes=4 * param_bytes(model.blocks[0]))
     progress = Progress(len(model.blocks), method)
-    for block in model.blocks:
+    per_block = sparsity if isinstance(sparsity, list) else [sparsity] * len(model.blocks)
+    for block, sparsity in zip(model.blocks, per_block):
         block.to(device)
         if method == "magnitude":
             for lin in block.linears().values():
@@ -300,6 +302,57 @@ def prune_model(model, method, sparsity, calib=None, device="cpu", batch_size=8)
         block.to(home)
         progress.step()
     return model
+
+
+# -----------------------------------------------------------------------------
+# OWL (Yin et al. 2024): non-uniform sparsity per block from its share of outlier Wanda scores
+
+
+@torch.no_grad()
+def outlier_ratio(block, act_norms, M=5.0):
+    """OWL's D_l: the share of the block's Wanda scores |W_ij| ||X_j|| (all its layers together) that exceed M
+    times their mean. One layer's scores at a time: the block's mean first, then the count."""
+    layers = block.linears()
+    act_norms = {n: a.to(device_of(block)) for n, a in act_norms.items()}
+    numel = sum(lin.weight.numel() for lin in layers.values())
+    mean = sum(wanda_score(lin.weight, act_norms[n]).sum(dtype=torch.float64) for n, lin in layers.items()) / numel
+    above = sum((wanda_score(lin.weight, act_norms[n]) > M * mean).sum() for n, lin in layers.items())
+    return above.item() / numel
+
+
+@torch.no_grad()
+def owl_ratios(model, calib, device="cpu", batch_size=8, M=5.0):
+    """D_l of every block, from the dense model's activations on the calibration windows (block by block)."""
+    home = device_of(model)
+    X = embed_calibration(model, calib, device, batch_size, n_streams=2,
+                          reserve_bytes=2 * param_bytes(model.blocks[0]))
+    ratios = []
+    for block in model.blocks:
+        block.to(device)
+        stats = new_stats(block, hessian=False, device=device)
+        X = run_block(block, X, device, batch_size, stats)
+        ratios.append(outlier_ratio(block, {n: s.act_norm for n, s in stats.items()}, M))
+        block.to(home)
+    return ratios
+
+
+def owl_sparsities(ratios, S, lam=0.08, lo=0.0, hi=0.99):
+    """Per-block sparsities with mean exactly S: the outlier ratios D_l mapped linearly onto a spread of 2 lam
+    around S, blocks richer in outliers keeping more weights (down to about S - lam), then clipped to
+    [lo, hi] with the mean restored on the blocks not at a bound. Returns (sparsities, whether any clipped)."""
+    D = torch.tensor(ratios, dtype=torch.float64)
+    span = D.max() - D.min()
+    r = (D - D.min()) / span * 2 * lam if span > 0 else torch.zeros_like(D)
+    s = S - (r - r.mean())  # OWL: density_l = r_l - mean(r) + (1 - S)
+    clipped = bool(((s < lo) | (s > hi)).any())
+    for _ in range(len(s)):  # each pass pins at least one more block to a bound, or ends
+        s = s.clamp(lo, hi)
+        deficit = S - s.mean()
+        free = (s > lo) & (s < hi) if abs(deficit) < 1e-12 else (s < hi) if deficit > 0 else (s > lo)
+        if abs(deficit) < 1e-12 or not free.any():
+            break
+        s[free] += deficit * len(s) / free.sum()
+    return s.tolist(), clipped
 
 
 def sparsity_report(model):

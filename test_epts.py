@@ -14,6 +14,7 @@ import data
 import epts
 import model as M
 import prune
+import eval as eval_module
 from eval import perplexity
 from conftest import (LLAMA2_TOKENIZER, LLAMA3_PATTERN, QWEN2_PATTERN, SMALL, TEXT, calib_ids, cli, hf_tiny,
                       main, needs_transformers, save_bin, tiny_llama, torchrun, train_bpe, train_family_bpe,
@@ -528,6 +529,28 @@ def test_parse_sparsity():
                      ("x", "neither")):
         with pytest.raises(ValueError, match=why):
             prune.parse_sparsity(bad)
+
+
+def test_owl_sparsities_follow_the_definition():
+    """Mean exactly S, a spread of 2 lam, outlier-rich blocks sparsified least; clipping keeps the mean and says so."""
+    ratios = [0.010, 0.030, 0.020, 0.050]
+    s, clipped = prune.owl_sparsities(ratios, 0.6, lam=0.08)
+    assert sum(s) / 4 == pytest.approx(0.6, abs=1e-12) and not clipped
+    assert max(s) - min(s) == pytest.approx(0.16) and s[3] == min(s) and s[0] == max(s)
+    assert sorted(range(4), key=lambda i: s[i]) == sorted(range(4), key=lambda i: -ratios[i])  # monotone
+    s, clipped = prune.owl_sparsities(ratios, 0.65, lam=0.08, hi=0.7)  # uncapped: up to ~0.74
+    assert clipped and max(s) <= 0.7 + 1e-12 and sum(s) / 4 == pytest.approx(0.65, abs=1e-12)
+    assert prune.owl_sparsities([0.02] * 3, 0.5)[0] == pytest.approx([0.5] * 3)  # no outlier contrast: uniform
+
+
+def test_outlier_ratio_is_the_share_above_M_times_the_mean():
+    """D_l over the block's layers together equals the share computed from all scores concatenated."""
+    block = tiny_llama().blocks[0]
+    norms = {n: torch.rand(lin.in_features) ** 4 * 10 for n, lin in block.linears().items()}  # heavy-tailed
+    scores = torch.cat([prune.wanda_score(lin.weight, norms[n]).reshape(-1) for n, lin in block.linears().items()])
+    for factor in (2.0, 5.0):  # OWL's M
+        share = (scores > factor * scores.mean()).float().mean().item()
+        assert prune.outlier_ratio(block, norms, factor) == pytest.approx(share)
 
 
 # -----------------------------------------------------------------------------
@@ -1215,6 +1238,35 @@ def test_default_model_first_use_builds_once_under_concurrency(tmp_path, monkeyp
 # group-parallel EPTS: torchrun processes share one optimisation
 
 
+@needs_transformers
+def test_owl_allocation_from_the_elastic_file_and_from_a_file(tiny, tmp_path):
+    """--allocation owl: EPTS's per-block sparsities come from the elastic file alone and equal the baselines'
+    (both from the dense model's activations); each block is exactly as sparse as allocated, the mean is S.
+    --allocation FILE deploys the file's list; a list of the wrong length is refused."""
+    main(**dict(tiny, methods=["epts"], sparsities=[0.5, 0.8], nsamples=4))  # elastic range up to 0.8
+    report = main(**dict(tiny, methods=["wanda", "epts"], sparsities=[0.6], nsamples=4, allocation="owl",
+                         json=str(tmp_path / "r.json"), elastic=tiny["out"]))
+    rows = {row["method"]: row for row in report["results"]}
+    owl = rows["epts"]["block_sparsities"]
+    assert len(owl) == 2 and owl[0] != owl[1] and sum(owl) / 2 == pytest.approx(0.6, abs=1e-6)
+    assert rows["wanda"]["block_sparsities"] == pytest.approx(owl, abs=1e-6)
+    assert json.loads((tmp_path / "r.json").read_text())["results"][1]["block_sparsities"] == owl
+    model = M.load_model(tiny["ckpt"])
+    elastic = epts.load_elastic(tiny["out"])
+    ratios = [prune.outlier_ratio(b, rec["act_norm"]) for b, rec in zip(model.blocks, elastic["blocks"])]
+    assert prune.owl_sparsities(ratios, 0.6, hi=0.8)[0] == pytest.approx(owl, abs=1e-6)
+    epts.deploy(model, elastic, owl)
+    for block, s in zip(model.blocks, owl):
+        for lin in block.linears().values():
+            assert ((lin.weight == 0).sum(1) == int(lin.in_features * s)).all()
+    (tmp_path / "alloc.json").write_text("[0.4, 0.7]")
+    report = main(**dict(tiny, methods=["epts"], allocation=str(tmp_path / "alloc.json"), elastic=tiny["out"]))
+    assert report["results"][0]["block_sparsities"] == [0.4, 0.7] and report["results"][0]["sparsity"] == 0.55
+    (tmp_path / "alloc.json").write_text("[0.4, 0.7, 0.5]")
+    with pytest.raises(UserError, match="lists 3 sparsities, but the model has 2 blocks"):
+        main(**dict(tiny, methods=["epts"], allocation=str(tmp_path / "alloc.json"), elastic=tiny["out"]))
+
+
 def test_windows_are_whole_batches_shared_out_in_order():
     """K ranks' window slices tile [0, N) in order, each a run of whole batches; one process takes them all."""
     for n, batch, K in ((10, 3, 3), (4, 1, 3), (2, 1, 3), (7, 2, 2)):
@@ -1254,3 +1306,99 @@ def test_group_parallel_run_equals_one_process(tiny, tmp_path, nproc):
     too_many = torchrun(nproc, *args[:-4], "--methods", "epts", "--sparsities", "0.5", "--groups", "0,0.5",
                         "--out", str(tmp_path / "x"))
     assert too_many.returncode != 0 and "run at most as many processes as groups" in too_many.stderr
+
+
+# -----------------------------------------------------------------------------
+# eval.py: zero-shot tasks by lm-eval's conventions
+
+# one item per task in the public datasets' field names, and the (context, continuation) pairs lm-eval's task
+# definitions make of it, written out by hand
+TASK_EXAMPLES = {
+    "boolq": ({"passage": "Cats sleep a lot.", "question": "do cats sleep", "label": 1},
+              [("Cats sleep a lot.\nQuestion: do cats sleep?\nAnswer:", " no"),
+               ("Cats sleep a lot.\nQuestion: do cats sleep?\nAnswer:", " yes")], 1),
+    "rte": ({"sentence1": "A man walks.", "sentence2": "A person moves.", "label": 0},
+            [("A man walks.\nQuestion: A person moves. True or False?\nAnswer:", " True"),
+             ("A man walks.\nQuestion: A person moves. True or False?\nAnswer:", " False")], 0),
+    "hellaswag": ({"activity_label": "Baking", "ctx_a": "She mixes flour.", "ctx_b": "then she",
+                   "endings": ["bakes [title] it.", "runs  away."], "label": "0"},
+                  [("Baking: She mixes flour. Then she", " bakes. it."), ("Baking: She mixes flour. Then she", " runs away.")],
+                  0),
+    "winogrande": ({"sentence": "The cup fell off the table because _ was slippery.", "option1": "the cup",
+                    "option2": "the table", "answer": "2"},
+                   [("The cup fell off the table because the cup", " was slippery."),
+                    ("The cup fell off the table because the table", " was slippery.")], 1),
+    "arc_easy": ({"question": "What is ice?", "choices": {"text": ["frozen water", "hot air"], "label": ["A", "B"]},
+                  "answerKey": "A"},
+                 [("Question: What is ice?\nAnswer:", " frozen water"), ("Question: What is ice?\nAnswer:", " hot air")],
+                 0),
+    "arc_challenge": ({"question": "Pick 2.", "choices": {"text": ["one", "two"], "label": ["1", "2"]},
+                       "answerKey": "2"},
+                      [("Question: Pick 2.\nAnswer:", " one"), ("Question: Pick 2.\nAnswer:", " two")], 1),
+    "openbookqa": ({"question_stem": "The sun is", "choices": {"text": ["a star", "a moon"], "label": ["A", "B"]},
+                    "answerKey": "A"},
+                   [("The sun is", " a star"), ("The sun is", " a moon")], 0),
+    "piqa": ({"goal": "Open a jar", "sol1": "twist the lid", "sol2": "eat the lid", "label": 0},
+             [("Question: Open a jar\nAnswer:", " twist the lid"), ("Question: Open a jar\nAnswer:", " eat the lid")], 0),
+}
+
+
+def test_task_prompts_are_lm_evals():
+    """Every task turns its item into lm-eval's contexts, continuations and gold index (checked by hand)."""
+    assert set(TASK_EXAMPLES) == set(eval_module.TASKS)
+    for name, (doc, pairs, gold) in TASK_EXAMPLES.items():
+        assert eval_module.TASKS[name][1](doc) == (pairs, gold), name
+    premise = {"premise": "A man walks.", "hypothesis": "A person moves.", "label": 0}  # SuperGLUE's field names
+    assert eval_module.TASKS["rte"][1](premise) == eval_module.TASKS["rte"][1](TASK_EXAMPLES["rte"][0])
+    google = {"passage": "Cats sleep a lot.", "question": "do cats sleep", "answer": True}
+    assert eval_module.TASKS["boolq"][1](google) == eval_module.TASKS["boolq"][1](TASK_EXAMPLES["boolq"][0])
+
+
+@needs_transformers
+def test_loglikelihoods_batched_equal_one_at_a_time(tiny):
+    """Summed continuation log-probabilities from right-padded batches equal each pair scored alone from the
+    full logits; a context's trailing space moves to the continuation, as in lm-eval."""
+    model, tok = epts.load(tiny["ckpt"])
+    pairs = [("Question: what is a list?\nAnswer:", " a sequence"), ("Hi", " there, friend of mine"),
+             ("A longer context that goes on and on about lists and tuples ", "and sets."), ("x", " y")]
+    got = eval_module.loglikelihoods(model, pairs, tok, batch_size=3)
+    for (context, continuation), ll in zip(pairs, got):
+        ctx, cont = eval_module.encode_pair(tok, context, continuation)
+        ids = torch.tensor(ctx + cont)
+        logp = model(ids[None, :-1])[0].log_softmax(-1)
+        expected = sum(logp[len(ctx) - 1 + k, t].item() for k, t in enumerate(cont))
+        assert ll == pytest.approx(expected, abs=1e-4)
+    ctx, cont = eval_module.encode_pair(tok, "on and on ", "and sets.")
+    assert tok.decode(ctx) == "on and on" and tok.decode(cont) == " and sets."
+
+
+def test_acc_and_acc_norm_follow_the_definitions(monkeypatch):
+    """acc takes the highest log-likelihood, acc_norm the highest per character of the choice; tasks without
+    acc_norm in lm-eval report acc alone."""
+    docs = [TASK_EXAMPLES["piqa"][0]] * 2  # choices of 13 and 11 characters, gold 0
+    scores = iter([-10.0, -9.0, -10.0, -12.0])  # item 1: acc wrong, acc_norm right (-10/13 > -9/11); item 2: both
+    monkeypatch.setattr(eval_module, "loglikelihoods", lambda model, pairs, *a: [next(scores) for _ in pairs])
+    assert eval_module.zero_shot(None, None, "piqa", docs) == {"acc": 0.5, "acc_norm": 1.0}
+    scores = iter([-1.0, -2.0])
+    assert eval_module.zero_shot(None, None, "boolq", [TASK_EXAMPLES["boolq"][0]]) == {"acc": 0.0}
+
+
+@needs_transformers
+def test_zero_shot_tasks_through_main(tiny, tmp_path):
+    """--tasks gives one row per task and their mean, in the table and --json; a missing task file or field is
+    a clear error naming the expected path and fields."""
+    (tmp_path / "tasks").mkdir()
+    for name in ("boolq", "winogrande"):
+        (tmp_path / "tasks" / f"{name}.jsonl").write_text(json.dumps(TASK_EXAMPLES[name][0]) + "\n")
+    report = main(**dict(tiny, methods=["dense"], evals=[], tasks=["boolq", "winogrande"],
+                         tasks_dir=str(tmp_path / "tasks")))
+    rows = {row["eval"]: row for row in report["results"]}
+    assert set(rows) == {"boolq", "winogrande", "zero-shot mean"}
+    assert rows["zero-shot mean"]["acc"] == (rows["boolq"]["acc"] + rows["winogrande"]["acc"]) / 2
+    with pytest.raises(eval_module.TaskError, match=r"piqa\.jsonl.*fields goal, sol1, sol2, label"):
+        main(**dict(tiny, methods=["dense"], tasks=["piqa"], tasks_dir=str(tmp_path / "tasks")))
+    (tmp_path / "tasks" / "piqa.jsonl").write_text('{"goal": "x", "sol1": "a", "sol2": "b"}\n')
+    with pytest.raises(eval_module.TaskError, match="line 1 lacks label"):
+        main(**dict(tiny, methods=["dense"], tasks=["piqa"], tasks_dir=str(tmp_path / "tasks")))
+    with pytest.raises(UserError, match="--tasks needs --tasks-dir"):
+        main(**dict(tiny, methods=["dense"], tasks=["piqa"]))

@@ -1,7 +1,9 @@
 """Tests of the benchmarks' own code: the README's memory formula against autograd, and the results table.
 Run by `make test` beside test_epts.py."""
 
+import json
 import os
+import subprocess
 import sys
 
 import pytest
@@ -61,3 +63,30 @@ def test_bench_table_json_and_readme_section(tmp_path):
     pytest.importorskip("matplotlib")
     bench.plot(results, str(tmp_path / "p.png"))
     assert (tmp_path / "p.png").read_bytes()[:4] == b"\x89PNG"
+
+
+def test_gpu_bench_runs_its_measurements_on_the_cpu(tmp_path):
+    """bench/gpu.py's whole path (random checkpoint, one EPTS run, a block's steps, the matmul bound) on a tiny
+    config on the CPU: every figure present and positive, the extrapolation consistent with its parts."""
+    import gpu
+    cfg = dict(model_type="llama", vocab_size=256, hidden_size=64, intermediate_size=128, num_hidden_layers=32,
+               num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=64)
+    (tmp_path / "tiny.json").write_text(json.dumps(cfg))
+    results = gpu.main(["--configs", str(tmp_path / "tiny.json"), "--device", "cpu", "--dtype", "float32",
+                        "--seqlen", "16", "--nsamples", "2", "--out", str(tmp_path / "r.json")])
+    row = results["rows"][0]
+    assert json.loads((tmp_path / "r.json").read_text())["rows"] == [row]
+    assert row["step_ms"] > 0 and row["bound_ms"] > 0 and row["ratio"] == pytest.approx(row["bound_ms"] / row["step_ms"])
+    assert row["full_run_min"] * 60 >= 32 * 10 * 128 * row["step_ms"] / 1e3  # at least the training steps
+
+
+def test_speed_bench_says_what_it_needs_without_a_gpu():
+    """bench/speed.py measures 2:4 kernels on CUDA only; without a GPU it says so and exits cleanly."""
+    import speed
+    W = torch.randn(8, 16)
+    kept = (speed.two_four(W) != 0).view(8, 4, 4).sum(-1)
+    assert (kept == 2).all()
+    if not torch.cuda.is_available():
+        r = subprocess.run([sys.executable, os.path.join(os.path.dirname(__file__), "speed.py")],
+                           capture_output=True, text=True)
+        assert r.returncode == 0 and "needs a CUDA GPU" in r.stdout
