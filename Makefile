@@ -21,3 +21,5 @@ bench:
 	$(PYTHON) bench/load_bench.py
 	$(PYTHON) bench/memory_check.py
 	$(PYTHON) bench/bench.py
+	$(PYTHON) bench/gpu.py
+	$(PYTHON) bench/speed.py

@@ -155,8 +155,8 @@ def small(tmp_path_factory):
     tok = data.SentencePieceTokenizer(str(root / "tokenizer.model"), 1)
     ids = torch.tensor(tok.encode("\n\n".join(train)), dtype=torch.long)
     for kind, cfg in SMALL.items():
-        default_model.train_checkpoint(cfg, ids, str(root / kind), tokenizer_dir=str(root), steps=800, batch_size=16,
-                                 seqlen=128, lr=1e-2, seed=0)
+        default_model.train_checkpoint(cfg, ids, str(root / kind), str(root),
+                                       dict(steps=800, batch_size=16, seqlen=128, lr=1e-2, seed=0))
     return root
 
 

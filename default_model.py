@@ -28,7 +28,7 @@ CONFIG = dict(model_type="llama", vocab_size=4096, hidden_size=256, intermediate
 # what `python epts.py` uses on the built-in model unless flags say otherwise
 DEFAULTS = dict(seqlen=256, nsamples=32, epochs=2)
 # PyTorch's default init: in this 200-step budget N(0, 0.02) reached perplexity 241 instead of 143
-TRAIN = dict(steps=200, batch_size=16, seqlen=256, lr=3e-3, seed=0, init_std=None)
+TRAIN = dict(steps=200, batch_size=16, seqlen=256, lr=3e-3, seed=0, init_std=None)  # see train_checkpoint
 
 
 def cache_dir():
@@ -69,9 +69,11 @@ def train_sentencepiece(text_file, prefix, vocab_size):
     return prefix + ".model"
 
 
-def train_lm(model, ids, steps, batch_size, seqlen, lr, seed, log=None):
-    """Next-token training on random windows of `ids` (1-D): AdamW without weight decay, warm-up, cosine."""
-    gen = torch.Generator().manual_seed(seed)
+def train_lm(model, ids, train, log=None):
+    """Next-token training on random windows of `ids` (1-D): AdamW without weight decay, warm-up, cosine.
+    train: {steps, batch_size, seqlen, lr, seed}."""
+    steps, batch_size, seqlen, lr = train["steps"], train["batch_size"], train["seqlen"], train["lr"]
+    gen = torch.Generator().manual_seed(train["seed"])
     opt = torch.optim.AdamW(model.parameters(), lr=lr, weight_decay=0.0, betas=(0.9, 0.95))
     warmup = max(1, steps // 20)
     sched = torch.optim.lr_scheduler.LambdaLR(
@@ -105,17 +107,17 @@ def init_weights(model, std=0.02):
             torch.nn.init.zeros_(m.bias)
 
 
-def train_checkpoint(config, ids, out_dir, tokenizer_dir, steps, batch_size, seqlen, lr, seed, init_std=0.02,
-                     log=None):
+def train_checkpoint(config, ids, out_dir, tokenizer_dir, train, log=None):
     """Train a fresh model of `config` (a config.json dict) on `ids` and write it in Hugging Face format.
 
-    init_std=None keeps PyTorch's default initialisation.
+    train: {steps, batch_size, seqlen, lr, seed} and optionally init_std (default 0.02; None keeps PyTorch's
+    default initialisation).
     """
-    torch.manual_seed(seed)
+    torch.manual_seed(train["seed"])
     model = M.build_model(M.config_from_dict(config))
-    if init_std is not None:
-        init_weights(model, init_std)
-    train_lm(model, ids, steps, batch_size, seqlen, lr, seed, log)
+    if train.get("init_std", 0.02) is not None:
+        init_weights(model, train.get("init_std", 0.02))
+    train_lm(model, ids, train, log)
     M.save_model(model, out_dir, tokenizer_dir=tokenizer_dir)
     return out_dir
 
@@ -136,7 +138,7 @@ def build_default(out_dir):
         tok = data.SentencePieceTokenizer(os.path.join(work, "tokenizer.model"), CONFIG["bos_token_id"])
         ids = torch.tensor([i for d in train_docs for i in tok.encode(d)], dtype=torch.long)
         log(f"tokenizer trained, {len(ids):,} training tokens")
-        train_checkpoint(CONFIG, ids, model_dir, tokenizer_dir=work, log=log, **TRAIN)
+        train_checkpoint(CONFIG, ids, model_dir, work, TRAIN, log)
         for name in ("calib.txt", "eval.txt"):
             shutil.move(os.path.join(work, name), os.path.join(model_dir, name))
 

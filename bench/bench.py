@@ -91,7 +91,7 @@ def build_fixture(kind):
     ids = torch.tensor(tok.encode(text), dtype=torch.long)
     log(f"training the {kind} fixture on {len(ids):,} tokens ({TRAIN['steps']} steps)")
     t0 = time.time()
-    default_model.train_checkpoint(cfg, ids, folder, tokenizer_dir=tok_dir, log=lambda m: log(f"{kind}: {m}"), **TRAIN)
+    default_model.train_checkpoint(cfg, ids, folder, tok_dir, TRAIN, log=lambda m: log(f"{kind}: {m}"))
     log(f"{kind} fixture trained in {time.time() - t0:.0f}s")
     sensitivity_check(kind, folder)
     return folder

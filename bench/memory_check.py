@@ -29,8 +29,11 @@ SHAPE = dict(C=1024, F=2816, heads=16, kv_heads=4, N=16, T=512, G=7, r=8, elt=4)
 LLAMA_7B = dict(C=4096, F=11008, heads=32, kv_heads=32, N=128, T=2048, G=7, r=8, elt=2)  # bf16, 128 x 2048
 
 
-def epts_block_bytes(C, F, heads, kv_heads, N, T, G, r, elt, batch=1):
-    """Bytes of one EPTS block besides its own weights, by phase: {phase: {term: bytes}}."""
+def epts_block_bytes(shape, batch=1):
+    """Bytes of one EPTS block besides its own weights, by phase: {phase: {term: bytes}}. shape: {C, F, heads,
+    kv_heads, N, T, G, r, elt} as SHAPE below."""
+    C, F, heads, kv_heads, N, T, G, r, elt = (shape[k] for k in ("C", "F", "heads", "kv_heads", "N", "T", "G", "r",
+                                                                 "elt"))
     kv = kv_heads * C // heads
     layers = [(C, C), (C, kv), (C, kv), (C, C), (C, F), (C, F), (F, C)]  # (in, out) of q k v o gate up down
     P = sum(i * o for i, o in layers)  # weights of the block
@@ -90,7 +93,7 @@ def main():
     if sys.argv[1:] == ["--measure"]:
         print(json.dumps(measure()))
         return
-    big = epts_block_bytes(**LLAMA_7B)
+    big = epts_block_bytes(LLAMA_7B)
     C, F, elt = LLAMA_7B["C"], LLAMA_7B["F"], LLAMA_7B["elt"]
     weights = elt * (4 * C * C + 3 * C * F)  # q k v o + gate up down
     print("LLaMA-7B, bf16, 128 x 2048 calibration, G = 7, r = 8 (estimate):")
@@ -99,7 +102,7 @@ def main():
     no_streams = {ph: {n: b for n, b in parts.items() if "streams" not in n} for ph, parts in big.items()}
     print(f"  {'device peak, streams on the device':<63} {(weights + peak_bytes(big)) / 1e9:8.2f} GB")
     print(f"  {'device peak, streams in CPU memory':<63} {(weights + peak_bytes(no_streams)) / 1e9:8.2f} GB")
-    terms = epts_block_bytes(**SHAPE)
+    terms = epts_block_bytes(SHAPE)
     print("\nsmall block on this CPU (C = 1024, F = 2816, 16 x 512 tokens, fp32), formula:")
     print_terms(terms, "MB", 1e6)
     for label, env in [("default malloc", {}), ("freed memory returned", {"MALLOC_MMAP_THRESHOLD_": "65536"})]:

@@ -33,7 +33,8 @@ def test_memory_formula_counts_what_autograd_saves():
 
     with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
         epts.block_forward(block, layers, torch.randn(1, T, C), g=6, s=0.7)
-    terms = memory_check.epts_block_bytes(C, F, heads, kv_heads, N=1, T=T, G=7, r=8, elt=4)["training"]
+    terms = memory_check.epts_block_bytes(dict(C=C, F=F, heads=heads, kv_heads=kv_heads, N=1, T=T, G=7, r=8,
+                                                 elt=4))["training"]
     formula = terms["saved for backward: bool mask + merged weight"] + terms["activations of one batch"]
     assert 0.8 * formula < sum(storages.values()) < 1.1 * formula
 
