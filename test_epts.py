@@ -1402,3 +1402,34 @@ def test_zero_shot_tasks_through_main(tiny, tmp_path):
         main(**dict(tiny, methods=["dense"], tasks=["piqa"], tasks_dir=str(tmp_path / "tasks")))
     with pytest.raises(UserError, match="--tasks needs --tasks-dir"):
         main(**dict(tiny, methods=["dense"], tasks=["piqa"]))
+
+
+@needs_transformers
+def test_group_parallel_resumes_an_interrupted_run(tiny, tmp_path, monkeypatch):
+    """A run interrupted after its first block and resumed by 2 torchrun processes ends with the elastic model
+    of an uninterrupted single-process run (to float32 round-off): rank 0 reads the finished block and shares it."""
+    flags = dict(seqlen=16, nsamples=5, epochs=2, batch_size=2, methods=["epts"], sparsities=[0.5])
+    args = ["--ckpt", tiny["ckpt"], "--calib", tiny["calib"], "--eval", *tiny["evals"], "--seqlen", "16",
+            "--nsamples", "5", "--epochs", "2", "--batch-size", "2", "--methods", "epts", "--sparsities", "0.5"]
+    one = cli(*args, "--out", str(tmp_path / "one"))
+    assert one.returncode == 0, one.stderr[-3000:]
+    real, calls = epts.train_block, []
+
+    def interrupted(*a, **kw):
+        calls.append(1)
+        if len(calls) == 2:
+            raise KeyboardInterrupt
+        return real(*a, **kw)
+
+    monkeypatch.setattr(epts, "train_block", interrupted)
+    with pytest.raises(KeyboardInterrupt):
+        main(**dict(tiny, **flags, out=str(tmp_path / "resumed")))
+    assert sorted(os.listdir(tmp_path / "resumed" / "partial")) == ["block_000.pt", "run.json"]
+    many = torchrun(2, *args, "--out", str(tmp_path / "resumed"))
+    assert many.returncode == 0, many.stderr[-3000:]
+    assert "blocks 0..0 are done" in many.stderr
+    a, b = (torch.load(tmp_path / run / "elastic.pt", weights_only=True) for run in ("one", "resumed"))
+    for ra, rb in zip(a["blocks"], b["blocks"]):
+        for key in ("A", "B"):
+            for name in ra[key]:
+                torch.testing.assert_close(rb[key][name], ra[key][name], atol=1e-5, rtol=1e-4)
