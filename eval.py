@@ -124,10 +124,11 @@ def encode_pair(tok, context, continuation):
 
 
 @torch.no_grad()
-def loglikelihoods(model, pairs, tok, device="cpu", batch_size=8, max_len=2048):
+def loglikelihoods(model, pairs, tok, device="cpu", batch_size=8, max_len=None):
     """log P(continuation | context) summed over the continuation's tokens, for every (context, continuation)
     pair. Batches of similar length, right-padded (causal attention never looks right); a window longer than
-    max_len keeps its last max_len tokens."""
+    max_len (default: 2048 or the model's positions, if fewer) keeps its last max_len tokens."""
+    max_len = max_len or min(2048, model.cfg.max_position_embeddings)
     encoded = [encode_pair(tok, c, x) for c, x in pairs]
     order = sorted(range(len(pairs)), key=lambda i: -sum(map(len, encoded[i])))
     out = [0.0] * len(pairs)

@@ -348,11 +348,11 @@ def owl_sparsities(ratios, S, lam=0.08, lo=0.0, hi=0.99):
     for _ in range(len(s)):  # each pass pins at least one more block to a bound, or ends
         s = s.clamp(lo, hi)
         deficit = S - s.mean()
-        free = (s > lo) & (s < hi) if abs(deficit) < 1e-12 else (s < hi) if deficit > 0 else (s > lo)
+        free = (s < hi) if deficit > 0 else (s > lo)  # the blocks that can move the mean back
         if abs(deficit) < 1e-12 or not free.any():
             break
         s[free] += deficit * len(s) / free.sum()
-    return s.tolist(), clipped
+    return s.clamp(lo, hi).tolist(), clipped
 
 
 def sparsity_report(model):

@@ -1370,6 +1370,11 @@ def test_loglikelihoods_batched_equal_one_at_a_time(tiny):
         assert ll == pytest.approx(expected, abs=1e-4)
     ctx, cont = eval_module.encode_pair(tok, "on and on ", "and sets.")
     assert tok.decode(ctx) == "on and on" and tok.decode(cont) == " and sets."
+    ctx, cont = eval_module.encode_pair(tok, *pairs[2])  # longer than max_len = 8: the last 8 + 1 tokens count
+    ids = torch.tensor((ctx + cont)[-9:])
+    logp = model(ids[None, :-1])[0].log_softmax(-1)
+    expected = sum(logp[8 - len(cont) + k, t].item() for k, t in enumerate(cont))
+    assert eval_module.loglikelihoods(model, [pairs[2]], tok, max_len=8)[0] == pytest.approx(expected, abs=1e-4)
 
 
 def test_acc_and_acc_norm_follow_the_definitions(monkeypatch):
