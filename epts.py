@@ -732,7 +732,8 @@ def main(request=Request(), config=EPTSConfig()):
                         "add a fraction, or run the N:M patterns without epts in --methods.")
     if "epts" in r.methods and len(fractional) < len(r.sparsities):
         print("note: epts deploys fractional sparsities only; N:M patterns run for the baselines", file=sys.stderr)
-    needs_calib = any(m in ("wanda", "sparsegpt") for m in r.methods) or train_epts
+    needs_calib = any(m in ("wanda", "sparsegpt") for m in r.methods) or train_epts or \
+        (r.allocation == "owl" and "magnitude" in r.methods)  # OWL's ratios for a baseline: a calibration pass
     if needs_calib and not r.calib:
         raise UserError("no calibration data: pass --calib FILE (e.g. a C4 train shard .json.gz or WikiText-2 "
                         "wiki.train.raw).")

@@ -1259,6 +1259,8 @@ def test_owl_allocation_from_the_elastic_file_and_from_a_file(tiny, tmp_path):
     for block, s in zip(model.blocks, owl):
         for lin in block.linears().values():
             assert ((lin.weight == 0).sum(1) == int(lin.in_features * s)).all()
+    report = main(**dict(tiny, methods=["magnitude"], sparsities=[0.6], nsamples=4, allocation="owl"))
+    assert report["results"][0]["block_sparsities"] == pytest.approx(owl, abs=1e-6)  # magnitude gets OWL's too
     (tmp_path / "alloc.json").write_text("[0.4, 0.7]")
     report = main(**dict(tiny, methods=["epts"], allocation=str(tmp_path / "alloc.json"), elastic=tiny["out"]))
     assert report["results"][0]["block_sparsities"] == [0.4, 0.7] and report["results"][0]["sparsity"] == 0.55
