@@ -774,10 +774,9 @@ def test_deploy_honours_the_low_group_flag(tmp_path):
         assert all(plain) if not flag else not any(plain)
 
 
-def test_resume_gives_bit_identical_adapters(tmp_path, monkeypatch, capsys):
-    """A run interrupted after block 0 and re-run ends with the same elastic model as an uninterrupted run."""
-    calib = calib_ids(4)
-    full = epts.run_epts(tiny_llama(num_hidden_layers=3), calib, str(tmp_path / "a"), epts.EPTSConfig(epochs=2))
+def interrupt_after_first_block(monkeypatch):
+    """Make epts.train_block raise KeyboardInterrupt on its second call (a run stopped after block 0); returns
+    the real one."""
     real, calls = epts.train_block, []
 
     def interrupted(*args, **kw):
@@ -787,6 +786,14 @@ def test_resume_gives_bit_identical_adapters(tmp_path, monkeypatch, capsys):
         return real(*args, **kw)
 
     monkeypatch.setattr(epts, "train_block", interrupted)
+    return real
+
+
+def test_resume_gives_bit_identical_adapters(tmp_path, monkeypatch, capsys):
+    """A run interrupted after block 0 and re-run ends with the same elastic model as an uninterrupted run."""
+    calib = calib_ids(4)
+    full = epts.run_epts(tiny_llama(num_hidden_layers=3), calib, str(tmp_path / "a"), epts.EPTSConfig(epochs=2))
+    real = interrupt_after_first_block(monkeypatch)
     with pytest.raises(KeyboardInterrupt):
         epts.run_epts(tiny_llama(num_hidden_layers=3), calib, str(tmp_path / "b"), epts.EPTSConfig(epochs=2))
     assert os.path.isfile(tmp_path / "b" / "partial" / "block_000.pt")
@@ -1420,15 +1427,7 @@ def test_group_parallel_resumes_an_interrupted_run(tiny, tmp_path, monkeypatch):
             "--nsamples", "5", "--epochs", "2", "--batch-size", "2", "--methods", "epts", "--sparsities", "0.5"]
     one = cli(*args, "--out", str(tmp_path / "one"))
     assert one.returncode == 0, one.stderr[-3000:]
-    real, calls = epts.train_block, []
-
-    def interrupted(*a, **kw):
-        calls.append(1)
-        if len(calls) == 2:
-            raise KeyboardInterrupt
-        return real(*a, **kw)
-
-    monkeypatch.setattr(epts, "train_block", interrupted)
+    interrupt_after_first_block(monkeypatch)
     with pytest.raises(KeyboardInterrupt):
         main(**dict(tiny, **flags, out=str(tmp_path / "resumed")))
     assert sorted(os.listdir(tmp_path / "resumed" / "partial")) == ["block_000.pt", "run.json"]
