@@ -91,3 +91,17 @@ def test_speed_bench_says_what_it_needs_without_a_gpu():
         r = subprocess.run([sys.executable, os.path.join(os.path.dirname(__file__), "speed.py")],
                            capture_output=True, text=True)
         assert r.returncode == 0 and "needs a CUDA GPU" in r.stdout
+
+
+def test_cloze_task_items_are_winogrande_items():
+    """The synthetic task's items have WinoGrande's fields and the blank first; the answer's opening and the
+    sentence's rest make one sentence of the text, the other option's do not."""
+    import cloze_task
+    import eval as eval_module
+    sentences = [f"sentence {i} opens " + " ".join(["w"] * (10 + i % 5)) + f" ends {i}" for i in range(60)]
+    text = "\n".join(" . ".join(sentences[j:j + 3]) for j in range(0, 60, 3))
+    for item in cloze_task.items(text, n=10):
+        pairs, gold = eval_module.TASKS["winogrande"][1](item)
+        assert item["sentence"].startswith("_ ") and [c for c, _ in pairs] == [item["option1"], item["option2"]]
+        rest = item["sentence"][2:].removesuffix(".")
+        assert f"{pairs[gold][0]} {rest}" in sentences and f"{pairs[1 - gold][0]} {rest}" not in sentences
