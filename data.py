@@ -100,6 +100,10 @@ def eval_tokens(path, tok, seqlen):
     return torch.tensor(ids, dtype=torch.long)
 
 
+def _has(folder, split):
+    return any(split in name for name in os.listdir(folder))
+
+
 def calibration(path, tok, nsamples, seqlen, seed):
     """`nsamples` windows (nsamples, seqlen) of token ids, reproducible for a seed.
 
@@ -131,10 +135,6 @@ def calibration(path, tok, nsamples, seqlen, seed):
               f"without overlap; the {nsamples} calibration windows overlap and repeat text. Use a longer text or "
               "fewer --nsamples.", file=sys.stderr)
     return torch.tensor(rows, dtype=torch.long)
-
-
-def _has(folder, split):
-    return any(split in name for name in os.listdir(folder))
 
 
 # -----------------------------------------------------------------------------
@@ -264,6 +264,19 @@ class BPETokenizer:
         return self.enc.decode(ranks)
 
 
+def find_split_pattern(pre):
+    """The regex of a tokenizer.json `Split` pre-tokenizer (LLaMA-3 uses its own), if any."""
+    if not isinstance(pre, dict):
+        return None
+    if pre.get("type") == "Split":
+        return pre.get("pattern", {}).get("Regex")
+    for p in pre.get("pretokenizers", []):
+        found = find_split_pattern(p)
+        if found:
+            return found
+    return None
+
+
 def load_tokenizer(ckpt_dir, bos_id):
     """The tokenizer in `ckpt_dir`: tokenizer.model, tokenizer.json (BPE), or vocab.json + merges.txt."""
     path = lambda name: os.path.join(ckpt_dir, name)  # noqa: E731
@@ -308,14 +321,3 @@ def load_tokenizer(ckpt_dir, bos_id):
                     "(BPE) or vocab.json + merges.txt; copy the tokenizer files from the original model.")
 
 
-def find_split_pattern(pre):
-    """The regex of a tokenizer.json `Split` pre-tokenizer (LLaMA-3 uses its own), if any."""
-    if not isinstance(pre, dict):
-        return None
-    if pre.get("type") == "Split":
-        return pre.get("pattern", {}).get("Regex")
-    for p in pre.get("pretokenizers", []):
-        found = find_split_pattern(p)
-        if found:
-            return found
-    return None

@@ -190,7 +190,7 @@ class Ranks:
         """The torchrun processes (WORLD_SIZE, RANK, LOCAL_RANK in the environment), else SOLO. On CUDA each
         process takes the GPU of its LOCAL_RANK."""
         if int(os.environ.get("WORLD_SIZE", "1")) == 1:
-            return SOLO
+            return cls()
         import torch.distributed as dist
         if str(device).startswith("cuda"):
             device = f"cuda:{int(os.environ.get('LOCAL_RANK', '0'))}"
@@ -407,15 +407,6 @@ def fingerprint(model):
     return h.hexdigest()[:32]
 
 
-def block_record(layers, use_adapter0, act_norms, losses):
-    rec = {"act_norm": {n: a.float().cpu() for n, a in act_norms.items()},
-           "A": {n: layer.A.detach().cpu() for n, layer in layers.items()},
-           "B": {n: layer.B.detach().cpu() for n, layer in layers.items()},
-           "use_adapter0": bool(use_adapter0), "losses": losses}
-    rec["sha256"] = record_checksum(rec)
-    return rec
-
-
 def record_checksum(rec):
     """sha256 of a block record's tensors and flag: flipped bytes in a saved file must not deploy silently."""
     h = hashlib.sha256(str(rec["use_adapter0"]).encode())
@@ -424,6 +415,15 @@ def record_checksum(rec):
             h.update(f"{key}.{name}".encode())
             h.update(rec[key][name].contiguous().view(torch.uint8).numpy().tobytes())
     return h.hexdigest()
+
+
+def block_record(layers, use_adapter0, act_norms, losses):
+    rec = {"act_norm": {n: a.float().cpu() for n, a in act_norms.items()},
+           "A": {n: layer.A.detach().cpu() for n, layer in layers.items()},
+           "B": {n: layer.B.detach().cpu() for n, layer in layers.items()},
+           "use_adapter0": bool(use_adapter0), "losses": losses}
+    rec["sha256"] = record_checksum(rec)
+    return rec
 
 
 def save(obj, path):
@@ -469,48 +469,6 @@ def restore_layers(block, rec, n_groups, rank):
 
 # -----------------------------------------------------------------------------
 # the EPTS run: one optimisation for every sparsity
-
-
-def run_epts(model, calib_ids, out_dir, config=EPTSConfig(), device="cpu", ranks=SOLO):
-    """Train the elastic model block by block; saves each finished block in out_dir and resumes from them.
-
-    A finished run in out_dir with the same settings is reused; one with other settings is refused, never
-    overwritten. Only one run at a time may work in out_dir. With several processes (`ranks`), rank 0 alone
-    reads and writes out_dir and tells the others what it found.
-    """
-    if ranks.rank > 0:
-        if ranks.share(None) == "finished":
-            return None
-        done = ranks.share(None)
-        return train_blocks(model, calib_ids, config, device, (None, done), ranks)
-    settings = {**asdict(config), "edges": [float(e) for e in config.edges], "nsamples": calib_ids.shape[0],
-                "seqlen": calib_ids.shape[1], "fingerprint": fingerprint(model),
-                "calib_sha256": hashlib.sha256(calib_ids.numpy().tobytes()).hexdigest()[:16]}
-    os.makedirs(out_dir, exist_ok=True)
-    final, partial = os.path.join(out_dir, "elastic.pt"), os.path.join(out_dir, "partial")
-    with exclusive(out_dir):
-        if os.path.isfile(final):
-            elastic = load_elastic(final)
-            changed = changed_settings(elastic, settings)
-            if changed:
-                raise UserError(f"{out_dir!r} already holds a finished EPTS run with other settings "
-                                f"({', '.join(changed)}); it is not overwritten: pass another --out, or delete "
-                                f"{final} to train again there.")
-            print(f"epts: {final} already holds a finished run with these settings; reusing it", file=sys.stderr)
-            ranks.share("finished")
-            return elastic
-        ranks.share("train")
-        try:
-            records = train_blocks(model, calib_ids, config, device,
-                                   (partial, ranks.share(resume_records(partial, settings))), ranks)
-        except KeyboardInterrupt:
-            print(f"interrupted: the finished EPTS blocks are saved in {partial}; run the same command "
-                  "again to resume from the first unfinished block", file=sys.stderr)
-            raise
-        elastic = {"format": FORMAT, "model_type": model.cfg.raw.get("model_type"), **settings, "blocks": records}
-        save(elastic, final)
-    shutil.rmtree(partial, ignore_errors=True)
-    return elastic
 
 
 def changed_settings(previous, settings):
@@ -612,6 +570,48 @@ def train_blocks(model, calib_ids, config, device, resume, ranks=SOLO):
     return records
 
 
+def run_epts(model, calib_ids, out_dir, config=EPTSConfig(), device="cpu", ranks=SOLO):
+    """Train the elastic model block by block; saves each finished block in out_dir and resumes from them.
+
+    A finished run in out_dir with the same settings is reused; one with other settings is refused, never
+    overwritten. Only one run at a time may work in out_dir. With several processes (`ranks`), rank 0 alone
+    reads and writes out_dir and tells the others what it found.
+    """
+    if ranks.rank > 0:
+        if ranks.share(None) == "finished":
+            return None
+        done = ranks.share(None)
+        return train_blocks(model, calib_ids, config, device, (None, done), ranks)
+    settings = {**asdict(config), "edges": [float(e) for e in config.edges], "nsamples": calib_ids.shape[0],
+                "seqlen": calib_ids.shape[1], "fingerprint": fingerprint(model),
+                "calib_sha256": hashlib.sha256(calib_ids.numpy().tobytes()).hexdigest()[:16]}
+    os.makedirs(out_dir, exist_ok=True)
+    final, partial = os.path.join(out_dir, "elastic.pt"), os.path.join(out_dir, "partial")
+    with exclusive(out_dir):
+        if os.path.isfile(final):
+            elastic = load_elastic(final)
+            changed = changed_settings(elastic, settings)
+            if changed:
+                raise UserError(f"{out_dir!r} already holds a finished EPTS run with other settings "
+                                f"({', '.join(changed)}); it is not overwritten: pass another --out, or delete "
+                                f"{final} to train again there.")
+            print(f"epts: {final} already holds a finished run with these settings; reusing it", file=sys.stderr)
+            ranks.share("finished")
+            return elastic
+        ranks.share("train")
+        try:
+            records = train_blocks(model, calib_ids, config, device,
+                                   (partial, ranks.share(resume_records(partial, settings))), ranks)
+        except KeyboardInterrupt:
+            print(f"interrupted: the finished EPTS blocks are saved in {partial}; run the same command "
+                  "again to resume from the first unfinished block", file=sys.stderr)
+            raise
+        elastic = {"format": FORMAT, "model_type": model.cfg.raw.get("model_type"), **settings, "blocks": records}
+        save(elastic, final)
+    shutil.rmtree(partial, ignore_errors=True)
+    return elastic
+
+
 # -----------------------------------------------------------------------------
 # deployment: merge adapters, apply the mask; no adapters at inference time
 
@@ -692,6 +692,83 @@ class Request:
     tasks: list = ()  # zero-shot tasks (eval.TASKS), each read from tasks_dir/TASK.jsonl
     tasks_dir: str = None
     eval_batch_size: int = 4
+
+
+def prunable_copy(model):
+    """A copy of the dense model to prune in place: its blocks are copied, the embeddings, final norm and head
+    are shared (pruning never changes them), so each method costs one set of blocks, not a reload."""
+    shared = {id(p): p for name, p in model.named_parameters() if not name.startswith("blocks.")}
+    return copy.deepcopy(model, memo=shared)
+
+
+def check_seqlen(cfg, seqlen):
+    """At least two tokens per window (one to predict); OPT has no positions past its table, LLaMA extrapolates."""
+    if seqlen < 2:
+        raise UserError(f"--seqlen {seqlen} leaves no token to predict; use at least 2 (2048 is the convention).")
+    if seqlen > cfg.max_position_embeddings:
+        if isinstance(cfg, M.OPTConfig):
+            raise UserError(f"--seqlen {seqlen} is longer than OPT's {cfg.max_position_embeddings} learned "
+                            f"positions; use --seqlen {cfg.max_position_embeddings} or less.")
+        print(f"warning: --seqlen {seqlen} is longer than the model's max_position_embeddings "
+              f"({cfg.max_position_embeddings}); RoPE extrapolates beyond what the model was trained on",
+              file=sys.stderr)
+
+
+def read_allocation(allocation, n_blocks):
+    """None for 'uniform' and 'owl'; else the per-block sparsities of a JSON file (a list, one per block)."""
+    if allocation in ("uniform", "owl"):
+        return None
+    try:
+        with open(allocation) as f:
+            sparsities = json.load(f)
+        assert isinstance(sparsities, list) and all(isinstance(x, (int, float)) and 0 <= x < 1 for x in sparsities)
+    except (OSError, json.JSONDecodeError, UnicodeDecodeError, AssertionError):
+        raise UserError(f"--allocation {allocation!r} is not uniform, owl, or a readable JSON file holding a list "
+                        "of per-block sparsities in [0, 1), e.g. [0.45, 0.5, 0.55, ...].") from None
+    if len(sparsities) != n_blocks:
+        raise UserError(f"--allocation {allocation!r} lists {len(sparsities)} sparsities, but the model has "
+                        f"{n_blocks} blocks; give one per block.")
+    return [float(x) for x in sparsities]
+
+
+def check_nm(model, sparsities):
+    """Every N:M pattern's M divides the in_features of every layer it prunes."""
+    for n, m in (s for s in sparsities if isinstance(s, tuple)):
+        for name, lin in model.blocks[0].linears().items():
+            if lin.in_features % m:
+                raise UserError(f"N:M sparsity {n}:{m} needs every layer's in_features divisible by {m}, but "
+                                f"{name} has {lin.in_features}; choose an M that divides it, e.g. 2:4 or 4:8.")
+
+
+def check_writable(path, flag, folder=False):
+    """A file (in an existing folder) or a folder (created with its parents) that we will write later: checked
+    now, before any time is spent."""
+    if os.path.exists(path) and os.path.isdir(path) != folder:
+        raise UserError(f"{flag} {path!r} is a {'file' if folder else 'folder'}; give a "
+                        f"{'folder' if folder else 'file'} name.")
+    existing = os.path.abspath(path) if folder else os.path.dirname(os.path.abspath(path))
+    while folder and not os.path.exists(existing):
+        existing = os.path.dirname(existing)
+    if not os.path.isdir(existing) or not os.access(existing, os.W_OK):
+        raise UserError(f"{flag} {path!r} cannot be written: the folder {existing!r} is missing or not writable.")
+
+
+def eval_names(paths):
+    """Row name of each evaluation file: its base name, or the path as given where two base names collide."""
+    base = [os.path.basename(p) for p in paths]
+    names = {(b if base.count(b) == 1 else p): p for b, p in zip(base, paths)}
+    if len(names) < len(paths):
+        raise UserError("--eval names one file twice; give each evaluation file once.")
+    return names
+
+
+def print_row(cells, widths):
+    print(" ".join(f"{str(cells[name]):<{w}}" for name, w in widths.items()), flush=True)
+
+
+def write_json(report, path):
+    with M.atomic_write(path) as f:
+        json.dump(report, f, indent=2)
 
 
 def main(request=Request(), config=EPTSConfig()):
@@ -862,83 +939,6 @@ def main(request=Request(), config=EPTSConfig()):
     if r.json:
         write_json(report, r.json)
     return report
-
-
-def prunable_copy(model):
-    """A copy of the dense model to prune in place: its blocks are copied, the embeddings, final norm and head
-    are shared (pruning never changes them), so each method costs one set of blocks, not a reload."""
-    shared = {id(p): p for name, p in model.named_parameters() if not name.startswith("blocks.")}
-    return copy.deepcopy(model, memo=shared)
-
-
-def check_seqlen(cfg, seqlen):
-    """At least two tokens per window (one to predict); OPT has no positions past its table, LLaMA extrapolates."""
-    if seqlen < 2:
-        raise UserError(f"--seqlen {seqlen} leaves no token to predict; use at least 2 (2048 is the convention).")
-    if seqlen > cfg.max_position_embeddings:
-        if isinstance(cfg, M.OPTConfig):
-            raise UserError(f"--seqlen {seqlen} is longer than OPT's {cfg.max_position_embeddings} learned "
-                            f"positions; use --seqlen {cfg.max_position_embeddings} or less.")
-        print(f"warning: --seqlen {seqlen} is longer than the model's max_position_embeddings "
-              f"({cfg.max_position_embeddings}); RoPE extrapolates beyond what the model was trained on",
-              file=sys.stderr)
-
-
-def read_allocation(allocation, n_blocks):
-    """None for 'uniform' and 'owl'; else the per-block sparsities of a JSON file (a list, one per block)."""
-    if allocation in ("uniform", "owl"):
-        return None
-    try:
-        with open(allocation) as f:
-            sparsities = json.load(f)
-        assert isinstance(sparsities, list) and all(isinstance(x, (int, float)) and 0 <= x < 1 for x in sparsities)
-    except (OSError, json.JSONDecodeError, UnicodeDecodeError, AssertionError):
-        raise UserError(f"--allocation {allocation!r} is not uniform, owl, or a readable JSON file holding a list "
-                        "of per-block sparsities in [0, 1), e.g. [0.45, 0.5, 0.55, ...].") from None
-    if len(sparsities) != n_blocks:
-        raise UserError(f"--allocation {allocation!r} lists {len(sparsities)} sparsities, but the model has "
-                        f"{n_blocks} blocks; give one per block.")
-    return [float(x) for x in sparsities]
-
-
-def check_nm(model, sparsities):
-    """Every N:M pattern's M divides the in_features of every layer it prunes."""
-    for n, m in (s for s in sparsities if isinstance(s, tuple)):
-        for name, lin in model.blocks[0].linears().items():
-            if lin.in_features % m:
-                raise UserError(f"N:M sparsity {n}:{m} needs every layer's in_features divisible by {m}, but "
-                                f"{name} has {lin.in_features}; choose an M that divides it, e.g. 2:4 or 4:8.")
-
-
-def check_writable(path, flag, folder=False):
-    """A file (in an existing folder) or a folder (created with its parents) that we will write later: checked
-    now, before any time is spent."""
-    if os.path.exists(path) and os.path.isdir(path) != folder:
-        raise UserError(f"{flag} {path!r} is a {'file' if folder else 'folder'}; give a "
-                        f"{'folder' if folder else 'file'} name.")
-    existing = os.path.abspath(path) if folder else os.path.dirname(os.path.abspath(path))
-    while folder and not os.path.exists(existing):
-        existing = os.path.dirname(existing)
-    if not os.path.isdir(existing) or not os.access(existing, os.W_OK):
-        raise UserError(f"{flag} {path!r} cannot be written: the folder {existing!r} is missing or not writable.")
-
-
-def eval_names(paths):
-    """Row name of each evaluation file: its base name, or the path as given where two base names collide."""
-    base = [os.path.basename(p) for p in paths]
-    names = {(b if base.count(b) == 1 else p): p for b, p in zip(base, paths)}
-    if len(names) < len(paths):
-        raise UserError("--eval names one file twice; give each evaluation file once.")
-    return names
-
-
-def print_row(cells, widths):
-    print(" ".join(f"{str(cells[name]):<{w}}" for name, w in widths.items()), flush=True)
-
-
-def write_json(report, path):
-    with M.atomic_write(path) as f:
-        json.dump(report, f, indent=2)
 
 
 def parse_args(argv):

@@ -67,6 +67,15 @@ def atomic_folder(out_dir):
 # LLaMA
 
 
+def check_sizes(cfg, names):
+    """Every named size of a config must be a positive integer (a 0 or null would fail deep inside torch)."""
+    for name in names:
+        v = getattr(cfg, name)
+        if not isinstance(v, int) or isinstance(v, bool) or v < 1:
+            raise UserError(f"config.json: {name}={v!r} must be a positive integer; the checkpoint's config is "
+                            "damaged or not a model config.")
+
+
 @dataclass
 class LlamaConfig:
     vocab_size: int
@@ -103,15 +112,6 @@ class LlamaConfig:
         if self.num_attention_heads % self.num_key_value_heads:
             raise UserError(f"config.json: num_attention_heads={self.num_attention_heads} is not a multiple of "
                             f"num_key_value_heads={self.num_key_value_heads}; the checkpoint's config is inconsistent.")
-
-
-def check_sizes(cfg, names):
-    """Every named size of a config must be a positive integer (a 0 or null would fail deep inside torch)."""
-    for name in names:
-        v = getattr(cfg, name)
-        if not isinstance(v, int) or isinstance(v, bool) or v < 1:
-            raise UserError(f"config.json: {name}={v!r} must be a positive integer; the checkpoint's config is "
-                            "damaged or not a model config.")
 
 
 def rope_inv_freq(cfg):
@@ -257,6 +257,9 @@ class Llama(CausalLM):
 # OPT
 
 
+OPT_ACTIVATIONS = {"relu": F.relu, "gelu": F.gelu}
+
+
 @dataclass
 class OPTConfig:
     vocab_size: int
@@ -287,9 +290,6 @@ class OPTConfig:
             raise UserError(f"config.json: activation_function {self.activation_function!r} is not supported "
                             f"(supported: {', '.join(OPT_ACTIVATIONS)}).")
         self.has_final_norm = self.do_layer_norm_before and not self._remove_final_layer_norm
-
-
-OPT_ACTIVATIONS = {"relu": F.relu, "gelu": F.gelu}
 
 
 class OPTAttention(nn.Module):
@@ -370,22 +370,8 @@ class OPT(CausalLM):
 # config.json -> config dataclass, and the checkpoint's tensor names
 
 
-def read_config(ckpt_dir):
-    """Parse `ckpt_dir/config.json` into LlamaConfig or OPTConfig."""
-    if not os.path.isdir(ckpt_dir):
-        raise UserError(f"checkpoint folder {ckpt_dir!r} does not exist; pass --ckpt a Hugging Face model folder "
-                        "(config.json plus *.safetensors or pytorch_model.bin).")
-    path = os.path.join(ckpt_dir, "config.json")
-    if not os.path.isfile(path):
-        raise UserError(f"{ckpt_dir!r} has no config.json, so it is not a Hugging Face model folder; "
-                        "point --ckpt at the folder that holds config.json and the weights.")
-    try:
-        with open(path) as f:
-            raw = json.load(f)
-        assert isinstance(raw, dict)
-    except (json.JSONDecodeError, UnicodeDecodeError, AssertionError) as e:
-        raise UserError(f"{path} is not a valid JSON object ({e}); re-download or repair the file.") from None
-    return config_from_dict(raw, path)
+# the LLaMA layout and the families that differ from it only by a flag (Qwen2: q/k/v biases; Qwen3: q/k norms)
+LLAMA_TYPES = {"llama", "mistral", "qwen2", "qwen3"}
 
 
 def config_from_dict(raw, path="config.json"):
@@ -415,8 +401,22 @@ def config_from_dict(raw, path="config.json"):
         raise UserError(f"{path}: a required field is missing ({e}); the config is incomplete.") from None
 
 
-# the LLaMA layout and the families that differ from it only by a flag (Qwen2: q/k/v biases; Qwen3: q/k norms)
-LLAMA_TYPES = {"llama", "mistral", "qwen2", "qwen3"}
+def read_config(ckpt_dir):
+    """Parse `ckpt_dir/config.json` into LlamaConfig or OPTConfig."""
+    if not os.path.isdir(ckpt_dir):
+        raise UserError(f"checkpoint folder {ckpt_dir!r} does not exist; pass --ckpt a Hugging Face model folder "
+                        "(config.json plus *.safetensors or pytorch_model.bin).")
+    path = os.path.join(ckpt_dir, "config.json")
+    if not os.path.isfile(path):
+        raise UserError(f"{ckpt_dir!r} has no config.json, so it is not a Hugging Face model folder; "
+                        "point --ckpt at the folder that holds config.json and the weights.")
+    try:
+        with open(path) as f:
+            raw = json.load(f)
+        assert isinstance(raw, dict)
+    except (json.JSONDecodeError, UnicodeDecodeError, AssertionError) as e:
+        raise UserError(f"{path} is not a valid JSON object ({e}); re-download or repair the file.") from None
+    return config_from_dict(raw, path)
 
 
 def build_model(cfg):
@@ -627,6 +627,18 @@ def load_model(ckpt_dir, dtype=torch.float32):
     return model.eval().requires_grad_(False)  # pruning never trains the weights themselves
 
 
+def check_new_folder(path, what):
+    """`path` may become a new folder: it does not exist, or is an empty folder, and its parent is writable."""
+    if os.path.isdir(path) and os.listdir(path):
+        raise UserError(f"{what} {path!r} already exists and is not empty; nothing is overwritten or deleted: "
+                        "choose a new folder name.")
+    if os.path.exists(path) and not os.path.isdir(path):
+        raise UserError(f"{what} {path!r} is an existing file; choose a new folder name.")
+    parent = os.path.dirname(os.path.abspath(path))
+    if not os.path.isdir(parent) or not os.access(parent, os.W_OK):
+        raise UserError(f"{what} {path!r} cannot be created: {parent!r} is missing or not writable.")
+
+
 def save_model(model, out_dir, tokenizer_dir=None):
     """Write `model` as a new Hugging Face-format folder (config.json, model.safetensors, tokenizer files).
 
@@ -648,18 +660,6 @@ def save_model(model, out_dir, tokenizer_dir=None):
                          "special_tokens_map.json"):
                 if os.path.isfile(os.path.join(tokenizer_dir, name)):
                     shutil.copy(os.path.join(tokenizer_dir, name), tmp)
-
-
-def check_new_folder(path, what):
-    """`path` may become a new folder: it does not exist, or is an empty folder, and its parent is writable."""
-    if os.path.isdir(path) and os.listdir(path):
-        raise UserError(f"{what} {path!r} already exists and is not empty; nothing is overwritten or deleted: "
-                        "choose a new folder name.")
-    if os.path.exists(path) and not os.path.isdir(path):
-        raise UserError(f"{what} {path!r} is an existing file; choose a new folder name.")
-    parent = os.path.dirname(os.path.abspath(path))
-    if not os.path.isdir(parent) or not os.access(parent, os.W_OK):
-        raise UserError(f"{what} {path!r} cannot be created: {parent!r} is missing or not writable.")
 
 
 def save_random(raw, out_dir, n_blocks, seed=0, dtype=torch.bfloat16):

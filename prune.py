@@ -217,6 +217,11 @@ def stream_device(device, stream_bytes, reserve_bytes, free_bytes=None):
     return device if stream_bytes + reserve_bytes <= free_bytes else torch.device("cpu")
 
 
+def device_of(module):
+    """Where a model or block's weights are (all of one module's weights are on one device)."""
+    return next(module.parameters()).device
+
+
 @torch.no_grad()
 def embed_calibration(model, calib, device, batch_size, n_streams, reserve_bytes):
     """The first block's inputs (N, T, C) for calibration ids (N, T).
@@ -237,11 +242,6 @@ def embed_calibration(model, calib, device, batch_size, n_streams, reserve_bytes
     for i in range(0, len(calib), batch_size):
         X[i:i + batch_size] = model.embed(calib[i:i + batch_size].to(home)).to(where)
     return X
-
-
-def device_of(module):
-    """Where a model or block's weights are (all of one module's weights are on one device)."""
-    return next(module.parameters()).device
 
 
 def param_bytes(module):
