@@ -283,20 +283,20 @@ def prune_model(model, method, sparsity, calib=None, device="cpu", batch_size=8)
                                                               reserve_bytes=4 * param_bytes(model.blocks[0]))
     progress = Progress(len(model.blocks), method)
     per_block = sparsity if isinstance(sparsity, list) else [sparsity] * len(model.blocks)
-    for block, sparsity in zip(model.blocks, per_block):
+    for block, s in zip(model.blocks, per_block):
         block.to(device)
         if method == "magnitude":
             for lin in block.linears().values():
-                lin.weight.mul_(magnitude_mask(lin.weight, sparsity))
+                lin.weight.mul_(magnitude_mask(lin.weight, s))
         else:
             stats = new_stats(block, method == "sparsegpt", device)
             run_block(block, X, device, batch_size, stats)
             for name, lin in block.linears().items():
                 W = lin.weight.data
                 if method == "wanda":
-                    W.mul_(wanda_mask(W, stats[name].act_norm, sparsity))
+                    W.mul_(wanda_mask(W, stats[name].act_norm, s))
                 else:
-                    W.copy_(sparsegpt_prune(W, stats[name].H, sparsity))
+                    W.copy_(sparsegpt_prune(W, stats[name].H, s))
             del stats
             X = run_block(block, X, device, batch_size)  # next block's inputs, from this pruned block
         block.to(home)
@@ -326,13 +326,14 @@ def owl_ratios(model, calib, device="cpu", batch_size=8, M=5.0):
     home = device_of(model)
     X = embed_calibration(model, calib, device, batch_size, n_streams=2,
                           reserve_bytes=2 * param_bytes(model.blocks[0]))
-    ratios = []
+    ratios, progress = [], Progress(len(model.blocks), "owl ratios")
     for block in model.blocks:
         block.to(device)
         stats = new_stats(block, hessian=False, device=device)
         X = run_block(block, X, device, batch_size, stats)
         ratios.append(outlier_ratio(block, {n: s.act_norm for n, s in stats.items()}, M))
         block.to(home)
+        progress.step()
     return ratios
 
 
