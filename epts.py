@@ -311,16 +311,17 @@ def train_block(block, layers, X, Y, config, device, gen, ranks=SOLO):
             step = epoch * per_epoch + b
             idx = order[b * batch_size:(b + 1) * batch_size]
             x, y = X[idx].to(device), Y[idx].to(device).float()  # (B, T, C)
-            out0, step_loss = torch.empty_like(y), torch.zeros((), device=device)
+            out0, step_loss = None, torch.zeros((), device=device)  # out0: group 0's output, detached
             for g in range(G):
                 if ranks.owns(g):
                     out = block_forward(block, layers, x, g, draws[g][step]).float()
-                    loss = group_loss(out, y, None if g == 0 else out0)
+                    loss = group_loss(out, y, out0)  # group 0 runs first, with out0 still None
                     loss.backward()  # gradients of all groups accumulate before the one step
                     step_loss += loss.detach()
-                    out0 = out.detach() if g == 0 else out0
-                if g == 0:
-                    ranks.broadcast(out0, src=0)  # group 0's output: the other groups' second target
+                    if g == 0:
+                        out0 = out.detach()
+                if g == 0 and ranks.size > 1:  # the other groups' second target, to the ranks that own them
+                    out0 = ranks.broadcast(out0 if ranks.owns(0) else torch.empty_like(y), src=0)
             total += ranks.sum_gradients(params, step_loss)
             opt.step()
             opt.zero_grad(set_to_none=True)
@@ -732,12 +733,13 @@ def read_allocation(allocation, n_blocks):
 
 
 def check_nm(model, sparsities):
-    """Every N:M pattern's M divides the in_features of every layer it prunes."""
+    """Every N:M pattern fits every layer it prunes (prune.check_nm), checked before any method runs."""
     for n, m in (s for s in sparsities if isinstance(s, tuple)):
         for name, lin in model.blocks[0].linears().items():
-            if lin.in_features % m:
-                raise UserError(f"N:M sparsity {n}:{m} needs every layer's in_features divisible by {m}, but "
-                                f"{name} has {lin.in_features}; choose an M that divides it, e.g. 2:4 or 4:8.")
+            try:
+                prune.check_nm(lin.in_features, n, m, name)
+            except ValueError as e:
+                raise UserError(str(e)) from None
 
 
 def check_writable(path, flag, folder=False):

@@ -486,7 +486,7 @@ def read_safetensors_header(path):
         except (KeyError, TypeError, ValueError, AssertionError):
             raise UserError(f"{path}: the header entry of tensor {name!r} is malformed ({info}); the file is "
                             "corrupt, re-download it.") from None
-        itemsize = torch.empty(0, dtype=SAFETENSORS_DTYPES[info["dtype"]]).element_size()
+        itemsize = SAFETENSORS_DTYPES[info["dtype"]].itemsize
         if end - begin != numel * itemsize:
             raise UserError(f"{path}: tensor {name!r} has shape {info['shape']} ({numel * itemsize} bytes of "
                             f"{info['dtype']}) but {end - begin} bytes in the file; the file is corrupt, "
@@ -517,7 +517,7 @@ def iter_safetensors(path, dtype=None, chunk_bytes=64 << 20):
         for name, info in header.items():
             begin, end = (start + o for o in info["data_offsets"])
             file_dtype = SAFETENSORS_DTYPES[info["dtype"]]
-            itemsize = torch.empty(0, dtype=file_dtype).element_size()
+            itemsize = file_dtype.itemsize
             target = dtype if dtype is not None and file_dtype.is_floating_point else file_dtype
             t = torch.empty(info["shape"], dtype=target)
             flat = t.view(-1)

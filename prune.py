@@ -53,12 +53,17 @@ def row_mask(score, s):
     return ~lowest_k(score, int(score.shape[1] * s))
 
 
+def check_nm(in_features, n, m, name="one"):
+    """An N:M pattern needs the layer's inputs to split into runs of m."""
+    if in_features % m:
+        raise ValueError(f"N:M sparsity {n}:{m} needs every layer's in_features divisible by {m}, but {name} has "
+                         f"{in_features}; choose an M that divides it, e.g. 2:4 or 4:8.")
+
+
 def nm_mask(score, n, m):
     """N:M mask: in every run of m consecutive input columns of a row keep the n highest scores."""
     out_f, in_f = score.shape
-    if in_f % m:
-        raise ValueError(f"N:M sparsity {n}:{m} needs every layer's in_features divisible by {m}, but one has "
-                         f"{in_f}; choose an M that divides it, e.g. 2:4 or 4:8.")
+    check_nm(in_f, n, m)
     groups = score.view(out_f, in_f // m, m)
     pruned = torch.argsort(groups, dim=-1, stable=True)[..., : m - n]  # (out, in/m, m-n) lowest scores
     mask = torch.ones_like(groups, dtype=torch.bool)
