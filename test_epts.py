@@ -9,6 +9,7 @@ import time
 
 import pytest
 import torch
+import torch.nn.functional as F
 
 import data
 import epts
@@ -627,6 +628,28 @@ def test_adapters_and_optimizer_state_stay_float32_under_bfloat16():
     opt.step()
     assert out.dtype == torch.bfloat16 and layer.A.dtype == layer.B.dtype == torch.float32
     assert all(v.dtype == torch.float32 for st in opt.state.values() for k, v in st.items() if k != "step")
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16])
+def test_masked_merge_matches_the_definition_and_its_gradients(dtype):
+    """MaskedMerge's output and hand-written backward against autograd of (W + scale B A) ⊙ M in float64:
+    float32 exact to rounding, half precision as close as rounding the exact merge to that dtype."""
+    g = torch.Generator().manual_seed(0)
+    W = (0.02 * torch.randn(40, 64, generator=g)).to(dtype)
+    B, A = 0.01 * torch.randn(40, 6, generator=g), 0.1 * torch.randn(6, 64, generator=g)
+    mask, x = torch.rand(40, 64, generator=g) > 0.5, torch.randn(5, 64, generator=g)
+    B64, A64 = (t.double().requires_grad_() for t in (B, A))
+    exact = (W.double() + 0.5 * B64 @ A64) * mask
+    F.linear(x.double(), exact).pow(2).sum().backward()
+    B, A = B.requires_grad_(), A.requires_grad_()
+    merged = epts.MaskedMerge.apply(W, B, A, mask, 0.5)
+    F.linear(x.to(dtype), merged).float().pow(2).sum().backward()
+    rel = lambda a, b: ((a.double() - b).norm() / b.norm()).item()  # noqa: E731
+    rounding = rel(exact.detach().to(dtype), exact.detach())  # the error of any merge stored in `dtype`
+    assert merged.dtype == dtype and rel(merged, exact.detach()) <= 1.5 * rounding + 1e-7
+    tol = 1e-5 if dtype == torch.float32 else 2e-2  # backward through half-precision x and W_eff
+    assert B.grad.dtype == A.grad.dtype == torch.float32
+    assert rel(B.grad, B64.grad) < tol and rel(A.grad, A64.grad) < tol
 
 
 def test_backward_keeps_only_the_bool_mask_and_the_merged_weight():

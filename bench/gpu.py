@@ -90,7 +90,7 @@ def measure(raw, args):
     other = max(per_block - steps * step, 0.0)
     full_block = 10 * 128 * step + other * 128 / args.nsamples
     return {"config": raw.get("_name"), "hidden": cfg.hidden_size, "intermediate": cfg.intermediate_size,
-            "seqlen": T, "groups": G, "step_ms": 1e3 * step, "bound_ms": 1e3 * bound, "ratio": bound / step,
+            "seqlen": T, "dtype": args.dtype, "groups": G, "step_ms": 1e3 * step, "bound_ms": 1e3 * bound, "ratio": bound / step,
             "matmul_tflops": tflops, "block_s": per_block, "peak_gib": peak,
             "full_run_min": full_block * raw["num_hidden_layers"] / 60, "blocks": args.blocks,
             "epochs": args.epochs, "nsamples": args.nsamples, "offload": args.offload}

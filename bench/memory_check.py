@@ -39,17 +39,17 @@ def epts_block_bytes(shape, batch=1):
     P = sum(i * o for i, o in layers)  # weights of the block
     adapters = 4 * G * r * sum(i + o for i, o in layers)  # fp32 A and B of every group
     stream = N * T * C * elt  # one (N, T, C) calibration stream
-    merge = 4 * max(i * o for i, o in layers)  # the one fp32 copy of W that addmm_ and mul_ work in, largest layer
+    largest = max(i * o for i, o in layers)  # weights of the largest layer
     activations = batch * T * (12 * C + 4 * F) * elt  # one batch through the block
     return {
         "throughout": {"ranks (int16)": 2 * P, "adapters (fp32)": adapters},
         "training": {"3 streams (dense in, target, pruned in)": 3 * stream,
                      "adapter gradients + Adam's two moments": 3 * adapters,
                      "saved for backward: bool mask + merged weight": P * (1 + elt),
-                     "transient merge of the largest layer": merge,
+                     "backward of the largest layer: dL/dW_eff, masked": 2 * elt * largest,
                      "activations of one batch": activations},
         "mixing": {"4 streams (+ mixed outputs)": 4 * stream,
-                   "transient merge of the largest layer": merge,
+                   "merged weight of the largest layer": elt * largest,
                    "activations of one batch": activations},
     }
 
