@@ -100,17 +100,14 @@ def eval_tokens(path, tok, seqlen):
     return torch.tensor(ids, dtype=torch.long)
 
 
-def _has(folder, split):
-    return any(split in name for name in os.listdir(folder))
-
-
 def calibration(path, tok, nsamples, seqlen, seed):
     """`nsamples` windows (nsamples, seqlen) of token ids, reproducible for a seed.
 
     C4-style data: each window from a random document longer than seqlen, at a random offset (the loop of
     SparseGPT and Wanda). One long text: random offsets into it. The RNG is local, never the global one.
     """
-    path = resolve(path, "train" if os.path.isdir(path) and _has(path, "train") else "valid")
+    has_train = os.path.isdir(path) and any("train" in name for name in os.listdir(path))
+    path = resolve(path, "train" if has_train else "valid")
     kind, docs = read_documents(path)
     rng = random.Random(seed)
     if kind != "c4":

@@ -22,6 +22,7 @@ import sys
 import time
 
 import torch
+import torch.distributed as dist
 import torch.nn as nn
 import torch.nn.functional as F
 from dataclasses import asdict, dataclass, replace
@@ -201,7 +202,7 @@ class Ranks:
     step a single process would. Passes without gradients (the dense target, the low-group check, the mixer)
     split the windows, whole batches per rank, and exchange the results.
 
-    SOLO (one process, no torchrun) makes every exchange a no-op and never touches torch.distributed.
+    SOLO (one process, no torchrun) makes every exchange a no-op and never initialises torch.distributed.
     """
 
     def __init__(self, rank=0, size=1, device="cpu"):
@@ -214,7 +215,6 @@ class Ranks:
         process takes the GPU of its LOCAL_RANK."""
         if int(os.environ.get("WORLD_SIZE", "1")) == 1:
             return cls()
-        import torch.distributed as dist
         if str(device).startswith("cuda"):
             device = f"cuda:{int(os.environ.get('LOCAL_RANK', '0'))}"
             torch.cuda.set_device(device)
@@ -232,29 +232,26 @@ class Ranks:
         n_batches = math.ceil(n / batch_size)
         return tuple(min(n, n_batches * r // self.size * batch_size) for r in (rank, rank + 1))
 
-    def broadcast(self, t, src):
-        """t from rank `src` to every rank, in place, wherever t lives."""
+    def exchange(self, t, op):
+        """op(buffer) on a copy of t on the backend's device (NCCL: CUDA, gloo: CPU), the result back in t."""
         if self.size > 1 and t.numel():
-            import torch.distributed as dist
             buf = t.to(self.comm)
-            dist.broadcast(buf, src)
+            op(buf)
             t.copy_(buf)
         return t
 
+    def broadcast(self, t, src):
+        """t from rank `src` to every rank, in place, wherever t lives."""
+        return self.exchange(t, lambda buf: dist.broadcast(buf, src))
+
     def sum(self, t):
         """The sum of t over the ranks, in place, wherever t lives."""
-        if self.size > 1:
-            import torch.distributed as dist
-            buf = t.to(self.comm)
-            dist.all_reduce(buf)
-            t.copy_(buf)
-        return t
+        return self.exchange(t, dist.all_reduce)
 
     def share(self, obj):
         """Rank 0's (picklable) object, on every rank."""
         if self.size == 1:
             return obj
-        import torch.distributed as dist
         box = [obj]
         dist.broadcast_object_list(box, src=0, device=self.comm)
         return box[0]
@@ -537,8 +534,7 @@ def resume_records(partial, settings):
                             "to resume it, or pass another --out.")
     else:
         os.makedirs(partial, exist_ok=True)
-        with M.atomic_write(meta) as f:
-            json.dump(settings, f)
+        M.save_json(settings, meta)
     records = []
     while os.path.isfile(path := os.path.join(partial, f"block_{len(records):03d}.pt")):
         records.append(load_checked(path, f"block {len(records)}", f"delete it and run the same command again to "
@@ -767,19 +763,6 @@ def check_nm(model, sparsities):
                 raise UserError(str(e)) from None
 
 
-def check_writable(path, flag, folder=False):
-    """A file (in an existing folder) or a folder (created with its parents) that we will write later: checked
-    now, before any time is spent."""
-    if os.path.exists(path) and os.path.isdir(path) != folder:
-        raise UserError(f"{flag} {path!r} is a {'file' if folder else 'folder'}; give a "
-                        f"{'folder' if folder else 'file'} name.")
-    existing = os.path.abspath(path) if folder else os.path.dirname(os.path.abspath(path))
-    while folder and not os.path.exists(existing):
-        existing = os.path.dirname(existing)
-    if not os.path.isdir(existing) or not os.access(existing, os.W_OK):
-        raise UserError(f"{flag} {path!r} cannot be written: the folder {existing!r} is missing or not writable.")
-
-
 def eval_names(paths):
     """Row name of each evaluation file: its base name, or the path as given where two base names collide."""
     base = [os.path.basename(p) for p in paths]
@@ -791,11 +774,6 @@ def eval_names(paths):
 
 def print_row(cells, widths):
     print(" ".join(f"{str(cells[name]):<{w}}" for name, w in widths.items()), flush=True)
-
-
-def write_json(report, path):
-    with M.atomic_write(path) as f:
-        json.dump(report, f, indent=2)
 
 
 def main(request=Request(), config=EPTSConfig()):
@@ -854,9 +832,9 @@ def main(request=Request(), config=EPTSConfig()):
                             "exactly one pruned method and one sparsity.")
         if os.path.realpath(r.export) == os.path.realpath(r.ckpt):
             raise UserError(f"--export {r.export!r} is the checkpoint folder itself; choose a new folder.")
-        M.check_new_folder(r.export, "--export")
+        M.check_writable(r.export, "--export", folder=True, new=True)
     if r.json:
-        check_writable(r.json, "--json")
+        M.check_writable(r.json, "--json")
     elastic, out_dir = None, None
     if "epts" in r.methods and r.elastic:
         elastic = load_elastic(r.elastic)
@@ -868,7 +846,7 @@ def main(request=Request(), config=EPTSConfig()):
             raise UserError(f"{ranks.size} processes for {len(config.edges) - 1} groups: each process computes "
                             "whole groups, so run at most as many processes as groups.")
         out_dir = r.out or os.path.join("runs", f"epts-{os.path.basename(os.path.normpath(r.ckpt))}")
-        check_writable(out_dir, "--out", folder=True)
+        M.check_writable(out_dir, "--out", folder=True)
 
     if ranks.rank > 0 and not train_epts:
         return None  # several processes share only the EPTS optimisation; rank 0 does the rest
@@ -915,14 +893,14 @@ def main(request=Request(), config=EPTSConfig()):
             row = {"method": method, "sparsity": prune.format_sparsity(sparsity), "eval": name, **metrics,
                    "seconds": round(seconds, 3)}
             if method != "dense":
-                row["achieved_sparsity"] = round(prune.sparsity_report(pruned)[1], 6)
+                row["achieved_sparsity"] = round(prune.achieved_sparsity(pruned), 6)
                 if isinstance(deployed, list):
                     row["block_sparsities"] = [round(x, 6) for x in deployed]
             report["results"].append(row)
             value = f"{metrics['ppl']:.3f}" if "ppl" in metrics else f"acc {metrics['acc']:.4f}"
             print_row(dict(row, ppl=value, seconds=f"{seconds:.1f}"), widths)
         if r.json:
-            write_json(report, r.json)
+            M.save_json(report, r.json)
         if r.export and method != "dense":
             M.save_model(pruned, r.export, tokenizer_dir=r.ckpt)
             print(f"exported {method} at {prune.format_sparsity(sparsity)} to {r.export}", file=sys.stderr)
@@ -964,7 +942,7 @@ def main(request=Request(), config=EPTSConfig()):
             deploy(pruned, elastic, deployed)
             record("epts", s, pruned, time.time() - t0, deployed)
     if r.json:
-        write_json(report, r.json)
+        M.save_json(report, r.json)
     return report
 
 

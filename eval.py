@@ -24,9 +24,7 @@ def perplexity(model, ids, seqlen, batch_size=4, device="cpu", logit_bytes=2**28
     nll, count = torch.zeros((), dtype=torch.float64), 0
     for i in range(0, n, batch_size):
         x = windows[i:i + batch_size].to(device)  # (B, T)
-        h = model.embed(x)
-        for block in model.blocks:
-            h = block(h)
+        h = model.hidden(x)
         h = h[:, :-1].reshape(-1, h.shape[-1])  # (B*(T-1), C): every position that predicts a token
         targets = x[:, 1:].reshape(-1)  # (B*(T-1),)
         for j in range(0, len(targets), chunk):
@@ -140,9 +138,7 @@ def loglikelihoods(model, pairs, tok, device="cpu", batch_size=8, max_len=None):
         idx = torch.zeros(len(rows), T, dtype=torch.long)
         for j, row in enumerate(rows):
             idx[j, :len(row) - 1] = torch.tensor(row[:-1])
-        h = model.embed(idx.to(device))
-        for block in model.blocks:
-            h = block(h)
+        h = model.hidden(idx.to(device))
         for j, (row, start) in enumerate(zip(rows, starts)):
             logp = model.head(h[j, start - 1:len(row) - 1]).float().log_softmax(-1)  # (n_cont, V)
             target = torch.tensor(row[start:], device=logp.device)

@@ -43,11 +43,17 @@ def atomic_write(path, mode="w"):
             os.remove(tmp)
 
 
+def save_json(obj, path):
+    with atomic_write(path) as f:
+        json.dump(obj, f, indent=2)
+
+
 @contextlib.contextmanager
 def atomic_folder(out_dir):
     """A new temporary folder beside `out_dir` that becomes `out_dir` once filled, and is removed if anything
     fails. `out_dir` may not exist yet or be an empty folder; nothing that exists is ever deleted."""
     parent = os.path.dirname(os.path.abspath(out_dir))
+    os.makedirs(parent, exist_ok=True)
     tmp = tempfile.mkdtemp(dir=parent, prefix=f".{os.path.basename(os.path.abspath(out_dir))}.tmp-")
     umask = os.umask(0)
     os.umask(umask)
@@ -61,6 +67,22 @@ def atomic_folder(out_dir):
                             "folder.") from None
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
+
+
+def check_writable(path, flag, folder=False, new=False):
+    """A file (in an existing folder) or a folder (created with its parents; if `new`, absent or empty) that
+    will be written later: checked now, before any time is spent."""
+    if os.path.exists(path) and os.path.isdir(path) != folder:
+        raise UserError(f"{flag} {path!r} is a {'file' if folder else 'folder'}; give a "
+                        f"{'folder' if folder else 'file'} name.")
+    if new and os.path.isdir(path) and os.listdir(path):
+        raise UserError(f"{flag} {path!r} already exists and is not empty; nothing is overwritten or deleted: "
+                        "choose a new folder name.")
+    existing = os.path.abspath(path) if folder else os.path.dirname(os.path.abspath(path))
+    while folder and not os.path.exists(existing):
+        existing = os.path.dirname(existing)
+    if not os.path.isdir(existing) or not os.access(existing, os.W_OK):
+        raise UserError(f"{flag} {path!r} cannot be written: the folder {existing!r} is missing or not writable.")
 
 
 # -----------------------------------------------------------------------------
@@ -173,10 +195,9 @@ class LlamaAttention(nn.Module):
 
     def forward(self, x):
         B, T, C = x.shape
-        # QKV
-        q = self.q_proj(x).view(B, T, self.n_head, self.head_dim).transpose(1, 2)  # (B, nh, T, hd)
-        k = self.k_proj(x).view(B, T, self.n_kv_head, self.head_dim).transpose(1, 2)  # (B, nkv, T, hd)
-        v = self.v_proj(x).view(B, T, self.n_kv_head, self.head_dim).transpose(1, 2)  # (B, nkv, T, hd)
+        # QKV: q (B, nh, T, hd), k and v (B, nkv, T, hd)
+        q, k, v = (proj(x).view(B, T, -1, self.head_dim).transpose(1, 2)
+                   for proj in (self.q_proj, self.k_proj, self.v_proj))
         if self.qk_norm:  # Qwen3 normalises each head's query and key before rotating them
             q, k = self.q_norm(q), self.k_norm(k)
         # RoPE, angles in float32 (HF checkpoints permute q/k for the rotate-half convention)
@@ -228,11 +249,15 @@ class LlamaBlock(Block):
 class CausalLM(nn.Module):
     """Both families' forward: embed -> blocks -> head."""
 
-    def forward(self, idx):
+    def hidden(self, idx):
+        """(B, T) ids -> (B, T, C) outputs of the last block, before the final norm."""
         x = self.embed(idx)
         for block in self.blocks:
             x = block(x)
-        return self.head(x)
+        return x
+
+    def forward(self, idx):
+        return self.head(self.hidden(idx))
 
 
 class Llama(CausalLM):
@@ -304,9 +329,8 @@ class OPTAttention(nn.Module):
 
     def forward(self, x):
         B, T, C = x.shape
-        q = self.q_proj(x).view(B, T, self.n_head, C // self.n_head).transpose(1, 2)  # (B, nh, T, hd)
-        k = self.k_proj(x).view(B, T, self.n_head, C // self.n_head).transpose(1, 2)  # (B, nh, T, hd)
-        v = self.v_proj(x).view(B, T, self.n_head, C // self.n_head).transpose(1, 2)  # (B, nh, T, hd)
+        q, k, v = (proj(x).view(B, T, self.n_head, C // self.n_head).transpose(1, 2)  # (B, nh, T, hd)
+                   for proj in (self.q_proj, self.k_proj, self.v_proj))
         y = F.scaled_dot_product_attention(q, k, v, is_causal=True)
         y = y.transpose(1, 2).reshape(B, T, C)  # (B, T, C)
         return self.out_proj(y)
@@ -627,25 +651,13 @@ def load_model(ckpt_dir, dtype=torch.float32):
     return model.eval().requires_grad_(False)  # pruning never trains the weights themselves
 
 
-def check_new_folder(path, what):
-    """`path` may become a new folder: it does not exist, or is an empty folder, and its parent is writable."""
-    if os.path.isdir(path) and os.listdir(path):
-        raise UserError(f"{what} {path!r} already exists and is not empty; nothing is overwritten or deleted: "
-                        "choose a new folder name.")
-    if os.path.exists(path) and not os.path.isdir(path):
-        raise UserError(f"{what} {path!r} is an existing file; choose a new folder name.")
-    parent = os.path.dirname(os.path.abspath(path))
-    if not os.path.isdir(parent) or not os.access(parent, os.W_OK):
-        raise UserError(f"{what} {path!r} cannot be created: {parent!r} is missing or not writable.")
-
-
 def save_model(model, out_dir, tokenizer_dir=None):
     """Write `model` as a new Hugging Face-format folder (config.json, model.safetensors, tokenizer files).
 
     `out_dir` must not exist or be empty: the folder is filled under a temporary name and renamed into place,
     and nothing that already exists is removed.
     """
-    check_new_folder(out_dir, "the export folder")
+    check_writable(out_dir, "the export folder", folder=True, new=True)
     cfg = model.cfg
     sd = model.state_dict()
     tensors = {hf: sd[key] for key, hf in hf_name_map(cfg).items()}
@@ -653,8 +665,7 @@ def save_model(model, out_dir, tokenizer_dir=None):
     raw["torch_dtype"] = str(next(iter(tensors.values())).dtype).removeprefix("torch.")
     with atomic_folder(out_dir) as tmp:
         save_safetensors(tensors, os.path.join(tmp, "model.safetensors"))
-        with open(os.path.join(tmp, "config.json"), "w") as f:
-            json.dump(raw, f, indent=2)
+        save_json(raw, os.path.join(tmp, "config.json"))
         if tokenizer_dir:
             for name in ("tokenizer.model", "tokenizer.json", "vocab.json", "merges.txt", "tokenizer_config.json",
                          "special_tokens_map.json"):
@@ -685,15 +696,6 @@ def save_random(raw, out_dir, n_blocks, seed=0, dtype=torch.bfloat16):
         save_safetensors(tensors, os.path.join(out_dir, name))
     index = {"metadata": {"total_size": sum(t.numel() * t.element_size() for sh in shards for t in sh.values())},
              "weight_map": {hf: name for name, sh in zip(names, shards) for hf in sh}}
-    for fname, obj in (("model.safetensors.index.json", index), ("config.json", raw)):
-        with open(os.path.join(out_dir, fname), "w") as f:
-            json.dump(obj, f, indent=2)
+    save_json(index, os.path.join(out_dir, "model.safetensors.index.json"))
+    save_json(raw, os.path.join(out_dir, "config.json"))
     return out_dir
-
-
-@torch.no_grad()
-def generate(model, idx, n):
-    """Greedy decoding of `n` tokens (no KV cache: used for parity checks, not speed)."""
-    for _ in range(n):
-        idx = torch.cat([idx, model(idx)[:, -1].argmax(-1, keepdim=True)], dim=1)
-    return idx

@@ -78,9 +78,8 @@ def matrix_mask(score, s):
 
 def magnitude_mask(W, sparsity):
     """Magnitude baseline: one threshold per matrix (fraction), or N:M on |W|."""
-    if isinstance(sparsity, tuple):
-        return nm_mask(W.abs().float(), *sparsity)
-    return matrix_mask(W.abs().float(), sparsity)
+    score = W.abs().float()
+    return nm_mask(score, *sparsity) if isinstance(sparsity, tuple) else matrix_mask(score, sparsity)
 
 
 def wanda_mask(W, act_norm, sparsity):
@@ -361,15 +360,10 @@ def owl_sparsities(ratios, S, lam=0.08, lo=0.0, hi=0.99):
     return s.clamp(lo, hi).tolist(), clipped
 
 
-def sparsity_report(model):
-    """Fraction of zero weights per prunable layer ('blocks.i.name') and over all of them."""
-    per_layer, zeros, total = {}, 0, 0
-    for i, block in enumerate(model.blocks):
-        for name, lin in block.linears().items():
-            z = (lin.weight == 0).sum().item()
-            per_layer[f"blocks.{i}.{name}"] = z / lin.weight.numel()
-            zeros, total = zeros + z, total + lin.weight.numel()
-    return per_layer, zeros / total
+def achieved_sparsity(model):
+    """The fraction of zero weights over every prunable layer of the model."""
+    weights = [lin.weight for block in model.blocks for lin in block.linears().values()]
+    return sum((W == 0).sum().item() for W in weights) / sum(W.numel() for W in weights)
 
 
 def parse_sparsity(text):

@@ -311,7 +311,7 @@ def main():
         results["models"][kind] = run_fixture(kind, ckpt, calib, eval_file())
     results["gflops"] = {"reconstruction": reconstruction_gflops(build_fixture("llama"), calib),
                          "matmul": matmul_gflops()}
-    epts.write_json(results, os.path.join(HERE, "results.json"))
+    M.save_json(results, os.path.join(HERE, "results.json"))
     plot(results, os.path.join(HERE, "results.png"))
     write_readme(results)
     print(table(results))
