@@ -1010,11 +1010,21 @@ def parse_args(argv):
 
 if __name__ == "__main__":
     request, config = parse_args(sys.argv[1:])
+    code = 0
     try:
         main(request, config)
     except USER_ERRORS as e:
         print(f"error: {e}", file=sys.stderr)
-        sys.exit(2)
+        code = 2
     except KeyboardInterrupt:
         print("interrupted", file=sys.stderr)  # run_epts has said where its finished blocks are, if it ran
-        sys.exit(130)
+        code = 130
+    if dist.is_available() and dist.is_initialized():
+        # under torchrun, skip the interpreter's teardown: a gloo worker thread may still be dropping the last
+        # collective's tensors then, and its taking the GIL during finalisation aborts the process ("terminate
+        # called without an active exception", about 1 run in 25 here; pytorch/pytorch#179291). Every file has
+        # been written and closed by now.
+        sys.stdout.flush()
+        sys.stderr.flush()
+        os._exit(code)
+    sys.exit(code)
