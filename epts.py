@@ -646,7 +646,7 @@ def deploy(model, elastic, sparsity):
         raise UserError("the elastic model was trained on a different checkpoint (fingerprints differ); deploy it "
                         "on the --ckpt it was trained with, or train a new one for this checkpoint.")
     n_blocks = len(model.blocks)
-    per_block = sparsity if isinstance(sparsity, list) else [sparsity] * n_blocks
+    per_block = prune.block_sparsities(sparsity, n_blocks)
     if len(per_block) != n_blocks or len(elastic["blocks"]) != n_blocks:
         raise UserError(f"deploy needs one sparsity per block ({n_blocks} blocks), got {len(per_block)}.")
     edges, G = elastic["edges"], len(elastic["edges"]) - 1

@@ -271,6 +271,12 @@ class Progress:
               f"~{eta:.1f}s left{extra}", file=sys.stderr, flush=True)
 
 
+def block_sparsities(sparsity, n_blocks):
+    """The sparsity of each block: a list already holds one per block; a fraction or an (n, m) N:M pattern
+    applies to every block (which is why per-block sparsities are a list, never a tuple)."""
+    return sparsity if isinstance(sparsity, list) else [sparsity] * n_blocks
+
+
 @torch.no_grad()
 def prune_model(model, method, sparsity, calib=None, device="cpu", batch_size=8):
     """Prune every Linear in every decoder block of `model` in place with `method`, at `sparsity` (a fraction,
@@ -286,8 +292,7 @@ def prune_model(model, method, sparsity, calib=None, device="cpu", batch_size=8)
     X = None if method == "magnitude" else embed_calibration(model, calib, device, batch_size, n_streams=2,
                                                               reserve_bytes=4 * param_bytes(model.blocks[0]))
     progress = Progress(len(model.blocks), method)
-    per_block = sparsity if isinstance(sparsity, list) else [sparsity] * len(model.blocks)
-    for block, s in zip(model.blocks, per_block):
+    for block, s in zip(model.blocks, block_sparsities(sparsity, len(model.blocks))):
         block.to(device)
         if method == "magnitude":
             for lin in block.linears().values():
