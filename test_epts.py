@@ -431,11 +431,14 @@ def test_row_mask_keeps_the_highest_scores_and_equals_the_stable_sort_definition
             assert torch.equal(prune.matrix_mask(score, s), flat.view_as(score))
 
 
-def test_ranks_switch_to_int32_from_32768_inputs():
-    """int16 holds ranks below 2^15 only: a layer with 32768 inputs stores int32 ranks and its masks stay exact."""
-    lin = torch.nn.Linear(2 ** 15, 2, bias=False)
-    layer = epts.ElasticLinear(lin, torch.rand(2 ** 15) + 0.1, n_groups=1, rank=1)
+def test_ranks_switch_to_int32_from_32768_inputs_and_are_built_in_chunks_of_rows():
+    """int16 holds ranks below 2^15 only: a layer with 32768 inputs stores int32 ranks and its masks stay exact.
+    Its 300 rows are ranked 256 at a time (2^23 weights), the same ranks as one sort of the whole layer."""
+    lin = torch.nn.Linear(2 ** 15, 300, bias=False)
+    act_norm = torch.rand(2 ** 15) + 0.1
+    layer = epts.ElasticLinear(lin, act_norm, n_groups=1, rank=1)
     assert layer.ranks.dtype == torch.int32 and layer.ranks.max() == 2 ** 15 - 1
+    assert torch.equal(layer.ranks, prune.row_ranks(prune.wanda_score(lin.weight, act_norm)).int())
     assert torch.equal(layer.mask(0.7), layer.deploy_mask(0.7))
     assert (layer.mask(0.7).sum(1) == 2 ** 15 - int(2 ** 15 * 0.7)).all()
 
