@@ -4,6 +4,7 @@ EPTS speed and memory on a GPU at real shapes: a random bf16 checkpoint with a r
 
     python bench/gpu.py                              # LLaMA-2-7B and LLaMA-3.1-8B shapes, cuda, bf16
     python bench/gpu.py --configs llama-2-7b --offload
+    python bench/gpu.py --configs llama-2-70b --offload --blocks 1 --nsamples 128   # a 70B block's peak memory
 
 Reports per model shape: the time of one training step (G groups, forward + backward of one block, batch 1),
 the matrix-product bound of that step (6 T P FLOPs per group, P = the block's prunable weights, at the bf16

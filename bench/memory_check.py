@@ -1,8 +1,9 @@
 """
-The README's peak-memory formula for EPTS, block by block: evaluated for LLaMA-7B, and checked against a
-measurement on a smaller shape on the CPU.
+The README's peak-memory formula for EPTS, block by block: evaluated for LLaMA-7B and LLaMA-2-70B, and checked
+against measurements on the CPU: a small fp32 block, and one bf16 block of LLaMA-2-70B's shapes with short windows.
 
-    python bench/memory_check.py      # prints both, in GB / MB
+    python bench/memory_check.py              # the formula, and the small block measured (a minute)
+    python bench/memory_check.py --llama-70b  # also the 70B-shaped block measured (about 10 GB of RAM, minutes)
 
 An EPTS block holds its weights, their ranks and the adapters throughout; on top of that comes either the
 training phase (three streams and autograd's state) or the mixing phase (four streams, no gradients), so
@@ -27,6 +28,8 @@ from load_bench import status_bytes  # noqa: E402
 
 SHAPE = dict(C=1024, F=2816, heads=16, kv_heads=4, N=16, T=512, G=7, r=8, elt=4)  # float32 on the CPU
 LLAMA_7B = dict(C=4096, F=11008, heads=32, kv_heads=32, N=128, T=2048, G=7, r=8, elt=2)  # bf16, 128 x 2048
+LLAMA_70B = dict(C=8192, F=28672, heads=64, kv_heads=8, N=128, T=2048, G=7, r=8, elt=2)  # LLaMA-2-70B's block
+LLAMA_70B_SHORT = dict(LLAMA_70B, N=2, T=128)  # the same block with two 128-token windows: measurable here
 
 
 def epts_block_bytes(shape, batch=1):
@@ -66,19 +69,26 @@ def print_terms(terms, unit, scale):
     print(f"  {'formula peak = throughout + max(training, mixing)':<63} {peak_bytes(terms) / scale:8.2f} {unit}")
 
 
-def measure():
+def block_model(shape, dtype):
+    """A one-block LLaMA of `shape` (random weights, vocabulary 256) in `dtype`."""
+    import torch
+    import model as M
+    cfg = M.config_from_dict(dict(model_type="llama", vocab_size=256, hidden_size=shape["C"],
+                                  intermediate_size=shape["F"], num_hidden_layers=1,
+                                  num_attention_heads=shape["heads"], num_key_value_heads=shape["kv_heads"]))
+    torch.manual_seed(0)
+    return M.build_model(cfg).to(dtype).eval().requires_grad_(False)
+
+
+def measure(shape):
+    """Peak resident-memory growth of one EPTS run (one epoch) over a block of `shape`, in a fresh process."""
     import torch
     import epts
-    import model as M
-    s = SHAPE
-    cfg = M.config_from_dict(dict(model_type="llama", vocab_size=256, hidden_size=s["C"], intermediate_size=s["F"],
-                                  num_hidden_layers=1, num_attention_heads=s["heads"],
-                                  num_key_value_heads=s["kv_heads"]))
-    torch.manual_seed(0)
-    model = M.build_model(cfg).eval().requires_grad_(False)
-    calib = torch.randint(0, 256, (s["N"], s["T"]))
+    dtype = torch.float32 if shape["elt"] == 4 else torch.bfloat16
     with tempfile.TemporaryDirectory() as out:  # a run on 2 x 8 tokens pages in torch's code and thread pools
-        epts.run_epts(model, calib[:2, :8], out, epts.EPTSConfig(epochs=1))
+        epts.run_epts(block_model(SHAPE, dtype), torch.randint(0, 256, (2, 8)), out, epts.EPTSConfig(epochs=1))
+    model = block_model(shape, dtype)
+    calib = torch.randint(0, 256, (shape["N"], shape["T"]))
     before = status_bytes("VmRSS")
     open("/proc/self/clear_refs", "w").write("5")  # restart the peak (VmHWM) from here
     with tempfile.TemporaryDirectory() as out:
@@ -89,29 +99,45 @@ def measure():
     return {"rss_before": before, "peak": status_bytes("VmHWM"), "untracked": status_bytes("VmRSS") - before - kept}
 
 
-def main():
-    if sys.argv[1:] == ["--measure"]:
-        print(json.dumps(measure()))
-        return
-    big = epts_block_bytes(LLAMA_7B)
-    C, F, elt = LLAMA_7B["C"], LLAMA_7B["F"], LLAMA_7B["elt"]
-    weights = elt * (4 * C * C + 3 * C * F)  # q k v o + gate up down
-    print("LLaMA-7B, bf16, 128 x 2048 calibration, G = 7, r = 8 (estimate):")
-    print_terms(big, "GB", 1e9)
+def print_measured(shape, label, env):
+    """measure(shape) in a fresh process with `env`, against the formula."""
+    out = json.loads(subprocess.run([sys.executable, __file__, "--measure", json.dumps(shape)], check=True,
+                                    capture_output=True, text=True, env={**os.environ, **env}).stdout)
+    growth, formula = out["peak"] - out["rss_before"], peak_bytes(epts_block_bytes(shape))
+    print(f"  {'measured peak RSS growth, ' + label:<63} {growth / 1e6:8.2f} MB "
+          f"({growth / formula:.2f}x the formula; {out['untracked'] / 1e6:.1f} MB still resident "
+          "after the run with no tensor holding it)", flush=True)
+
+
+def print_device_peak(name, shape):
+    """The formula for one block of a real model on a GPU: streams on the device, or in CPU memory."""
+    terms = epts_block_bytes(shape)
+    C, F, elt = shape["C"], shape["F"], shape["elt"]
+    kv = shape["kv_heads"] * C // shape["heads"]
+    weights = elt * (2 * C * C + 2 * C * kv + 3 * C * F)  # q o, k v, gate up down
+    print(f"{name}, bf16, {shape['N']} x {shape['T']} calibration, G = {shape['G']}, r = {shape['r']} (estimate):")
+    print_terms(terms, "GB", 1e9)
     print(f"  {'+ the block itself (bf16)':<63} {weights / 1e9:8.2f} GB")
-    no_streams = {ph: {n: b for n, b in parts.items() if "streams" not in n} for ph, parts in big.items()}
-    print(f"  {'device peak, streams on the device':<63} {(weights + peak_bytes(big)) / 1e9:8.2f} GB")
+    no_streams = {ph: {n: b for n, b in parts.items() if "streams" not in n} for ph, parts in terms.items()}
+    print(f"  {'device peak, streams on the device':<63} {(weights + peak_bytes(terms)) / 1e9:8.2f} GB")
     print(f"  {'device peak, streams in CPU memory':<63} {(weights + peak_bytes(no_streams)) / 1e9:8.2f} GB")
-    terms = epts_block_bytes(SHAPE)
+
+
+def main():
+    if sys.argv[1:2] == ["--measure"]:
+        print(json.dumps(measure(json.loads(sys.argv[2]))))
+        return
+    print_device_peak("LLaMA-7B", LLAMA_7B)
+    print_device_peak("\nLLaMA-2-70B", LLAMA_70B)
+    returned = {"MALLOC_MMAP_THRESHOLD_": "65536"}
     print("\nsmall block on this CPU (C = 1024, F = 2816, 16 x 512 tokens, fp32), formula:")
-    print_terms(terms, "MB", 1e6)
-    for label, env in [("default malloc", {}), ("freed memory returned", {"MALLOC_MMAP_THRESHOLD_": "65536"})]:
-        out = json.loads(subprocess.run([sys.executable, __file__, "--measure"], check=True, capture_output=True,
-                                        text=True, env={**os.environ, **env}).stdout)
-        growth = out["peak"] - out["rss_before"]
-        print(f"  {'measured peak RSS growth, ' + label:<63} {growth / 1e6:8.2f} MB "
-              f"({growth / peak_bytes(terms):.2f}x the formula; {out['untracked'] / 1e6:.1f} MB still resident "
-              "after the run with no tensor holding it)")
+    print_terms(epts_block_bytes(SHAPE), "MB", 1e6)
+    for label, env in [("default malloc", {}), ("freed memory returned", returned)]:
+        print_measured(SHAPE, label, env)
+    if "--llama-70b" in sys.argv:
+        print("\nLLaMA-2-70B's block on this CPU (bf16, 2 x 128 tokens), formula:")
+        print_terms(epts_block_bytes(LLAMA_70B_SHORT), "MB", 1e6)
+        print_measured(LLAMA_70B_SHORT, "freed memory returned", returned)
 
 
 if __name__ == "__main__":
