@@ -3,7 +3,7 @@ The README's peak-memory formula for EPTS, block by block: evaluated for LLaMA-7
 against measurements on the CPU: a small fp32 block, and one bf16 block of LLaMA-2-70B's shapes with short windows.
 
     python bench/memory_check.py              # the formula, and the small block measured (a minute)
-    python bench/memory_check.py --llama-70b  # also the 70B-shaped block measured (about 10 GB of RAM, minutes)
+    python bench/memory_check.py --llama-70b  # also the 70B-shaped block measured (8 GB of RAM, 4 minutes)
 
 An EPTS block holds its weights, their ranks and the adapters throughout; on top of that comes either the
 training phase (three streams and autograd's state) or the mixing phase (four streams, no gradients), so
