@@ -32,13 +32,18 @@ LLAMA_70B = dict(C=8192, F=28672, heads=64, kv_heads=8, N=128, T=2048, G=7, r=8,
 LLAMA_70B_SHORT = dict(LLAMA_70B, N=2, T=128)  # the same block with two 128-token windows: measurable here
 
 
+def layer_shapes(shape):
+    """(in, out) of the block's q k v o gate up down, for shape {C, F, heads, kv_heads, ...}."""
+    C, F = shape["C"], shape["F"]
+    kv = shape["kv_heads"] * C // shape["heads"]
+    return [(C, C), (C, kv), (C, kv), (C, C), (C, F), (C, F), (F, C)]
+
+
 def epts_block_bytes(shape, batch=1):
     """Bytes of one EPTS block besides its own weights, by phase: {phase: {term: bytes}}. shape: {C, F, heads,
     kv_heads, N, T, G, r, elt} as SHAPE below."""
-    C, F, heads, kv_heads, N, T, G, r, elt = (shape[k] for k in ("C", "F", "heads", "kv_heads", "N", "T", "G", "r",
-                                                                 "elt"))
-    kv = kv_heads * C // heads
-    layers = [(C, C), (C, kv), (C, kv), (C, C), (C, F), (C, F), (F, C)]  # (in, out) of q k v o gate up down
+    C, F, N, T, G, r, elt = (shape[k] for k in ("C", "F", "N", "T", "G", "r", "elt"))
+    layers = layer_shapes(shape)
     P = sum(i * o for i, o in layers)  # weights of the block
     adapters = 4 * G * r * sum(i + o for i, o in layers)  # fp32 A and B of every group
     stream = N * T * C * elt  # one (N, T, C) calibration stream
@@ -112,9 +117,7 @@ def print_measured(shape, label, env):
 def print_device_peak(name, shape):
     """The formula for one block of a real model on a GPU: streams on the device, or in CPU memory."""
     terms = epts_block_bytes(shape)
-    C, F, elt = shape["C"], shape["F"], shape["elt"]
-    kv = shape["kv_heads"] * C // shape["heads"]
-    weights = elt * (2 * C * C + 2 * C * kv + 3 * C * F)  # q o, k v, gate up down
+    weights = shape["elt"] * sum(i * o for i, o in layer_shapes(shape))
     print(f"{name}, bf16, {shape['N']} x {shape['T']} calibration, G = {shape['G']}, r = {shape['r']} (estimate):")
     print_terms(terms, "GB", 1e9)
     print(f"  {'+ the block itself (bf16)':<63} {weights / 1e9:8.2f} GB")
