@@ -91,7 +91,8 @@ def measure(raw, args):
     other = max(per_block - steps * step, 0.0)
     full_block = 10 * 128 * step + other * 128 / args.nsamples
     return {"config": raw.get("_name"), "hidden": cfg.hidden_size, "intermediate": cfg.intermediate_size,
-            "seqlen": T, "dtype": args.dtype, "groups": G, "step_ms": 1e3 * step, "bound_ms": 1e3 * bound, "ratio": bound / step,
+            "seqlen": T, "dtype": args.dtype, "groups": G, "step_ms": 1e3 * step, "bound_ms": 1e3 * bound,
+            "ratio": bound / step,
             "matmul_tflops": tflops, "block_s": per_block, "peak_gib": peak,
             "full_run_min": full_block * raw["num_hidden_layers"] / 60, "blocks": args.blocks,
             "epochs": args.epochs, "nsamples": args.nsamples, "offload": args.offload}
@@ -127,8 +128,7 @@ def main(argv=None):
     results = {"date": str(date.today()), "device": device, "torch": torch.__version__,
                "command": "python bench/gpu.py " + " ".join(argv if argv is not None else sys.argv[1:]),
                "rows": rows}
-    with open(args.out, "w") as f:
-        json.dump(results, f, indent=2)
+    M.save_json(results, args.out)
     return results
 
 

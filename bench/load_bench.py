@@ -104,8 +104,7 @@ def main():
               f"({r['elastic_file_bytes'] / 2**30:.2f} GiB: saved {r['elastic_save_seconds']:.1f} s, loaded and "
               f"checked {r['elastic_load_seconds']:.1f} s)",
               flush=True)
-    with open(os.path.join(HERE, "load_results.json"), "w") as f:
-        json.dump(results, f, indent=2)
+    M.save_json(results, os.path.join(HERE, "load_results.json"))
 
 
 if __name__ == "__main__":
