@@ -186,10 +186,14 @@ def elastic_layers(block, act_norms, n_groups, rank, generator=None):
             for name, lin in block.linears().items()}
 
 
+def block_weights(layers, g, s, adapters=True):
+    """Every Linear's W_eff at sparsity s in group g, by the block's parameter names."""
+    return {f"{name}.weight": layer.weight(g, layer.mask(s), adapters) for name, layer in layers.items()}
+
+
 def block_forward(block, layers, x, g, s, adapters=True):
     """The block at sparsity s in group g: its own forward, with every Linear's weight replaced by W_eff."""
-    weights = {f"{name}.weight": layer.weight(g, layer.mask(s), adapters) for name, layer in layers.items()}
-    return functional_call(block, weights, (x,))
+    return functional_call(block, block_weights(layers, g, s, adapters), (x,))
 
 
 def deployed_forward(block, layers, use_adapter0):
@@ -281,14 +285,14 @@ class Ranks:
 
     def sum_gradients(self, params, loss):
         """One all-reduce per step: every adapter gradient flattened into one buffer (G r (in + out) floats per
-        layer), the step's loss at its end. Returns the summed loss."""
+        layer), the step's loss at its end. Returns the summed loss, a 0-d tensor where the loss was."""
         if self.size == 1:
-            return loss.item()
+            return loss
         grads = [p.grad if p.grad is not None else torch.zeros_like(p) for p in params]
         flat = self.sum(torch.cat([g.reshape(-1) for g in grads] + [loss.reshape(1).to(grads[0].device)]))
         for p, g in zip(params, flat[:-1].split([p.numel() for p in params])):
             p.grad = g.view_as(p)
-        return flat[-1].item()
+        return flat[-1].to(loss.device)
 
     def check_same(self, params):
         """The adapters are bit-identical on every rank (the same summed gradients, the same Adam): checked
@@ -321,6 +325,7 @@ def train_block(block, layers, X, Y, config, device, gen, ranks=SOLO):
     accumulated, one Adam step with a cosine-decayed learning rate. Returns the mean loss of each epoch.
     With several processes each computes the groups it owns: group 0's output is broadcast, the gradients
     are summed before the step, and every process takes the step one process would have taken.
+    X, Y: (N, T, C) pruned inputs and dense targets, on one device (the compute device or the CPU).
     """
     edges, batch_size = config.edges, config.batch_size
     N, G = X.shape[0], len(edges) - 1
@@ -334,8 +339,10 @@ def train_block(block, layers, X, Y, config, device, gen, ranks=SOLO):
     draws = [stratified_draws(edges[g], edges[g + 1], steps, gen) for g in range(G)]
     epoch_losses = []
     for epoch in range(config.epochs):
-        order = torch.randperm(N, generator=gen)
-        total = 0.0
+        # nothing in a step waits for the GPU: the windows are picked by an index on X's device and the losses
+        # summed there (in float64, as Python summed their float32 values), read once per epoch
+        order = torch.randperm(N, generator=gen).to(X.device)
+        total = torch.zeros((), dtype=torch.float64, device=device)
         for b in range(per_epoch):
             step = epoch * per_epoch + b
             idx = order[b * batch_size:(b + 1) * batch_size]
@@ -351,11 +358,11 @@ def train_block(block, layers, X, Y, config, device, gen, ranks=SOLO):
                         out0 = out.detach()
                 if g == 0 and ranks.size > 1:  # the other groups' second target, to the ranks that own them
                     out0 = ranks.broadcast(out0 if ranks.owns(0) else torch.empty_like(y), src=0)
-            total += ranks.sum_gradients(params, step_loss)
+            total += ranks.sum_gradients(params, step_loss).double()
             opt.step()
             opt.zero_grad(set_to_none=True)
             sched.step()
-        epoch_losses.append(total / (per_epoch * G))
+        epoch_losses.append(total.item() / (per_epoch * G))
     ranks.check_same(params)
     return epoch_losses
 
@@ -375,8 +382,12 @@ def low_group_check(block, layers, X, Y, config, device, ranks=SOLO):
     """True if adapter 0 lowers the block's error at the check sparsity (inside group 0's range); else group 0
     deploys without its adapter."""
     s = min(max(config.check_sparsity, config.edges[0]), config.edges[1])
-    error = lambda adapters: mean_error(lambda x: block_forward(block, layers, x, 0, s, adapters),  # noqa: E731
-                                        X, Y, device, config.batch_size, ranks)
+
+    def error(adapters):
+        with torch.no_grad():  # one sparsity for every window: merge the block's weights once, not per batch
+            weights = block_weights(layers, 0, s, adapters)
+        return mean_error(lambda x: functional_call(block, weights, (x,)), X, Y, device, config.batch_size, ranks)
+
     return error(adapters=True) < error(adapters=False)
 
 

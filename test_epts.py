@@ -5,6 +5,7 @@ import json
 import math
 import os
 import re
+import sys
 import time
 
 import pytest
@@ -706,7 +707,7 @@ def test_reconstruction_loss_falls_on_a_tiny_block():
     assert losses[-1] < 0.8 * losses[0], losses
 
 
-def test_low_group_flag_switches_adapter_zero_off_when_it_hurts():
+def test_low_group_flag_switches_adapter_zero_off_when_it_hurts(monkeypatch):
     """A helpful adapter 0 stays on; one made harmful (large random B_0) is switched off."""
     model, calib = tiny_llama(), calib_ids(8)
     block = model.blocks[0]
@@ -718,6 +719,18 @@ def test_low_group_flag_switches_adapter_zero_off_when_it_hurts():
     epts.train_block(block, layers, X, Y, epts.EPTSConfig(epochs=8, lr=1e-2, batch_size=2), "cpu",
                      torch.Generator().manual_seed(0))
     assert epts.low_group_check(block, layers, X, Y, epts.EPTSConfig(batch_size=4), "cpu")
+    # it measures the block as block_forward computes it, with and without adapter 0, the weights merged once
+    # for all windows (not once per batch)
+    merges, outs, real_weights = [], [], epts.block_weights
+    batches = lambda f: torch.cat([f(X[i:i + 4]) for i in (0, 4)])  # noqa: E731
+    with monkeypatch.context() as m:
+        m.setattr(epts, "block_weights", lambda *a, **kw: merges.append(a[1:]) or real_weights(*a, **kw))
+        m.setattr(epts, "mean_error", lambda f, *a, **kw: outs.append(batches(f)) or 0.0)
+        epts.low_group_check(block, layers, X, Y, epts.EPTSConfig(batch_size=4), "cpu")
+    s = epts.EPTSConfig.check_sparsity
+    assert merges == [(0, s, True), (0, s, False)]
+    for out, adapters in zip(outs, (True, False)):
+        assert torch.equal(out, batches(lambda x: epts.block_forward(block, layers, x, 0, s, adapters).detach()))
     with torch.no_grad():
         for layer in layers.values():
             layer.B[0].normal_(0, 1.0, generator=torch.Generator().manual_seed(2))
@@ -785,6 +798,28 @@ def test_group_loss_and_its_use_in_training(monkeypatch):
         assert calls[7 * step][1] is None
         assert all(o0 is not None and not o0.requires_grad and torch.equal(o0, group0.detach())
                    for _, o0 in calls[7 * step + 1: 7 * step + 7])
+
+
+def test_training_reads_a_value_back_once_per_epoch(monkeypatch):
+    """A training step never waits for the device: epts reads no tensor back into Python inside the loop (on a
+    GPU each read is a synchronisation), only each epoch's summed loss at its end. (The CPU's per-tensor Adam
+    reads its step counts; the fused CUDA Adam does not.)"""
+    model, calib = tiny_llama(), calib_ids(8)
+    block, X = model.blocks[0], model.embed(calib)
+    stats = prune.new_stats(block, False, "cpu")
+    Y = prune.run_block(block, X, "cpu", 8, stats)
+    layers = epts.elastic_layers(block, {n: s.act_norm for n, s in stats.items()}, 7, 4)
+    reads, real_item = [], torch.Tensor.item
+
+    def item(t):
+        if sys._getframe(1).f_code.co_filename == epts.__file__:
+            reads.append(t.shape)
+        return real_item(t)
+
+    monkeypatch.setattr(torch.Tensor, "item", item)
+    monkeypatch.setattr(torch.Tensor, "__float__", item)
+    epts.train_block(block, layers, X, Y, epts.EPTSConfig(epochs=3, batch_size=4), "cpu", torch.Generator())
+    assert len(reads) == 3  # 8 windows, batch 4: 2 steps an epoch, 3 epochs
 
 
 def test_training_follows_a_cosine_schedule_and_stratified_draws(monkeypatch):
