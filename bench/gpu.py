@@ -5,6 +5,7 @@ EPTS speed and memory on a GPU at real shapes: a random bf16 checkpoint with a r
     python bench/gpu.py                              # LLaMA-2-7B and LLaMA-3.1-8B shapes, cuda, bf16
     python bench/gpu.py --configs llama-2-7b --offload
     python bench/gpu.py --configs llama-2-70b --offload --blocks 1 --nsamples 128   # a 70B block's peak memory
+    python bench/gpu.py --configs llama-2-7b --profile 3   # and where 3 steps' time goes, operator by operator
 
 Reports per model shape: the time of one training step (G groups, forward + backward of one block, batch 1),
 the matrix-product bound of that step (6 T P FLOPs per group, P = the block's prunable weights, at the bf16
@@ -16,6 +17,7 @@ bench/gpu_results.json. `--device cpu` runs the same measurements on the CPU (sl
 """
 
 import argparse
+import dataclasses
 import json
 import os
 import sys
@@ -52,6 +54,20 @@ def matmul_tflops(T, C, F, device, dtype):
     return 2 * T * C * F * n / (time.perf_counter() - t0) / 1e12
 
 
+def profile_steps(block, layers, X, Y, config, device, steps, rows=25):
+    """The operators of `steps` training steps (batch 1) by their own time on the device (the CPU's where it
+    runs): the table that shows where a step's time goes beside the matrix products."""
+    from torch.profiler import ProfilerActivity, profile
+    cuda = str(device).startswith("cuda")
+    activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if cuda else [])
+    one_epoch = dataclasses.replace(config, epochs=1, batch_size=1)
+    with profile(activities=activities) as prof:
+        epts.train_block(block, layers, X[:steps], Y[:steps], one_epoch, device, torch.Generator().manual_seed(1))
+        sync(device)
+    return prof.key_averages().table(sort_by="self_device_time_total" if cuda else "self_cpu_time_total",
+                                     row_limit=rows)
+
+
 def measure(raw, args):
     """One shape: a random checkpoint, then the step, the block and the whole run's figures."""
     device, dtype = args.device, getattr(torch, args.dtype)
@@ -85,6 +101,7 @@ def measure(raw, args):
     step = (time.perf_counter() - t0) / steps
     tflops = matmul_tflops(T, cfg.hidden_size, cfg.intermediate_size, device, dtype)
     bound = 6 * T * P * G / (tflops * 1e12)
+    table = profile_steps(block, layers, X, Y, config, device, args.profile) if args.profile else None
     per_block = run_seconds / args.blocks
     # the full run: 10 epochs x 128 windows of training steps per block; the no-gradient passes scale with the
     # windows (128 / nsamples), and there are num_hidden_layers blocks
@@ -95,7 +112,7 @@ def measure(raw, args):
             "ratio": bound / step,
             "matmul_tflops": tflops, "block_s": per_block, "peak_gib": peak,
             "full_run_min": full_block * raw["num_hidden_layers"] / 60, "blocks": args.blocks,
-            "epochs": args.epochs, "nsamples": args.nsamples, "offload": args.offload}
+            "epochs": args.epochs, "nsamples": args.nsamples, "offload": args.offload, "profile": table}
 
 
 def main(argv=None):
@@ -108,6 +125,8 @@ def main(argv=None):
     p.add_argument("--nsamples", type=int, default=8, help="windows of the measured run (the full run has 128)")
     p.add_argument("--epochs", type=int, default=1)
     p.add_argument("--offload", action="store_true")
+    p.add_argument("--profile", type=int, default=0, metavar="STEPS",
+                   help="also profile this many training steps and print the operators' table (0: none)")
     p.add_argument("--out", default=os.path.join(HERE, "gpu_results.json"))
     args = p.parse_args(argv)
     if args.device.startswith("cuda") and not torch.cuda.is_available():
@@ -124,6 +143,8 @@ def main(argv=None):
         print(f"{name}: step {r['step_ms']:.1f} ms, bound {r['bound_ms']:.1f} ms (ratio {r['ratio']:.2f}, "
               f"{r['matmul_tflops']:.1f} TFLOP/s), block {r['block_s']:.1f} s, peak {peak}, "
               f"full run ~{r['full_run_min']:.1f} min", flush=True)
+        if r["profile"]:
+            print(r["profile"], flush=True)
     device = torch.cuda.get_device_name() if args.device.startswith("cuda") else "cpu"
     results = {"date": str(date.today()), "device": device, "torch": torch.__version__,
                "command": "python bench/gpu.py " + " ".join(argv if argv is not None else sys.argv[1:]),

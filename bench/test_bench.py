@@ -74,8 +74,9 @@ def test_gpu_bench_runs_its_measurements_on_the_cpu(tmp_path):
                num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=64)
     (tmp_path / "tiny.json").write_text(json.dumps(cfg))
     results = gpu.main(["--configs", str(tmp_path / "tiny.json"), "--device", "cpu", "--dtype", "float32",
-                        "--seqlen", "16", "--nsamples", "2", "--out", str(tmp_path / "r.json")])
+                        "--seqlen", "16", "--nsamples", "2", "--profile", "2", "--out", str(tmp_path / "r.json")])
     row = results["rows"][0]
+    assert "MaskedMerge" in row["profile"] and "aten::mm" in row["profile"]  # the merge and the products
     assert json.loads((tmp_path / "r.json").read_text())["rows"] == [row]
     assert row["step_ms"] > 0 and row["bound_ms"] > 0 and row["ratio"] == pytest.approx(row["bound_ms"] / row["step_ms"])
     assert row["full_run_min"] * 60 >= 32 * 10 * 128 * row["step_ms"] / 1e3  # at least the training steps
