@@ -4,13 +4,14 @@ EPTS speed and memory on a GPU at real shapes: a random bf16 checkpoint with a r
 
     python bench/gpu.py                              # LLaMA-2-7B and LLaMA-3.1-8B shapes, cuda, bf16
     python bench/gpu.py --configs llama-2-7b --offload
-    python bench/gpu.py --configs llama-2-70b --offload --blocks 1 --nsamples 128   # a 70B block's peak memory
+    python bench/gpu.py --configs llama-2-70b --offload --blocks 1   # a 70B block's peak memory
     python bench/gpu.py --configs llama-2-7b --profile 3   # and where 3 steps' time goes, operator by operator
 
 Reports per model shape: the time of one training step (G groups, forward + backward of one block, batch 1),
 the matrix-product bound of that step (6 T P FLOPs per group, P = the block's prunable weights, at the bf16
 throughput measured here on a T x C x F product) and the step's ratio to it, the time of one block (every
-step of an `--epochs` x `--nsamples` run plus the no-gradient passes), the peak GPU memory, and the
+step of an `--epochs` x `--nsamples` run plus the no-gradient passes), the peak GPU memory (measured, and with
+the real model's other blocks added: their weights, unless --offload keeps them in CPU memory), and the
 extrapolated time of a full run (10 epochs, 128 x 2048, every block of the real model). Writes
 bench/gpu_results.json. `--device cpu` runs the same measurements on the CPU (slowly: use a small
 `--seqlen`); the tests run it so on a tiny config.
@@ -68,6 +69,15 @@ def profile_steps(block, layers, X, Y, config, device, steps, rows=25):
                                      row_limit=rows)
 
 
+def full_model_peak(peak_gib, n_layers, blocks, block_bytes, offload):
+    """The peak GPU memory of the real model's run, from the measured one of a `blocks`-block checkpoint: without
+    --offload the other n_layers - blocks blocks sit on the device too (weights only: they are not being
+    computed); with it they are in CPU memory and add nothing."""
+    if peak_gib is None:
+        return None
+    return peak_gib + (0 if offload else (n_layers - blocks) * block_bytes / 2**30)
+
+
 def measure(raw, args):
     """One shape: a random checkpoint, then the step, the block and the whole run's figures."""
     device, dtype = args.device, getattr(torch, args.dtype)
@@ -87,6 +97,8 @@ def measure(raw, args):
         sync(device)
         run_seconds = time.perf_counter() - t0
     peak = torch.cuda.max_memory_allocated() / 2**30 if str(device).startswith("cuda") else None
+    peak_full = full_model_peak(peak, raw["num_hidden_layers"], args.blocks, prune.param_bytes(model.blocks[0]),
+                                args.offload)
     # one block's training steps alone, timed over the same settings
     block = model.blocks[0].to(device)
     X = prune.embed_calibration(model, calib, device, 1, n_streams=2, reserve_bytes=0)
@@ -111,6 +123,7 @@ def measure(raw, args):
             "seqlen": T, "dtype": args.dtype, "groups": G, "step_ms": 1e3 * step, "bound_ms": 1e3 * bound,
             "ratio": bound / step,
             "matmul_tflops": tflops, "block_s": per_block, "peak_gib": peak,
+            "peak_full_model_gib": peak_full,
             "full_run_min": full_block * raw["num_hidden_layers"] / 60, "blocks": args.blocks,
             "epochs": args.epochs, "nsamples": args.nsamples, "offload": args.offload, "profile": table}
 
@@ -122,7 +135,9 @@ def main(argv=None):
     p.add_argument("--device", default="cuda")
     p.add_argument("--dtype", default="bfloat16")
     p.add_argument("--seqlen", type=int, default=2048)
-    p.add_argument("--nsamples", type=int, default=8, help="windows of the measured run (the full run has 128)")
+    p.add_argument("--nsamples", type=int, default=128,
+                   help="windows of the measured run; 128, the full run's, makes its streams and so its peak memory "
+                        "the full run's")
     p.add_argument("--epochs", type=int, default=1)
     p.add_argument("--offload", action="store_true")
     p.add_argument("--profile", type=int, default=0, metavar="STEPS",
@@ -139,7 +154,8 @@ def main(argv=None):
             raw = dict(json.load(f), _name=name)
         rows.append(measure(raw, args))
         r = rows[-1]
-        peak = "not measured (CPU)" if r["peak_gib"] is None else f"{r['peak_gib']:.1f} GiB"
+        peak = ("not measured (CPU)" if r["peak_gib"] is None else
+                f"{r['peak_gib']:.1f} GiB ({r['peak_full_model_gib']:.1f} GiB with every block of the model)")
         print(f"{name}: step {r['step_ms']:.1f} ms, bound {r['bound_ms']:.1f} ms (ratio {r['ratio']:.2f}, "
               f"{r['matmul_tflops']:.1f} TFLOP/s), block {r['block_s']:.1f} s, peak {peak}, "
               f"full run ~{r['full_run_min']:.1f} min", flush=True)

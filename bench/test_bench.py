@@ -80,6 +80,10 @@ def test_gpu_bench_runs_its_measurements_on_the_cpu(tmp_path):
     assert json.loads((tmp_path / "r.json").read_text())["rows"] == [row]
     assert row["step_ms"] > 0 and row["bound_ms"] > 0 and row["ratio"] == pytest.approx(row["bound_ms"] / row["step_ms"])
     assert row["full_run_min"] * 60 >= 32 * 10 * 128 * row["step_ms"] / 1e3  # at least the training steps
+    assert row["peak_gib"] is None and row["peak_full_model_gib"] is None  # the CPU has no peak to report
+    # on a GPU: the measured peak of 2 blocks plus the weights of the real model's other 30, unless offloaded
+    assert gpu.full_model_peak(3.0, 32, 2, 2**29, offload=False) == 18.0
+    assert gpu.full_model_peak(3.0, 32, 2, 2**29, offload=True) == 3.0
 
 
 def test_speed_bench_says_what_it_needs_without_a_gpu():
