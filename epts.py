@@ -370,11 +370,11 @@ def train_block(block, layers, X, Y, config, device, gen, ranks=SOLO):
 @torch.no_grad()
 def mean_error(forward, X, Y, device, batch_size, ranks=SOLO):
     """Mean squared error of forward(X) against Y, a batch of windows at a time (each process its share)."""
-    err = torch.zeros((), dtype=torch.float64)
+    err = torch.zeros((), dtype=torch.float64, device=device)  # summed where it is computed: read once, at the end
     lo, hi = ranks.windows(X.shape[0], batch_size)
     for i in range(lo, hi, batch_size):
         out = forward(X[i:i + batch_size].to(device))
-        err += F.mse_loss(out.float(), Y[i:i + batch_size].to(device).float(), reduction="sum").cpu()
+        err += F.mse_loss(out.float(), Y[i:i + batch_size].to(device).float(), reduction="sum").double()
     return ranks.sum(err).item() / Y.numel()
 
 

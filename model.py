@@ -201,8 +201,10 @@ class LlamaAttention(nn.Module):
         if self.qk_norm:  # Qwen3 normalises each head's query and key before rotating them
             q, k = self.q_norm(q), self.k_norm(k)
         # RoPE, angles in float32 (HF checkpoints permute q/k for the rotate-half convention)
+        if self.inv_freq.device != x.device:  # moved once: a CPU-to-GPU copy waits for the GPU's queue to drain
+            self.inv_freq = self.inv_freq.to(x.device)
         pos = torch.arange(T, device=x.device, dtype=torch.float32)
-        freqs = torch.outer(pos, self.inv_freq.to(x.device))  # (T, hd/2)
+        freqs = torch.outer(pos, self.inv_freq)  # (T, hd/2)
         emb = torch.cat((freqs, freqs), dim=-1)  # (T, hd)
         cos, sin = emb.cos().to(x.dtype), emb.sin().to(x.dtype)
         q = q * cos + rotate_half(q) * sin

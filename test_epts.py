@@ -70,6 +70,17 @@ def test_blocks_expose_prunable_linears_in_execution_order():
                                              "self_attn.out_proj", "fc1", "fc2"]
 
 
+def test_rope_frequencies_stay_float32_and_follow_the_inputs_device():
+    """RoPE's frequencies are not rounded by model.to(bfloat16), and after one forward they live on the inputs'
+    device (moved once, not copied in every forward: on a GPU each CPU-to-GPU copy waits for its queue)."""
+    model = tiny_llama().to(torch.bfloat16)
+    attn = model.blocks[0].self_attn
+    assert attn.inv_freq.dtype == torch.float32 and torch.equal(attn.inv_freq, M.rope_inv_freq(model.cfg))
+    attn.to("meta")  # a second device that every machine has: moves the weights, not the plain attribute
+    attn(torch.empty(1, 5, model.cfg.hidden_size, device="meta", dtype=torch.bfloat16))
+    assert attn.inv_freq.device.type == "meta" and attn.inv_freq.dtype == torch.float32
+
+
 @needs_transformers
 def test_bfloat16_load_casts_on_the_fly(tmp_path):
     """Loading with dtype=bfloat16 gives bf16 weights whose logits stay close to fp32's."""
