@@ -56,17 +56,18 @@ def matmul_tflops(T, C, F, device, dtype):
 
 
 def profile_steps(block, layers, X, Y, config, device, steps, rows=25):
-    """The operators of `steps` training steps (batch 1) by their own time on the device (the CPU's where it
-    runs): the table that shows where a step's time goes beside the matrix products."""
+    """The operators of `steps` training steps (batch 1, one epoch) by their own time on the device (the CPU's
+    where it runs) — the table that shows where a step's time goes beside the matrix products — and how often
+    the CPU waited for the GPU (CUDA *Synchronize calls; one is the epoch's loss, read at its end)."""
     from torch.profiler import ProfilerActivity, profile
     cuda = str(device).startswith("cuda")
     activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if cuda else [])
     one_epoch = dataclasses.replace(config, epochs=1, batch_size=1)
-    with profile(activities=activities) as prof:
+    with profile(activities=activities) as prof:  # the loss read at the epoch's end waits for every step
         epts.train_block(block, layers, X[:steps], Y[:steps], one_epoch, device, torch.Generator().manual_seed(1))
-        sync(device)
-    return prof.key_averages().table(sort_by="self_device_time_total" if cuda else "self_cpu_time_total",
-                                     row_limit=rows)
+    ops = prof.key_averages()
+    syncs = sum(e.count for e in ops if "Synchronize" in e.key) if cuda else None
+    return ops.table(sort_by="self_device_time_total" if cuda else "self_cpu_time_total", row_limit=rows), syncs
 
 
 def full_model_peak(peak_gib, n_layers, blocks, block_bytes, offload):
@@ -113,7 +114,7 @@ def measure(raw, args):
     step = (time.perf_counter() - t0) / steps
     tflops = matmul_tflops(T, cfg.hidden_size, cfg.intermediate_size, device, dtype)
     bound = 6 * T * P * G / (tflops * 1e12)
-    table = profile_steps(block, layers, X, Y, config, device, args.profile) if args.profile else None
+    table, syncs = profile_steps(block, layers, X, Y, config, device, args.profile) if args.profile else (None, None)
     per_block = run_seconds / args.blocks
     # the full run: 10 epochs x 128 windows of training steps per block; the no-gradient passes scale with the
     # windows (128 / nsamples), and there are num_hidden_layers blocks
@@ -125,7 +126,8 @@ def measure(raw, args):
             "matmul_tflops": tflops, "block_s": per_block, "peak_gib": peak,
             "peak_full_model_gib": peak_full,
             "full_run_min": full_block * raw["num_hidden_layers"] / 60, "blocks": args.blocks,
-            "epochs": args.epochs, "nsamples": args.nsamples, "offload": args.offload, "profile": table}
+            "epochs": args.epochs, "nsamples": args.nsamples, "offload": args.offload, "profile": table,
+            "profile_steps": args.profile, "profile_syncs": syncs}
 
 
 def main(argv=None):
@@ -161,6 +163,9 @@ def main(argv=None):
               f"full run ~{r['full_run_min']:.1f} min", flush=True)
         if r["profile"]:
             print(r["profile"], flush=True)
+        if r["profile_syncs"] is not None:
+            print(f"{name}: the CPU waited for the GPU {r['profile_syncs']} times in {args.profile} profiled steps "
+                  f"(1 is the epoch's loss)", flush=True)
     device = torch.cuda.get_device_name() if args.device.startswith("cuda") else "cpu"
     results = {"date": str(date.today()), "device": device, "torch": torch.__version__,
                "command": "python bench/gpu.py " + " ".join(argv if argv is not None else sys.argv[1:]),

@@ -77,6 +77,7 @@ def test_gpu_bench_runs_its_measurements_on_the_cpu(tmp_path):
                         "--seqlen", "16", "--nsamples", "2", "--profile", "2", "--out", str(tmp_path / "r.json")])
     row = results["rows"][0]
     assert "MaskedMerge" in row["profile"] and "aten::mm" in row["profile"]  # the merge and the products
+    assert row["profile_syncs"] is None  # no GPU to wait for
     assert json.loads((tmp_path / "r.json").read_text())["rows"] == [row]
     assert row["step_ms"] > 0 and row["bound_ms"] > 0 and row["ratio"] == pytest.approx(row["bound_ms"] / row["step_ms"])
     assert row["full_run_min"] * 60 >= 32 * 10 * 128 * row["step_ms"] / 1e3  # at least the training steps
