@@ -339,8 +339,9 @@ def train_block(block, layers, X, Y, config, device, gen, ranks=SOLO):
     draws = [stratified_draws(edges[g], edges[g + 1], steps, gen) for g in range(G)]
     epoch_losses = []
     for epoch in range(config.epochs):
-        # nothing in a step waits for the GPU: the windows are picked by an index on X's device and the losses
-        # summed there (in float64, as Python summed their float32 values), read once per epoch
+        # a step reads nothing back from the GPU: the windows are picked by an index on X's device and the
+        # losses summed there (in float64, as Python summed their float32 values), read once per epoch; only
+        # streams kept in CPU memory still wait, for their copy to the GPU
         order = torch.randperm(N, generator=gen).to(X.device)
         total = torch.zeros((), dtype=torch.float64, device=device)
         for b in range(per_epoch):
