@@ -815,11 +815,6 @@ def test_training_reads_a_value_back_once_per_epoch(monkeypatch):
     """A training step never waits for the device: epts reads no tensor back into Python inside the loop (on a
     GPU each read is a synchronisation), only each epoch's summed loss at its end. (The CPU's per-tensor Adam
     reads its step counts; the fused CUDA Adam does not.)"""
-    model, calib = tiny_llama(), calib_ids(8)
-    block, X = model.blocks[0], model.embed(calib)
-    stats = prune.new_stats(block, False, "cpu")
-    Y = prune.run_block(block, X, "cpu", 8, stats)
-    layers = epts.elastic_layers(block, {n: s.act_norm for n, s in stats.items()}, 7, 4)
     reads, real_item = [], torch.Tensor.item
 
     def item(t):
@@ -829,8 +824,8 @@ def test_training_reads_a_value_back_once_per_epoch(monkeypatch):
 
     monkeypatch.setattr(torch.Tensor, "item", item)
     monkeypatch.setattr(torch.Tensor, "__float__", item)
-    epts.train_block(block, layers, X, Y, epts.EPTSConfig(epochs=3, batch_size=4), "cpu", torch.Generator())
-    assert len(reads) == 3  # 8 windows, batch 4: 2 steps an epoch, 3 epochs
+    trained_block(epochs=3)  # 8 windows, batch 4: 2 steps an epoch, 3 epochs
+    assert len(reads) == 3
 
 
 def test_training_follows_a_cosine_schedule_and_stratified_draws(monkeypatch):
