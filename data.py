@@ -135,7 +135,8 @@ def calibration(path, tok, nsamples, seqlen, seed):
 
 
 # -----------------------------------------------------------------------------
-# tokenizers: encode(text) -> ids (with the model's BOS), decode(ids) -> text
+# tokenizers: encode(text) -> ids (with the model's BOS, if it has one: Qwen2/3 configs say bos_token_id null),
+# decode(ids) -> text
 
 # the pre-tokenisation regex of GPT-2's byte-level BPE (OPT uses it too)
 GPT2_PATTERN = r"""'s|'t|'re|'ve|'m|'ll|'d| ?\p{L}+| ?\p{N}+| ?[^\s\p{L}\p{N}]+|\s+(?!\S)|\s+"""
@@ -167,7 +168,7 @@ class SentencePieceTokenizer:
         self.vocab_size = self.sp.get_piece_size()
 
     def encode(self, text, bos=True):
-        return [self.bos_id] * bos + self.sp.encode(text)
+        return [self.bos_id] * (bos and self.bos_id is not None) + self.sp.encode(text)
 
     def decode(self, ids):
         return self.sp.decode([i for i in ids if i != self.bos_id])
@@ -230,7 +231,7 @@ class BPETokenizer:
             ranks = self.encode_around_missing(text)
         else:
             ranks = self.enc.encode_ordinary(text)
-        return [self.bos_id] * bos + self.rank_to_id[ranks].tolist()
+        return [self.bos_id] * (bos and self.bos_id is not None) + self.rank_to_id[ranks].tolist()
 
     def encode_around_missing(self, text):
         """tokenizers' behaviour for bytes without a token: after the regex split, each piece loses them (or

@@ -681,7 +681,7 @@ def deploy(model, elastic, sparsity):
 # -----------------------------------------------------------------------------
 # command line
 
-METHODS = ("dense", "magnitude", "wanda", "sparsegpt", "epts")
+METHODS = ("dense", *prune.BASELINES, "epts")
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
 
@@ -733,6 +733,7 @@ class Request:
     tasks: list = ()  # zero-shot tasks (eval.TASKS), each read from tasks_dir/TASK.jsonl
     tasks_dir: str = None
     eval_batch_size: int = 4
+    pruning: prune.PruneConfig = prune.PruneConfig()  # the baselines' settings (SparseGPT, RIA, EGGS)
 
 
 def prunable_copy(model):
@@ -770,6 +771,14 @@ def read_allocation(allocation, n_blocks):
         raise UserError(f"--allocation {allocation!r} lists {len(sparsities)} sparsities, but the model has "
                         f"{n_blocks} blocks; give one per block.")
     return [float(x) for x in sparsities]
+
+
+def method_sparsities(method, sparsities):
+    """The requested sparsities a method runs at: EPTS deploys fractions, EGGS prunes N:M patterns, the others
+    both."""
+    if method in ("epts", "eggs"):
+        return [s for s in sparsities if isinstance(s, tuple) == (method == "eggs")]
+    return sparsities
 
 
 def check_nm(model, sparsities):
@@ -833,7 +842,16 @@ def main(request=Request(), config=EPTSConfig()):
                         "add a fraction, or run the N:M patterns without epts in --methods.")
     if "epts" in r.methods and len(fractional) < len(r.sparsities):
         print("note: epts deploys fractional sparsities only; N:M patterns run for the baselines", file=sys.stderr)
-    needs_calib = any(m in ("wanda", "sparsegpt") for m in r.methods) or train_epts or \
+    if "eggs" in r.methods and len(fractional) == len(r.sparsities):
+        raise UserError("EGGS prunes N:M patterns only (its guarantee is per run of M inputs), and --sparsities "
+                        "holds only fractions; add a pattern such as 2:4 or 4:8.")
+    if "eggs" in r.methods and fractional:
+        print("note: eggs prunes N:M patterns only; fractional sparsities run for the other methods", file=sys.stderr)
+    for n, m in (s for s in r.sparsities if isinstance(s, tuple) and "eggs" in r.methods):
+        if r.pruning.eggs_diagonals > n:
+            raise UserError(f"--eggs-diagonals {r.pruning.eggs_diagonals} is more than the {n} weights {n}:{m} "
+                            f"keeps in each run of {m}; use at most {n}.")
+    needs_calib = any(m not in ("dense", "magnitude", "epts") for m in r.methods) or train_epts or \
         (r.allocation == "owl" and "magnitude" in r.methods)  # OWL's ratios for a baseline: a calibration pass
     if needs_calib and not r.calib:
         raise UserError("no calibration data: pass --calib FILE (e.g. a C4 train shard .json.gz or WikiText-2 "
@@ -844,7 +862,7 @@ def main(request=Request(), config=EPTSConfig()):
         r = replace(r, sparsities=fractional + [s for s in r.sparsities if isinstance(s, tuple)])
         print(f"note: --allocation {r.allocation}: one fractional row per method, at the file's per-block "
               f"sparsities (mean {fractional[0]:.4g}); N:M rows stay uniform", file=sys.stderr)
-    pruned_rows = [(m, s) for m in r.methods if m != "dense" for s in (fractional if m == "epts" else r.sparsities)]
+    pruned_rows = [(m, s) for m in r.methods if m != "dense" for s in method_sparsities(m, r.sparsities)]
     if r.export:
         if len(pruned_rows) != 1:
             raise UserError(f"--export writes one pruned model, but {len(pruned_rows)} were requested: give "
@@ -947,11 +965,11 @@ def main(request=Request(), config=EPTSConfig()):
     print_row({name: name for name in widths}, widths)
     if "dense" in r.methods:
         record("dense", 0.0, model, 0.0)
-    for method in ("magnitude", "wanda", "sparsegpt"):
+    for method in prune.BASELINES:
         if method in r.methods:
-            for s in r.sparsities:
+            for s in method_sparsities(method, r.sparsities):
                 pruned, t0, deployed = prunable_copy(model), time.time(), per_block(method, s)
-                prune.prune_model(pruned, method, deployed, calib_ids, r.device)
+                prune.prune_model(pruned, method, deployed, calib_ids, r.device, r.pruning)
                 record(method, s, pruned, time.time() - t0, deployed)
     if train_epts and ranks.size == 1:
         elastic = train()
@@ -996,6 +1014,10 @@ def parse_args(argv):
     p.add_argument("--rank", type=int, default=defaults.rank)
     p.add_argument("--batch-size", type=int, default=defaults.batch_size, help="EPTS calibration windows per step")
     p.add_argument("--seed", type=int, default=defaults.seed)
+    p.add_argument("--ria-alpha", type=float, default=prune.PruneConfig.ria_alpha,
+                   help="RIA and EGGS: the exponent a on the input norm ||X_j||")
+    p.add_argument("--eggs-diagonals", type=int, default=prune.PruneConfig.eggs_diagonals,
+                   help="EGGS: cyclic diagonals kept in every M x M tile (every input keeps that many per tile)")
     a = p.parse_args(argv)
     try:
         sparsities = [prune.parse_sparsity(s) for s in a.sparsities.split(",") if s.strip()]
@@ -1023,8 +1045,12 @@ def parse_args(argv):
     if any(t not in TASKS for t in tasks):
         p.error(f"--tasks: unknown task {', '.join(t for t in tasks if t not in TASKS)}; choose from "
                 f"{', '.join(sorted(TASKS))}")
+    if a.eggs_diagonals < 0 or not math.isfinite(a.ria_alpha):
+        p.error("--eggs-diagonals must be >= 0 and --ria-alpha a finite number")
+    pruning = prune.PruneConfig(ria_alpha=a.ria_alpha, eggs_diagonals=a.eggs_diagonals)
     given = {k: v for k, v in vars(a).items() if k in Request.__dataclass_fields__}
-    return Request(**dict(given, sparsities=sparsities, methods=methods, evals=a.eval, tasks=tasks)), config
+    return Request(**dict(given, sparsities=sparsities, methods=methods, evals=a.eval, tasks=tasks,
+                          pruning=pruning)), config
 
 
 if __name__ == "__main__":

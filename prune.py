@@ -1,6 +1,6 @@
 """
-Post-training pruning baselines in plain PyTorch: magnitude, Wanda, SparseGPT,
-unstructured and N:M, driven block by block for LLaMA and OPT alike.
+Post-training pruning baselines in plain PyTorch: magnitude, Wanda, SparseGPT, RIA (unstructured and
+N:M) and EGGS-PTP (N:M), driven block by block for LLaMA and OPT alike.
 
 A sparsity is either a fraction s in [0, 1) or an (n, m) pair: keep n of every
 m consecutive input weights of a row (2:4 and 4:8 are 50 %, 1:4 is 75 %).
@@ -9,6 +9,7 @@ m consecutive input weights of a row (2:4 and 4:8 are 50 %, 1:4 is 75 %).
 import math
 import sys
 import time
+from dataclasses import dataclass
 
 import torch
 
@@ -82,9 +83,55 @@ def magnitude_mask(W, sparsity):
     return nm_mask(score, *sparsity) if isinstance(sparsity, tuple) else matrix_mask(score, sparsity)
 
 
-def wanda_mask(W, act_norm, sparsity):
-    score = wanda_score(W, act_norm)
+def score_mask(score, sparsity):
+    """The mask of a per-weight score: every row keeps its highest scores (fraction), or n of every m (N:M)."""
     return nm_mask(score, *sparsity) if isinstance(sparsity, tuple) else row_mask(score, sparsity)
+
+
+def wanda_mask(W, act_norm, sparsity):
+    return score_mask(wanda_score(W, act_norm), sparsity)
+
+
+# -----------------------------------------------------------------------------
+# RIA (Zhang et al. 2024) and EGGS-PTP (Bazarbachi et al. 2025): N:M that keeps every input connected
+
+
+def ria_score(W, act_norm, alpha=0.5):
+    """RIA's relative importance and activations (eq. 4): (|W_ij| / sum_i |W_ij| + |W_ij| / sum_j |W_ij|) *
+    ||X_j||_2^alpha, a weight measured against its input column and its output row. W: (out, in), act_norm: (in,)."""
+    A = W.abs().float()
+    tiny = torch.finfo(A.dtype).tiny  # an all-zero row or column (pruned before) scores 0, not 0/0
+    return (A / A.sum(0, keepdim=True).clamp_min(tiny) + A / A.sum(1, keepdim=True).clamp_min(tiny)) \
+        * act_norm.float().view(1, -1) ** alpha
+
+
+def diagonal_mask(score, m, b):
+    """EGGS-PTP's diagonal selection, as we reconstruct it (METHODS.md §2): cut the layer into m x m tiles (m rows x
+    one run of m inputs), sum each tile's score along its m cyclic diagonals {(r, (r + t) mod m)} and mark the b
+    best. A cyclic diagonal meets every row and every column of its tile once, so every input keeps b weights in
+    every tile and every row b of each run of m. Rows are padded with zeros to whole tiles (cut off at the end)."""
+    out_f, in_f = score.shape
+    S = torch.nn.functional.pad(score, (0, 0, 0, -out_f % m))  # (R, in), R a multiple of m
+    S = S.view(-1, m, in_f // m, m).transpose(1, 2)  # (R/m, in/m, m rows, m cols): one tile per [i, j]
+    r = torch.arange(m, device=score.device)
+    diag_cols = (r.view(1, -1) + r.view(-1, 1)) % m  # [t, row]: the column of diagonal t in that row
+    diag = S[..., r.expand(m, m), diag_cols].sum(-1)  # (R/m, in/m, m): summed score of each diagonal t
+    best = torch.zeros_like(diag, dtype=torch.bool).scatter_(-1, diag.topk(b, dim=-1).indices, True)
+    on_diag = (r.view(1, -1) - r.view(-1, 1)) % m  # [row, col]: the diagonal t through that position
+    keep = best[..., on_diag]  # (R/m, in/m, m rows, m cols)
+    return keep.transpose(1, 2).reshape(-1, in_f)[:out_f]
+
+
+def eggs_mask(score, n, m, b=1):
+    """EGGS-PTP's N:M mask (reconstructed): the b best cyclic diagonals of every m x m tile are kept
+    (diagonal_mask), and each row fills its other n - b slots of every run of m with its highest other scores.
+    b = 0 is plain N:M on the score."""
+    if not 0 <= b <= n:
+        raise ValueError(f"EGGS keeps b cyclic diagonals of every {m} x {m} tile inside each row's n = {n} of {m}, "
+                         f"so b must lie in [0, {n}], got {b}.")
+    check_nm(score.shape[1], n, m)
+    forced = diagonal_mask(score, m, b)
+    return nm_mask(score.masked_fill(forced, math.inf), n, m)
 
 
 # -----------------------------------------------------------------------------
@@ -277,37 +324,62 @@ def block_sparsities(sparsity, n_blocks):
     return sparsity if isinstance(sparsity, list) else [sparsity] * n_blocks
 
 
+@dataclass(frozen=True)
+class PruneConfig:
+    """The baselines' settings; the defaults are their papers'."""
+    blocksize: int = 128  # SparseGPT's lazy-batch width
+    percdamp: float = 0.01  # SparseGPT's dampening: 1 % of the mean diagonal of H
+    ria_alpha: float = 0.5  # RIA's exponent a on ||X_j||
+    eggs_diagonals: int = 1  # EGGS: b cyclic diagonals kept in every m x m tile
+    batch_size: int = 8  # calibration windows per forward pass
+
+
+BASELINES = ("magnitude", "wanda", "sparsegpt", "ria", "eggs")
+
+
+def prune_layer(method, W, stats, sparsity, config):
+    """W (out, in) pruned by `method` at `sparsity`, from the layer's calibration statistics (InputStats)."""
+    if method == "magnitude":
+        return W * magnitude_mask(W, sparsity)
+    if method == "sparsegpt":
+        return sparsegpt_prune(W, stats.H, sparsity, config.blocksize, config.percdamp)
+    if method == "wanda":
+        return W * score_mask(wanda_score(W, stats.act_norm), sparsity)
+    score = ria_score(W, stats.act_norm, config.ria_alpha)
+    if method == "ria":
+        return W * score_mask(score, sparsity)
+    if method == "eggs":
+        if not isinstance(sparsity, tuple):
+            raise ValueError(f"EGGS prunes N:M patterns such as 2:4, not the fraction {sparsity}")
+        return W * eggs_mask(score, *sparsity, config.eggs_diagonals)
+    raise ValueError(f"unknown pruning method {method!r}; choose from {', '.join(BASELINES)}")
+
+
 @torch.no_grad()
-def prune_model(model, method, sparsity, calib=None, device="cpu", batch_size=8):
-    """Prune every Linear in every decoder block of `model` in place with `method`, at `sparsity` (a fraction,
-    an (n, m) N:M pattern, or a list: one fraction per block).
+def prune_model(model, method, sparsity, calib=None, device="cpu", config=PruneConfig()):
+    """Prune every Linear in every decoder block of `model` in place with `method` (one of BASELINES), at
+    `sparsity` (a fraction, an (n, m) N:M pattern, or a list: one fraction per block).
 
     The statistics of block i come from inputs that went through the already-pruned blocks 0..i-1
     (as in Wanda and SparseGPT). One block at a time visits `device`, with the calibration streams where they
     fit there (embed_calibration), else one batch of them at a time.
     """
-    assert method in ("magnitude", "wanda", "sparsegpt"), method
-    home = device_of(model)
+    home, bs = device_of(model), config.batch_size
     # two streams (inputs and outputs of a block); the block, SparseGPT's Hessians and temporaries beside them
-    X = None if method == "magnitude" else embed_calibration(model, calib, device, batch_size, n_streams=2,
+    X = None if method == "magnitude" else embed_calibration(model, calib, device, bs, n_streams=2,
                                                               reserve_bytes=4 * param_bytes(model.blocks[0]))
     progress = Progress(len(model.blocks), method)
     for block, s in zip(model.blocks, block_sparsities(sparsity, len(model.blocks))):
         block.to(device)
-        if method == "magnitude":
-            for lin in block.linears().values():
-                lin.weight.mul_(magnitude_mask(lin.weight, s))
-        else:
+        stats = {}
+        if X is not None:
             stats = new_stats(block, method == "sparsegpt", device)
-            run_block(block, X, device, batch_size, stats)
-            for name, lin in block.linears().items():
-                W = lin.weight.data
-                if method == "wanda":
-                    W.mul_(wanda_mask(W, stats[name].act_norm, s))
-                else:
-                    W.copy_(sparsegpt_prune(W, stats[name].H, s))
-            del stats
-            X = run_block(block, X, device, batch_size)  # next block's inputs, from this pruned block
+            run_block(block, X, device, bs, stats)
+        for name, lin in block.linears().items():
+            lin.weight.copy_(prune_layer(method, lin.weight, stats.get(name), s, config))
+        del stats
+        if X is not None:
+            X = run_block(block, X, device, bs)  # next block's inputs, from this pruned block
         block.to(home)
         progress.step()
     return model

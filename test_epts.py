@@ -5,6 +5,7 @@ import json
 import math
 import os
 import re
+import shutil
 import sys
 import time
 
@@ -18,8 +19,8 @@ import model as M
 import prune
 import eval as eval_module
 from eval import perplexity
-from conftest import (LLAMA2_TOKENIZER, LLAMA3_PATTERN, QWEN2_PATTERN, SMALL, TEXT, calib_ids, cli, hf_tiny,
-                      main, needs_transformers, save_bin, tiny_llama, torchrun, train_bpe, train_family_bpe,
+from conftest import (LLAMA2_TOKENIZER, LLAMA3_PATTERN, QWEN2_PATTERN, REAL_TOKENIZERS, SMALL, TEXT, calib_ids,
+                      cli, hf_tiny, main, needs_transformers, save_bin, tiny_llama, torchrun, train_bpe, train_family_bpe,
                       transformers, write_real_shape)
 from model import UserError
 
@@ -251,6 +252,22 @@ def saved_llama(tmp_path):
     ref = hf_tiny("llama_mha")
     ref.save_pretrained(tmp_path)
     return ref
+
+
+@pytest.mark.parametrize("name", sorted(REAL_TOKENIZERS))
+def test_published_configs_are_read_with_their_own_values(name):
+    """configs/*.json (the releases' config.json): every field the model uses is read as the file gives it, rope_theta
+    at the top level (Qwen2.5, Qwen3, LLaMA-3.1) included, never a default."""
+    with open(os.path.join(os.path.dirname(__file__), "configs", f"{name}.json")) as f:
+        raw = json.load(f)
+    cfg = M.config_from_dict(raw)
+    fields = ("vocab_size", "hidden_size", "intermediate_size", "ffn_dim", "num_hidden_layers", "num_attention_heads",
+              "num_key_value_heads", "head_dim", "rms_norm_eps", "rope_theta", "rope_scaling",
+              "max_position_embeddings", "tie_word_embeddings", "word_embed_proj_dim", "do_layer_norm_before")
+    read = [f for f in fields if raw.get(f) is not None and hasattr(cfg, f)]
+    assert all(getattr(cfg, f) == raw[f] for f in read), {f: (getattr(cfg, f), raw[f]) for f in read}
+    if name in ("llama-3.1-8b", "qwen2.5-7b", "qwen3-8b"):
+        assert cfg.rope_theta == raw["rope_theta"] >= 500_000
 
 
 def test_error_missing_folder_and_config(tmp_path):
@@ -496,6 +513,66 @@ def test_nm_mask_pattern():
         prune.nm_mask(score, 3, 7)
 
 
+def test_ria_score_equals_its_definition():
+    """RIA's score, weight by weight: (|W_ij| / sum_i |W_ij| + |W_ij| / sum_j |W_ij|) * ||X_j||^a."""
+    W, act_norm = torch.randn(5, 7), torch.rand(7) + 0.1
+    for a in (0.5, 1.0):
+        direct = torch.tensor([[(abs(W[i, j]) / sum(abs(W[k, j]) for k in range(5))
+                                 + abs(W[i, j]) / sum(abs(W[i, k]) for k in range(7))) * act_norm[j] ** a
+                                for j in range(7)] for i in range(5)])
+        assert torch.allclose(prune.ria_score(W, act_norm, a), direct, rtol=1e-5)
+    W[:, 3] = 0  # a column pruned before: score 0, not NaN
+    assert prune.ria_score(W, act_norm)[:, 3].eq(0).all()
+
+
+@pytest.mark.parametrize("out_f", [16, 22])  # 22: a last, partial tile of rows
+@pytest.mark.parametrize("n,m,b", [(2, 4, 1), (2, 4, 2), (4, 8, 1), (4, 8, 3), (1, 4, 1)])
+def test_eggs_masks_are_exact_nm_and_keep_every_input_in_every_tile(out_f, n, m, b):
+    """EGGS: exactly n of every m inputs per row; in every full m x m tile every input column keeps >= b weights,
+    through the b cyclic diagonals of highest summed score; the rest of each row's slots by score."""
+    score = torch.rand(out_f, 32, generator=torch.Generator().manual_seed(n * 10 + m + b))
+    mask = prune.eggs_mask(score, n, m, b)
+    assert (mask.view(out_f, -1, m).sum(-1) == n).all()
+    full = out_f // m * m
+    tiles = mask[:full].view(full // m, m, -1, m).transpose(1, 2)  # (out/m, in/m, rows, cols)
+    assert (tiles.sum(-2) >= b).all()  # every column of every full tile
+    # brute force for one tile: the b best diagonals by summed score are inside the mask
+    T = score[:m, :m]
+    sums = [sum(T[r, (r + t) % m].item() for r in range(m)) for t in range(m)]
+    for t in sorted(range(m), key=lambda t: -sums[t])[:b]:
+        assert all(mask[r, (r + t) % m] for r in range(m))
+    # the slots the diagonals leave are each row's highest remaining scores
+    forced = prune.diagonal_mask(score, m, b)
+    assert torch.equal(mask, prune.nm_mask(torch.where(forced, math.inf, score), n, m))
+
+
+def test_eggs_without_diagonals_is_ria_and_refuses_what_it_cannot_do():
+    """b = 0 gives RIA's N:M mask exactly; a fraction or b > n is a clear error."""
+    W, act_norm = torch.randn(12, 16), torch.rand(16)
+    score = prune.ria_score(W, act_norm)
+    assert torch.equal(prune.eggs_mask(score, 2, 4, 0), prune.nm_mask(score, 2, 4))
+    config = prune.PruneConfig(eggs_diagonals=0)
+    stats = prune.InputStats(16, False, "cpu")
+    stats.add(torch.randn(30, 16))
+    assert torch.equal(prune.prune_layer("eggs", W, stats, (2, 4), config),
+                       prune.prune_layer("ria", W, stats, (2, 4), config))
+    with pytest.raises(ValueError, match="N:M patterns"):
+        prune.prune_layer("eggs", W, stats, 0.5, config)
+    with pytest.raises(ValueError, match="b must lie in"):
+        prune.eggs_mask(score, 2, 4, 3)
+
+
+def test_baseline_defaults_are_the_papers():
+    """SparseGPT: 1 % dampening, lazy batches of 128; RIA: a = 0.5; EGGS: one diagonal. A changed default changes
+    the pruned weights, so each is pinned by value and by its effect."""
+    config = prune.PruneConfig()
+    assert (config.percdamp, config.blocksize, config.ria_alpha, config.eggs_diagonals) == (0.01, 128, 0.5, 1)
+    W, X = correlated_layer()[:2]
+    H = 2 * X.t() @ X / X.shape[0]
+    assert torch.equal(prune.sparsegpt_prune(W, H, 0.5), prune.sparsegpt_prune(W, H, 0.5, 128, 0.01))
+    assert not torch.equal(prune.sparsegpt_prune(W, H, 0.5), prune.sparsegpt_prune(W, H, 0.5, 128, 0.1))
+
+
 def test_wanda_score_brute_force_and_nested_wanda_magnitude():
     """wanda_score = |W_ij| * ||X_j||; Wanda and magnitude masks are nested across sparsities."""
     W, X = torch.randn(6, 10), torch.randn(40, 10)
@@ -618,6 +695,26 @@ def test_untrained_adapters_deploy_equals_wanda_with_dense_scores(tmp_path):
     for block, dep, norm in zip(model.blocks, deployed.blocks, norms):
         for name, lin in block.linears().items():
             assert torch.equal(dep.linears()[name].weight, lin.weight * topk_mask(lin.weight, norm[name], 0.5)), name
+
+
+def test_deploy_uses_the_cumulative_adapters_of_the_sparsitys_group():
+    """A deployed weight is (W + sum_{k<=g} B_k A_k) ⊙ M_s, g the group whose range (edges[g], edges[g+1]] holds s:
+    a sparsity inside every group and one on every upper edge, every adapter nonzero, so a group off by one shows."""
+    model, calib = tiny_llama(), calib_ids()
+    norms, gen, records = dense_act_norms(model, calib), torch.Generator().manual_seed(0), []
+    for block, norm in zip(model.blocks, norms):
+        layers = epts.elastic_layers(block, norm, 3, 2, gen)
+        for layer in layers.values():
+            layer.B.data.normal_(generator=gen)
+        records.append(epts.block_record(layers, True, norm, [0.0]))
+    elastic = {"edges": [0.0, 0.3, 0.5, 0.7], "rank": 2, "fingerprint": epts.fingerprint(model), "blocks": records}
+    for s, g in ((0.2, 0), (0.3, 0), (0.4, 1), (0.5, 1), (0.6, 2), (0.7, 2)):
+        deployed = epts.deploy(tiny_llama(), elastic, s)
+        for block, rec, norm, dep in zip(model.blocks, records, norms, deployed.blocks):
+            for name, lin in block.linears().items():
+                delta = sum(rec["B"][name][k] @ rec["A"][name][k] for k in range(g + 1))
+                expect = (lin.weight + delta) * topk_mask(lin.weight, norm[name], s)
+                torch.testing.assert_close(dep.linears()[name].weight, expect, rtol=0, atol=1e-5)
 
 
 def topk_mask(W, act_norm, s):
@@ -762,24 +859,25 @@ def test_groups_draws_and_mixer_weights():
         assert sum(epts.MSFM([0.1 * k for k in range(G + 1)]).weights) == pytest.approx(1.0)
 
 
-def trained_block(groups=epts.EPTSConfig.edges, epochs=2):
-    """Block 0 of a tiny LLaMA with trained adapters, its dense inputs X and target Y."""
+def trained_block(groups=epts.EPTSConfig.edges, epochs=2, procs=epts.SOLO, batch_size=8):
+    """Block 0 of a tiny LLaMA with trained adapters, its dense inputs X and target Y (computed `batch_size`
+    windows at a time), and the per-epoch losses; trained by `procs`, all of them or one."""
     model, calib = tiny_llama(), calib_ids(8)
     block, X = model.blocks[0], model.embed(calib)
     stats = prune.new_stats(block, False, "cpu")
-    Y = prune.run_block(block, X, "cpu", 8, stats)
+    Y = procs.run_block(block, X, "cpu", batch_size, stats)
     layers = epts.elastic_layers(block, {n: s.act_norm for n, s in stats.items()}, len(groups) - 1, 4,
                                  torch.Generator().manual_seed(0))
-    epts.train_block(block, layers, X, Y, epts.EPTSConfig(groups, epochs, lr=1e-2, batch_size=4), "cpu",
-                     torch.Generator().manual_seed(0))
-    return block, layers, X, Y
+    losses = epts.train_block(block, layers, X, Y, epts.EPTSConfig(tuple(groups), epochs, lr=1e-2, batch_size=4),
+                              "cpu", torch.Generator().manual_seed(0), procs)
+    return block, layers, X, Y, losses
 
 
 def test_mixer_output_is_the_weighted_sum_of_the_groups_outputs():
     """MSFM mixes sum_g w_g block(X) at one draw per group: a one-hot weight returns that group's output alone,
     and the default weights give the weighted sum at the same draws (g = 0 without adapter 0 if flagged off)."""
     edges = [0.0, 0.4, 0.55, 0.7]
-    block, layers, X, _ = trained_block(edges)
+    block, layers, X, _, _ = trained_block(edges)
     draws = epts.MSFM(edges).draw(torch.Generator().manual_seed(5))
     assert all(lo < s <= hi for s, lo, hi in zip(draws, edges, edges[1:]))
     outs = [epts.block_forward(block, layers, X, g, s, adapters=g > 0).float() for g, s in enumerate(draws)]
@@ -843,13 +941,62 @@ def test_training_follows_a_cosine_schedule_and_stratified_draws(monkeypatch):
     monkeypatch.setattr(epts, "block_forward", lambda b, l, x, g, s, adapters=True: seen.append((g, s)) or
                         real_forward(b, l, x, g, s, adapters))
     edges = [0.0, 0.4, 0.7]
-    block, layers, X, Y = trained_block(edges, epochs=3)  # 8 windows, batch 4: T = 6 steps
+    block, layers, X, Y, _ = trained_block(edges, epochs=3)  # 8 windows, batch 4: T = 6 steps
     T = 6
     assert lrs == pytest.approx([1e-2 * 0.5 * (1 + math.cos(math.pi * t / T)) for t in range(T)])
     for g, (lo, hi) in enumerate(zip(edges, edges[1:])):
         draws = sorted(s for gg, s in seen[: 2 * T] if gg == g)
         assert len(draws) == T
         assert all(lo + (hi - lo) * k / T < d <= lo + (hi - lo) * (k + 1) / T + 1e-12 for k, d in enumerate(draws))
+
+
+def test_training_visits_windows_and_draws_in_the_generators_shuffled_order(monkeypatch):
+    """With the block's generator: each group's draws come first (a random permutation of its T intervals, then one
+    uniform value per draw), then every epoch a fresh torch.randperm of the windows; the steps follow exactly that
+    order, so neither the windows nor the draws are visited in a fixed order."""
+    seen = []
+    real_forward = epts.block_forward
+    monkeypatch.setattr(epts, "block_forward", lambda b, l, x, g, s, adapters=True: seen.append((g, s, x)) or
+                        real_forward(b, l, x, g, s, adapters))
+    edges, epochs, T = [0.0, 0.4, 0.7], 3, 6  # 8 windows, batch 4: 2 steps an epoch
+    block, layers, X, Y, _ = trained_block(edges, epochs=epochs)
+    gen = torch.Generator().manual_seed(0)
+    intervals = []
+    for g in range(2):
+        intervals.append(torch.randperm(T, generator=gen, dtype=torch.float64).long().tolist())
+        torch.rand(T, generator=gen, dtype=torch.float64)
+    orders = torch.cat([torch.randperm(8, generator=gen) for _ in range(epochs)]).view(T, 4)
+    assert len({tuple(o) for o in orders.view(epochs, 8).tolist()}) == epochs  # the seed gives 3 distinct orders
+    assert intervals[0] != sorted(intervals[0]) and intervals[1] != sorted(intervals[1])
+    assert len(seen) == 2 * T
+    for step in range(T):
+        for g in range(2):
+            gg, s, x = seen[2 * step + g]
+            lo, hi = edges[g], edges[g + 1]
+            k = intervals[g][step]
+            assert gg == g and lo + (hi - lo) * k / T < s <= lo + (hi - lo) * (k + 1) / T + 1e-12
+            assert torch.equal(x, X[orders[step]])
+
+
+@pytest.mark.parametrize("use0", [False, True])
+def test_mixer_feeds_the_next_block_through_group_0_as_deployed(monkeypatch, use0):
+    """The mixer's group-0 output is the block as deploy builds it: without adapter 0 when the low-group check
+    turned it off, with it when on (the adapters are trained, so the two differ)."""
+    mixed, made = [], []
+    real_mix, real_layers = epts.MSFM.mix, epts.elastic_layers
+    monkeypatch.setattr(epts, "low_group_check", lambda *a, **k: use0)
+    monkeypatch.setattr(epts, "elastic_layers", lambda *a, **k: made.append(real_layers(*a, **k)) or made[-1])
+    monkeypatch.setattr(epts.MSFM, "mix", lambda self, forward, X, *a, **k: mixed.append((forward, X)) or
+                        real_mix(self, forward, X, *a, **k))
+    model = tiny_llama()
+    records = epts.train_blocks(model, calib_ids(4), epts.EPTSConfig(epochs=1, lr=1e-2), "cpu", (None, []))
+    assert [rec["use_adapter0"] for rec in records] == [use0, use0]
+    forward, X = mixed[0]
+    with torch.no_grad():
+        out = forward(X, 0, 0.3)
+        assert torch.equal(out, epts.block_forward(model.blocks[0], made[0], X, 0, 0.3, adapters=use0))
+        assert not torch.equal(out, epts.block_forward(model.blocks[0], made[0], X, 0, 0.3, adapters=not use0))
+        assert torch.equal(forward(X, 1, 0.5), epts.block_forward(model.blocks[0], made[0], X, 1, 0.5))
 
 
 def test_deploy_honours_the_low_group_flag(tmp_path):
@@ -867,14 +1014,14 @@ def test_deploy_honours_the_low_group_flag(tmp_path):
         assert all(plain) if not flag else not any(plain)
 
 
-def interrupt_after_first_block(monkeypatch):
-    """Make epts.train_block raise KeyboardInterrupt on its second call (a run stopped after block 0); returns
-    the real one."""
+def interrupt_after_first_block(monkeypatch, blocks=1):
+    """Make epts.train_block raise KeyboardInterrupt once `blocks` blocks are trained (a run stopped after block
+    blocks - 1); returns the real one."""
     real, calls = epts.train_block, []
 
     def interrupted(*args, **kw):
         calls.append(1)
-        if len(calls) == 2:
+        if len(calls) == blocks + 1:
             raise KeyboardInterrupt
         return real(*args, **kw)
 
@@ -882,16 +1029,25 @@ def interrupt_after_first_block(monkeypatch):
     return real
 
 
-def test_resume_gives_bit_identical_adapters(tmp_path, monkeypatch, capsys):
-    """A run interrupted after block 0 and re-run ends with the same elastic model as an uninterrupted run."""
+@pytest.mark.parametrize("done", [1, 2])
+def test_resume_gives_bit_identical_adapters(tmp_path, monkeypatch, capsys, done):
+    """A run interrupted after block 0 (or 1) and re-run ends with the same elastic model as an uninterrupted run:
+    each finished block replays its own record. A saved block whose tensors were changed is refused."""
     calib = calib_ids(4)
     full = epts.run_epts(tiny_llama(num_hidden_layers=3), calib, str(tmp_path / "a"), epts.EPTSConfig(epochs=2))
-    real = interrupt_after_first_block(monkeypatch)
+    real = interrupt_after_first_block(monkeypatch, done)
     with pytest.raises(KeyboardInterrupt):
         epts.run_epts(tiny_llama(num_hidden_layers=3), calib, str(tmp_path / "b"), epts.EPTSConfig(epochs=2))
-    assert os.path.isfile(tmp_path / "b" / "partial" / "block_000.pt")
+    assert sorted(os.listdir(tmp_path / "b" / "partial")) == [f"block_{i:03d}.pt" for i in range(done)] + ["run.json"]
     assert "resume from the first unfinished block" in capsys.readouterr().err
     monkeypatch.setattr(epts, "train_block", real)
+    saved = tmp_path / "b" / "partial" / "block_000.pt"
+    rec = torch.load(saved, weights_only=True)
+    edited = {**rec, "B": {**rec["B"], "mlp.up_proj": rec["B"]["mlp.up_proj"] + 1e-3}}  # loadable, stale checksum
+    torch.save(edited, saved)
+    with pytest.raises(UserError, match="block 0 fails its checksum"):
+        epts.run_epts(tiny_llama(num_hidden_layers=3), calib, str(tmp_path / "b"), epts.EPTSConfig(epochs=2))
+    torch.save(rec, saved)
     resumed = epts.run_epts(tiny_llama(num_hidden_layers=3), calib, str(tmp_path / "b"), epts.EPTSConfig(epochs=2))
     for a, b in zip(full["blocks"], resumed["blocks"]):
         for key in ("A", "B", "act_norm"):
@@ -983,6 +1139,32 @@ def test_export_reloads_in_transformers_with_identical_logits(small, tmp_path):
     with torch.no_grad():
         assert (ref(idx).logits - ours(idx)).abs().max() <= 1e-4
     assert os.path.isfile(tmp_path / "exp" / "tokenizer.model")
+
+
+@needs_transformers
+@pytest.mark.parametrize("kind", ["llama_gqa", "smollm", "mistral", "qwen2", "qwen3", "opt_pre", "opt_post"])
+def test_ria_and_eggs_run_on_every_family_and_export(tiny, tmp_path, kind):
+    """RIA (0.5, 4:8) and EGGS (4:8) through main on every family: exact sparsity, finite perplexity, EGGS
+    skipping the fraction; the EGGS 2:4 model exports and transformers loads it with our logits."""
+    ckpt = tmp_path / kind
+    ref = hf_tiny(kind, vocab_size=512)
+    ref.save_pretrained(ckpt)
+    assert (ref.config.bos_token_id is None) == kind.startswith("qwen")  # null, as transformers writes it
+    shutil.copy(os.path.join(tiny["ckpt"], "vocab.json"), ckpt)
+    shutil.copy(os.path.join(tiny["ckpt"], "merges.txt"), ckpt)
+    report = main(**dict(tiny, ckpt=str(ckpt), methods=["ria", "eggs"], sparsities=[0.5, (4, 8)]))
+    rows = [(r["method"], r["sparsity"]) for r in report["results"]]
+    assert rows == [("ria", 0.5), ("ria", "4:8"), ("eggs", "4:8")]
+    assert all(r["achieved_sparsity"] == 0.5 and math.isfinite(r["ppl"]) for r in report["results"])
+    exported = tmp_path / "exp"
+    main(**dict(tiny, ckpt=str(ckpt), methods=["eggs"], sparsities=[(2, 4)], export=str(exported)))
+    ours = M.load_model(str(exported))
+    for lin in ours.blocks[0].linears().values():
+        assert ((lin.weight != 0).view(lin.out_features, -1, 4).sum(-1) == 2).all()
+    ref = transformers.AutoModelForCausalLM.from_pretrained(str(exported)).eval()
+    idx = torch.randint(0, 512, (2, 24))
+    with torch.no_grad():
+        assert (ref(idx).logits - ours(idx)).abs().max() <= 1e-4
 
 
 # -----------------------------------------------------------------------------
@@ -1136,6 +1318,19 @@ def test_real_shape_checkpoint_runs_every_method_through_the_cli(real_text, tmp_
         {k: v for k, v in dict(raw, num_hidden_layers=1).items() if k != "torch_dtype"}
 
 
+def test_eggs_and_ria_masks_at_llama_2_7b_down_proj_shape():
+    """Real-shape tier: LLaMA-2-7B's down_proj (4096 x 11008) and gate_proj (11008 x 4096) under EGGS 2:4: exact
+    2:4 in every row, every input column >= 1 weight in every 4 x 4 tile; with b = 0 it is RIA's 2:4 mask."""
+    gen = torch.Generator().manual_seed(0)
+    for out_f, in_f in ((4096, 11008), (11008, 4096)):
+        W = torch.randn(out_f, in_f, generator=gen).to(torch.bfloat16)
+        score = prune.ria_score(W, torch.rand(in_f, generator=gen))
+        mask = prune.eggs_mask(score, 2, 4, 1)
+        assert (mask.view(out_f, -1, 4).sum(-1) == 2).all()
+        assert (mask.view(out_f // 4, 4, in_f // 4, 4).sum(1) >= 1).all()  # (row tiles, column runs, columns)
+        assert torch.equal(prune.eggs_mask(score, 2, 4, 0), prune.nm_mask(score, 2, 4))
+
+
 # -----------------------------------------------------------------------------
 # reliability: nothing lost, nothing silent (each case of the reliability section of the README)
 
@@ -1234,6 +1429,9 @@ def test_bad_requests_fail_before_any_work(tiny, tmp_path, monkeypatch):
         (dict(methods=["epts"], out=str(tmp_path / "ckpt" / "config.json")), "--out .* is a file"),
         (dict(methods=["dense"], seqlen=1), "leaves no token to predict"),
         (dict(methods=["epts"], elastic=str(tmp_path / "nowhere")), "no elastic model"),
+        (dict(methods=["eggs"], sparsities=[0.5]), "EGGS prunes N:M patterns only"),
+        (dict(methods=["eggs"], sparsities=[(2, 4)], pruning=prune.PruneConfig(eggs_diagonals=3)),
+         "--eggs-diagonals 3 is more than the 2 weights"),
     ]
     for kw, message in cases:
         with pytest.raises(UserError, match=message):
@@ -1369,6 +1567,15 @@ def test_owl_allocation_from_the_elastic_file_and_from_a_file(tiny, tmp_path):
         main(**dict(tiny, methods=["epts"], allocation=str(tmp_path / "alloc.json"), elastic=tiny["out"]))
 
 
+def test_owl_for_epts_near_the_top_of_the_trained_range_clips_to_its_last_edge(tiny):
+    """OWL at 0.58 spreads the blocks by +-0.08; the elastic model reaches 0.6, so one block is clipped to exactly
+    0.6 and the other raised to keep the mean: [0.56, 0.6] in some order, each block exactly that sparse."""
+    main(**dict(tiny, methods=["epts"], sparsities=[0.5], nsamples=4, edges=(0.0, 0.4, 0.6)))
+    report = main(**dict(tiny, methods=["epts"], sparsities=[0.58], nsamples=4, allocation="owl",
+                         elastic=tiny["out"]))
+    assert sorted(report["results"][0]["block_sparsities"]) == pytest.approx([0.56, 0.6], abs=1e-9)
+
+
 def test_windows_are_whole_batches_shared_out_in_order():
     """K ranks' window slices tile [0, N) in order, each a run of whole batches; one process takes them all."""
     for n, batch, K in ((10, 3, 3), (4, 1, 3), (2, 1, 3), (7, 2, 2)):
@@ -1378,6 +1585,39 @@ def test_windows_are_whole_batches_shared_out_in_order():
         assert all(lo % batch == 0 for lo, _ in slices)
     assert epts.SOLO.windows(10, 3) == (0, 10)
     assert [g for g in range(7) if epts.Ranks(1, 3).owns(g)] == [1, 4]
+
+
+def train_block_in_process(rank, size, init_file, edges, out):
+    """One of `size` gloo processes: the summed gradient of a known per-process value, then train_block on
+    trained_block's set-up; rank 0 saves what it got."""
+    import torch.distributed as dist
+    dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=size)
+    procs = epts.Ranks(rank, size)
+    p = torch.nn.Parameter(torch.zeros(3))
+    p.grad = torch.full((3,), float(rank + 1))
+    loss = procs.sum_gradients([p], torch.tensor(10.0 * (rank + 1)))
+    _, layers, _, Y, losses = trained_block(edges, procs=procs, batch_size=3)  # 3 batches: windows split 1 / 2
+    if rank == 0:
+        torch.save({"grad": p.grad, "loss": loss, "Y": Y, "losses": losses,
+                    "B": {n: layer.B.detach() for n, layer in layers.items()}}, out)
+    dist.destroy_process_group()
+
+
+@pytest.mark.parametrize("edges", [(0.0, 0.5, 0.7), (0.0, 0.4, 0.5, 0.6, 0.7)])
+def test_two_processes_with_groups_a_multiple_of_two_train_what_one_process_trains(tmp_path, edges):
+    """2 gloo processes, G = 2 and 4 groups (the process count divides G, so group 0's output must still be broadcast
+    to the process owning groups 1, 3): gradients are summed, not averaged (1 + 2 = 3), the shared dense outputs and
+    the per-epoch losses and adapters equal one process's to float32 round-off."""
+    import torch.multiprocessing as mp
+    out = tmp_path / "rank0.pt"
+    mp.spawn(train_block_in_process, args=(2, str(tmp_path / "init"), edges, str(out)), nprocs=2)
+    got = torch.load(out, weights_only=True)
+    assert torch.equal(got["grad"], torch.full((3,), 3.0)) and got["loss"].item() == 30.0
+    _, layers, _, Y, losses = trained_block(edges, batch_size=3)
+    assert torch.equal(got["Y"], Y)
+    assert got["losses"] == pytest.approx(losses, rel=1e-6)
+    for name, layer in layers.items():
+        torch.testing.assert_close(got["B"][name], layer.B.detach(), rtol=1e-4, atol=1e-6)
 
 
 @needs_transformers
