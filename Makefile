@@ -6,8 +6,8 @@ PYTHON ?= python3
 setup:
 	$(PYTHON) -m pip install -q -r requirements-test.txt
 
-# the whole suite, the real-shape tier included (8-11 minutes on 2 CPU cores); pytest exits 5 when no test
-# ran, which must fail too
+# the whole suite, the real-shape tier included (about 10 minutes on 2 CPU cores); pytest exits 5 when no
+# test ran, which must fail too
 test:
 	$(PYTHON) -m pytest -q test_epts.py bench/test_bench.py; rc=$$?; \
 	if [ $$rc -eq 5 ]; then echo "error: no test ran"; fi; exit $$rc
@@ -21,5 +21,6 @@ bench:
 	$(PYTHON) bench/load_bench.py
 	$(PYTHON) bench/memory_check.py
 	$(PYTHON) bench/bench.py
+	$(PYTHON) bench/nm_bench.py
 	$(PYTHON) bench/gpu.py
 	$(PYTHON) bench/speed.py

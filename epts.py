@@ -1,11 +1,28 @@
 """
 EPTS: Elastic Post-Training Sparsity (Xu et al., KDD 2026), for LLaMA and OPT.
 
-One block-wise optimisation yields an *elastic* model: the dense weights, one Wanda score per weight
-(kept as activation norms) and G nested LoRA pairs per layer (MS-HiLoRA). Any sparsity in the
-trained range is then deployed in seconds, without calibration data.
+One block-wise optimisation yields an *elastic* model: the dense weights, one Wanda score per weight (kept as
+activation norms) and G nested LoRA pairs per layer (MS-HiLoRA). Any sparsity in the trained range is then
+deployed in seconds, without calibration data.
 
     python epts.py --ckpt PATH --sparsities 0.3,0.5,0.7
+
+The algorithm, as train_blocks runs it (one function each):
+
+    X_dense = X_pruned = embed(calibration windows)
+    for block in blocks:
+        Y      = block(X_dense)                           dense target; Wanda's ||X_j|| from X_dense
+        layers = elastic_layers(block, ||X||, G, r)       W frozen, per-row Wanda order, G LoRA pairs (B_k, A_k)
+        train_block: per batch (x, y) of X_pruned, Y      phase 1: Adam on the adapters, cosine lr
+            train_step: for g in groups: s ~ (edges[g], edges[g+1]]
+                out_g  = block with (W + sum_{k<=g} B_k A_k) ⊙ M_s on x       (block_forward, MaskedMerge)
+                loss_g = group_loss(out_g, y, out_0); loss_g.backward()
+        use0     = low_group_check(...)                   keep adapter 0 only where it lowers the error
+        X_pruned = mix_stream(MSFM, block, X_pruned)      phase 2: sum_g w_g block_g(X_pruned)
+        X_dense  = Y
+    deploy(model, elastic, s): W <- (W + sum_{k<=g(s)} B_k A_k) ⊙ M_s, no adapters left
+
+Below the algorithm: the elastic file (checksums, resume), then the command line.
 """
 
 import argparse
@@ -20,12 +37,11 @@ import os
 import shutil
 import sys
 import time
+from dataclasses import asdict, dataclass, replace
 
 import torch
-import torch.distributed as dist
 import torch.nn as nn
 import torch.nn.functional as F
-from dataclasses import asdict, dataclass, replace
 from torch.func import functional_call
 
 import data
@@ -34,6 +50,7 @@ import model as M
 import prune
 from eval import TASKS, TaskError, perplexity, read_task, zero_shot
 from model import UserError
+from parallel import SOLO, Procs, exit_process
 
 FORMAT = "epts-elastic-v2"  # v2: integer-indexed fingerprint, a checksum of every block's tensors
 USER_ERRORS = (UserError, data.DataError, TaskError)  # bad input: the CLI prints the message, no traceback
@@ -61,6 +78,7 @@ class EPTSConfig:
                 raise UserError(f"--{name.replace('_', '-')} must be a positive integer.")
         if not 0 <= self.lr < math.inf:  # 0 trains nothing: the deployed masks are Wanda's, the adapters zero
             raise UserError(f"--lr {self.lr} must be a number >= 0 (the authors use 1e-3).")
+
 
 # -----------------------------------------------------------------------------
 # sparsity groups
@@ -104,8 +122,7 @@ class MaskedMerge(torch.autograd.Function):
 
     B and A are rounded to W's dtype for the products (their float32 values stay the optimiser's): in bf16 the
     merged weight is as close to the exact (W + scale B A) ⊙ M as rounding a float32 merge would be, and with a
-    float32 W (the CPU's default) it is the float32 merge, bit for bit. Merging through a float32 copy of W
-    and its float32 gradient took most of a bf16 training step's memory traffic on a GPU.
+    float32 W it is the float32 merge, bit for bit.
     """
 
     @staticmethod
@@ -128,7 +145,7 @@ class MaskedMerge(torch.autograd.Function):
 class ElasticLinear(nn.Module):
     """W_eff = (W + scale * sum_{k<=g} B_k A_k) ⊙ M_s (EPTS, MS-HiLoRA); the mask keeps the merged weight sparse.
 
-    The mask comes from per-row ranks of the Wanda score, computed once, so M_s for any s is one comparison
+    The mask comes from each row's order of the Wanda score, computed once, so M_s for any s is one comparison
     and M_0.7 ⊆ M_0.5 by construction. Adapters are float32 whatever the model's dtype.
     """
 
@@ -146,21 +163,19 @@ class ElasticLinear(nn.Module):
         self.B = nn.Parameter(torch.zeros(n_groups, out_f, rank, device=self.W.device))  # (G, out, r), zero-init
 
     @functools.cached_property
-    def ranks(self):
-        """Per-row ranks of the Wanda score (out, in), built on first use: training needs them for many
-        sparsities, deployment at one sparsity does not (deploy_mask).
-
-        Built a few rows at a time: sorting a whole layer holds its float32 score and two int64 tensors, 20 B a
-        weight (4.7 GB for a LLaMA-2-70B down_proj); 2^23 weights at a time hold 0.17 GB."""
+    def order(self):
+        """Each weight's place in its row's Wanda order (out, in), built on first use: training needs it for many
+        sparsities, deployment at one sparsity does not (deploy_mask). Built 2^23 weights at a time: sorting a
+        whole layer would hold 20 B a weight (float32 score, two int64 tensors)."""
         out_f, in_f = self.W.shape
-        ranks = torch.empty(out_f, in_f, dtype=torch.int16 if in_f < 2 ** 15 else torch.int32, device=self.W.device)
+        order = torch.empty(out_f, in_f, dtype=torch.int16 if in_f < 2 ** 15 else torch.int32, device=self.W.device)
         rows = max(1, 2 ** 23 // in_f)
         for r in range(0, out_f, rows):
-            ranks[r:r + rows] = prune.row_ranks(prune.wanda_score(self.W[r:r + rows], self.act_norm))
-        return ranks
+            order[r:r + rows] = prune.row_order(prune.wanda_score(self.W[r:r + rows], self.act_norm))
+        return order
 
     def mask(self, s):
-        return prune.mask_from_ranks(self.ranks, s)
+        return prune.mask_from_order(self.order, s)
 
     def deploy_mask(self, s):
         """The same mask as mask(s), by selection instead of a full sort."""
@@ -198,112 +213,9 @@ def block_forward(block, layers, x, g, s, adapters=True):
 
 def deployed_forward(block, layers, use_adapter0):
     """forward(x, g, s) of the block as deploy() will build it: group 0's adapter only if the low-group check
-    kept it."""
-    return lambda x, g, s: block_forward(block, layers, x, g, s, adapters=g > 0 or use_adapter0)
-
-
-# -----------------------------------------------------------------------------
-# processes: one, or K under torchrun, sharing one optimisation group by group
-
-
-class Ranks:
-    """The processes that compute one EPTS optimisation together. The G groups of a training step are
-    independent passes over the same input, so group g goes to rank g % K; group 0's output is broadcast (the
-    others' second target) and the adapter gradients are summed before the step, so every process takes the
-    step a single process would. Passes without gradients (the dense target, the low-group check, the mixer)
-    split the windows, whole batches per rank, and exchange the results.
-
-    SOLO (one process, no torchrun) makes every exchange a no-op and never initialises torch.distributed.
-    """
-
-    def __init__(self, rank=0, size=1, device="cpu"):
-        self.rank, self.size = rank, size
-        self.comm = torch.device(device)  # NCCL exchanges CUDA tensors, gloo CPU ones
-
-    @classmethod
-    def from_env(cls, device):
-        """The torchrun processes (WORLD_SIZE, RANK, LOCAL_RANK in the environment), else SOLO. On CUDA each
-        process takes the GPU of its LOCAL_RANK."""
-        if int(os.environ.get("WORLD_SIZE", "1")) == 1:
-            return cls()
-        if str(device).startswith("cuda"):
-            device = f"cuda:{int(os.environ.get('LOCAL_RANK', '0'))}"
-            torch.cuda.set_device(device)
-        if not dist.is_initialized():
-            dist.init_process_group("nccl" if device.startswith("cuda") else "gloo")
-        return cls(dist.get_rank(), dist.get_world_size(), device)
-
-    def owns(self, g):
-        return g % self.size == self.rank
-
-    def windows(self, n, batch_size, rank=None):
-        """The windows [lo, hi) of n that a rank passes through a block: a contiguous run of whole batches, so
-        every batch is the one a single process would form."""
-        rank = self.rank if rank is None else rank
-        n_batches = math.ceil(n / batch_size)
-        return tuple(min(n, n_batches * r // self.size * batch_size) for r in (rank, rank + 1))
-
-    def exchange(self, t, op):
-        """op(buffer) on a copy of t on the backend's device (NCCL: CUDA, gloo: CPU), the result back in t."""
-        if self.size > 1 and t.numel():
-            buf = t.to(self.comm)
-            op(buf)
-            t.copy_(buf)
-        return t
-
-    def broadcast(self, t, src):
-        """t from rank `src` to every rank, in place, wherever t lives."""
-        return self.exchange(t, lambda buf: dist.broadcast(buf, src))
-
-    def sum(self, t):
-        """The sum of t over the ranks, in place, wherever t lives."""
-        return self.exchange(t, dist.all_reduce)
-
-    def share(self, obj):
-        """Rank 0's (picklable) object, on every rank."""
-        if self.size == 1:
-            return obj
-        box = [obj]
-        dist.broadcast_object_list(box, src=0, device=self.comm)
-        return box[0]
-
-    def share_windows(self, X, batch_size):
-        """Each rank's windows of X (N, T, C), as it computed them, to every rank."""
-        for r in range(self.size):
-            lo, hi = self.windows(X.shape[0], batch_size, r)
-            self.broadcast(X[lo:hi], r)
-        return X
-
-    def run_block(self, block, X, device, batch_size, stats=None):
-        """prune.run_block over this rank's windows, the outputs exchanged and the input statistics summed."""
-        lo, hi = self.windows(X.shape[0], batch_size)
-        Y = torch.empty_like(X)
-        Y[lo:hi] = prune.run_block(block, X[lo:hi], device, batch_size, stats)
-        for s in (stats or {}).values():
-            self.sum(s.sq)
-        return self.share_windows(Y, batch_size)
-
-    def sum_gradients(self, params, loss):
-        """One all-reduce per step: every adapter gradient flattened into one buffer (G r (in + out) floats per
-        layer), the step's loss at its end. Returns the summed loss, a 0-d tensor where the loss was."""
-        if self.size == 1:
-            return loss
-        grads = [p.grad if p.grad is not None else torch.zeros_like(p) for p in params]
-        flat = self.sum(torch.cat([g.reshape(-1) for g in grads] + [loss.reshape(1).to(grads[0].device)]))
-        for p, g in zip(params, flat[:-1].split([p.numel() for p in params])):
-            p.grad = g.view_as(p)
-        return flat[-1].to(loss.device)
-
-    def check_same(self, params):
-        """The adapters are bit-identical on every rank (the same summed gradients, the same Adam): checked
-        once per block, as cheap insurance against a silent divergence."""
-        if self.size > 1:
-            flat = torch.cat([p.detach().reshape(-1) for p in params])
-            if not torch.equal(self.broadcast(flat.clone(), 0), flat):
-                raise RuntimeError(f"rank {self.rank}: adapters differ from rank 0's after the same steps")
-
-
-SOLO = Ranks()
+    kept it. x may live elsewhere (streams in CPU memory): it moves to the block's device."""
+    device = prune.device_of(block)
+    return lambda x, g, s: block_forward(block, layers, x.to(device), g, s, adapters=g > 0 or use_adapter0)
 
 
 # -----------------------------------------------------------------------------
@@ -318,76 +230,76 @@ def group_loss(out, y, out0=None):
     return 0.5 * F.mse_loss(out, y) + 0.5 * F.mse_loss(out, out0)
 
 
-def train_block(block, layers, X, Y, config, device, gen, ranks=SOLO):
-    """Train the adapters of one block so that every group's output matches the dense output Y.
+def train_step(block, layers, x, y, draws, procs=SOLO):
+    """The gradients of one EPTS step: every group g at its drawn sparsity draws[g], each group's loss
+    backpropagated so that their gradients accumulate. Returns the summed loss (0-d, on y's device).
+    x, y: (B, T, C) pruned inputs and dense targets. With several processes each computes its own groups."""
+    out0, total = None, torch.zeros((), device=y.device)  # out0: group 0's output, detached
+    for g, s in enumerate(draws):
+        if procs.owns(g):
+            out = block_forward(block, layers, x, g, s).float()
+            loss = group_loss(out, y, out0)  # group 0 runs first, with out0 still None
+            loss.backward()
+            total += loss.detach()
+            if g == 0:
+                out0 = out.detach()
+        if g == 0:
+            out0 = procs.share_group0(out0, y)
+    return total
 
-    Per step: every group g's loss (group_loss) at a sparsity drawn from its range, each group's gradient
-    accumulated, one Adam step with a cosine-decayed learning rate. Returns the mean loss of each epoch.
-    With several processes each computes the groups it owns: group 0's output is broadcast, the gradients
-    are summed before the step, and every process takes the step one process would have taken.
-    X, Y: (N, T, C) pruned inputs and dense targets, on one device (the compute device or the CPU).
-    """
+
+def train_block(block, layers, streams, config, gen, procs=SOLO):
+    """Train the adapters of one block so that every group's output matches the dense output Y: per step one
+    train_step, then one Adam step with a cosine-decayed learning rate. Returns the mean loss of each epoch.
+    streams = (X, Y): (N, T, C) pruned inputs and dense targets, on the block's device or in CPU memory."""
+    (X, Y), device = streams, prune.device_of(block)
     edges, batch_size = config.edges, config.batch_size
     N, G = X.shape[0], len(edges) - 1
     per_epoch = math.ceil(N / batch_size)
     steps = config.epochs * per_epoch
     params = [p for layer in layers.values() for p in (layer.A, layer.B)]
-    # fused Adam: one kernel for every adapter on a GPU; the CPU keeps the per-tensor loop, whose results
-    # the README's CPU figures were measured with (the two differ in the last bits)
-    opt = torch.optim.Adam(params, lr=config.lr, fused=params[0].is_cuda)
+    opt = torch.optim.Adam(params, lr=config.lr, fused=params[0].is_cuda)  # fused: one kernel on a GPU
     sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda t: 0.5 * (1 + math.cos(math.pi * t / steps)))
-    draws = [stratified_draws(edges[g], edges[g + 1], steps, gen) for g in range(G)]
+    draws = [stratified_draws(edges[g], edges[g + 1], steps, gen) for g in range(G)]  # [g][step]
     epoch_losses = []
     for epoch in range(config.epochs):
-        # a step reads nothing back from the GPU: the windows are picked by an index on X's device and the
-        # losses summed there (in float64, as Python summed their float32 values), read once per epoch; only
-        # streams kept in CPU memory still wait, for their copy to the GPU
         order = torch.randperm(N, generator=gen).to(X.device)
-        total = torch.zeros((), dtype=torch.float64, device=device)
+        total = torch.zeros((), dtype=torch.float64, device=device)  # read once per epoch: no sync per step
         for b in range(per_epoch):
             step = epoch * per_epoch + b
             idx = order[b * batch_size:(b + 1) * batch_size]
             x, y = X[idx].to(device), Y[idx].to(device).float()  # (B, T, C)
-            out0, step_loss = None, torch.zeros((), device=device)  # out0: group 0's output, detached
-            for g in range(G):
-                if ranks.owns(g):
-                    out = block_forward(block, layers, x, g, draws[g][step]).float()
-                    loss = group_loss(out, y, out0)  # group 0 runs first, with out0 still None
-                    loss.backward()  # gradients of all groups accumulate before the one step
-                    step_loss += loss.detach()
-                    if g == 0:
-                        out0 = out.detach()
-                if g == 0 and ranks.size > 1:  # the other groups' second target, to the ranks that own them
-                    out0 = ranks.broadcast(out0 if ranks.owns(0) else torch.empty_like(y), src=0)
-            total += ranks.sum_gradients(params, step_loss).double()
+            loss = train_step(block, layers, x, y, [d[step] for d in draws], procs)
+            total += procs.sum_gradients(params, loss).double()
             opt.step()
             opt.zero_grad(set_to_none=True)
             sched.step()
         epoch_losses.append(total.item() / (per_epoch * G))
-    ranks.check_same(params)
+    procs.check_same(params)
     return epoch_losses
 
 
 @torch.no_grad()
-def mean_error(forward, X, Y, device, batch_size, ranks=SOLO):
+def mean_error(forward, X, Y, device, batch_size, procs=SOLO):
     """Mean squared error of forward(X) against Y, a batch of windows at a time (each process its share)."""
-    err = torch.zeros((), dtype=torch.float64, device=device)  # summed where it is computed: read once, at the end
-    lo, hi = ranks.windows(X.shape[0], batch_size)
+    err = torch.zeros((), dtype=torch.float64, device=device)
+    lo, hi = procs.windows(X.shape[0], batch_size)
     for i in range(lo, hi, batch_size):
         out = forward(X[i:i + batch_size].to(device))
         err += F.mse_loss(out.float(), Y[i:i + batch_size].to(device).float(), reduction="sum").double()
-    return ranks.sum(err).item() / Y.numel()
+    return procs.sum(err).item() / Y.numel()
 
 
-def low_group_check(block, layers, X, Y, config, device, ranks=SOLO):
+def low_group_check(block, layers, streams, config, procs=SOLO):
     """True if adapter 0 lowers the block's error at the check sparsity (inside group 0's range); else group 0
-    deploys without its adapter."""
+    deploys without its adapter. streams = (X, Y) as train_block's."""
+    (X, Y), device = streams, prune.device_of(block)
     s = min(max(config.check_sparsity, config.edges[0]), config.edges[1])
 
     def error(adapters):
         with torch.no_grad():  # one sparsity for every window: merge the block's weights once, not per batch
             weights = block_weights(layers, 0, s, adapters)
-        return mean_error(lambda x: functional_call(block, weights, (x,)), X, Y, device, config.batch_size, ranks)
+        return mean_error(lambda x: functional_call(block, weights, (x,)), X, Y, device, config.batch_size, procs)
 
     return error(adapters=True) < error(adapters=False)
 
@@ -398,7 +310,7 @@ def low_group_check(block, layers, X, Y, config, device, ranks=SOLO):
 
 class MSFM:
     """The multi-sparsity feature mixer (EPTS phase 2): the next block's pruned inputs are
-    sum_g w_g * block(X) at one sparsity drawn uniformly from each group g's range (edges[g], edges[g+1]].
+    sum_g w_g * block(x) at one sparsity drawn uniformly from each group g's range (edges[g], edges[g+1]].
 
     Default weights: the lower half of the groups 1, the upper half 2, normalised (the paper's .1 x4, .2 x3
     for G = 7), so the later blocks learn most from the high sparsities where pruning hurts most.
@@ -417,36 +329,99 @@ class MSFM:
                 for lo, hi in zip(self.edges, self.edges[1:])]
 
     @torch.no_grad()
-    def mix(self, forward, X, device, batch_size, gen, ranks=SOLO):
-        """The mixed outputs (N, T, C) of forward(x, g, s) (the block at sparsity s in group g) over the pruned
-        stream X, fresh draws for every batch (each process mixes its share of the batches)."""
-        out = torch.empty_like(X)
-        lo, hi = ranks.windows(X.shape[0], batch_size)
-        for i in range(0, X.shape[0], batch_size):
-            draws = self.draw(gen)  # every process draws for every batch: its generator stays in step
-            if lo <= i < hi:
-                x = X[i:i + batch_size].to(device)
-                mixed = sum(w * forward(x, g, s).float() for g, (w, s) in enumerate(zip(self.weights, draws)))
-                out[i:i + batch_size] = mixed.to(out.dtype).to(out.device)
-        return ranks.share_windows(out, batch_size)
+    def mix(self, forward, x, draws):
+        """sum_g w_g forward(x, g, draws[g]) in float32: one batch x (B, T, C) through the block at one drawn
+        sparsity per group, forward(x, g, s) being the block at sparsity s in group g."""
+        return sum(w * forward(x, g, s).float() for g, (w, s) in enumerate(zip(self.weights, draws)))
+
+
+def mix_stream(msfm, forward, X, batch_size, gen, procs=SOLO):
+    """The mixed outputs (N, T, C) of the pruned stream X, fresh draws for every batch. Every process draws for
+    every batch, so the generators stay in step, and mixes its own share of the batches."""
+    draws = [msfm.draw(gen) for _ in range(math.ceil(X.shape[0] / batch_size))]
+    return procs.map_batches(lambda i, x: msfm.mix(forward, x, draws[i // batch_size]), X, batch_size)
 
 
 # -----------------------------------------------------------------------------
-# the elastic model: what is new, nothing else
+# the block loop: phase 1 and 2 for every block in turn
 
 
-def fingerprint(model):
-    """A hash of the source weights (names, shapes, 4096 values of each rounded to bf16), dtype-independent."""
-    h = hashlib.sha256()
-    for name, t in model.state_dict().items():
-        flat = t.detach().reshape(-1)
-        n, k = flat.numel(), min(4096, flat.numel())
-        # evenly spaced indices in exact integer arithmetic: a float32 linspace rounds past the end above 2^24
-        sample = flat[torch.arange(k) * (n - 1) // max(k - 1, 1)]
-        h.update(name.encode())
-        h.update(str(tuple(t.shape)).encode())
-        h.update(sample.to(torch.bfloat16).view(torch.int16).cpu().numpy().tobytes())
-    return h.hexdigest()[:32]
+def train_blocks(model, calib_ids, config, device, resume, procs=SOLO):
+    """EPTS over every block (the module docstring's loop). resume = (partial, done): each finished block's
+    record is saved in the folder `partial` (if not None), and the records `done` by an interrupted run are
+    replayed instead of trained."""
+    (partial, done), G = resume, len(config.edges) - 1
+    home = prune.device_of(model)
+    # four streams: dense inputs, their outputs (the target), pruned inputs, mixed outputs; beside them one
+    # block's weights, order, saved tensors and activations, about 6x its weights
+    X_dense = prune.embed_calibration(model, calib_ids, device, config.batch_size, n_streams=4,
+                                      reserve_bytes=6 * prune.param_bytes(model.blocks[0]))  # (N, T, C)
+    X_pruned = X_dense.clone()
+    progress = prune.Progress(len(model.blocks), "epts", start=len(done))
+    msfm = MSFM(config.edges)
+    if done and partial:
+        print(f"epts: resuming {partial}: blocks 0..{len(done) - 1} are done, replaying their outputs",
+              file=sys.stderr)
+    records = []
+    for i, block in enumerate(model.blocks):
+        block.to(device)
+        # seeded from (seed, block) alone, so that a resumed run draws what an uninterrupted one would; 100_003 (a
+        # prime > 2 x any block count) keeps the seeds of different --seed values apart
+        gen = torch.Generator().manual_seed(config.seed * 100_003 + 2 * i)  # adapter init, training draws
+        mix_gen = torch.Generator().manual_seed(config.seed * 100_003 + 2 * i + 1)  # the mixer's draws
+        if i < len(done):
+            rec = done[i]
+            layers = restore_layers(block, rec, G, config.rank)
+            Y = procs.run_block(block, X_dense, device, config.batch_size)
+        else:
+            stats = prune.new_stats(block, hessian=False, device=device)
+            Y = procs.run_block(block, X_dense, device, config.batch_size, stats)  # act norms of DENSE inputs
+            act_norms = {n: s.act_norm for n, s in stats.items()}
+            layers = elastic_layers(block, act_norms, G, config.rank, generator=gen)
+            losses = train_block(block, layers, (X_pruned, Y), config, gen, procs)
+            use0 = low_group_check(block, layers, (X_pruned, Y), config, procs)
+            rec = block_record(layers, use0, act_norms, losses)
+            if partial:
+                save(rec, os.path.join(partial, f"block_{i:03d}.pt"))
+        records.append(rec)
+        X_pruned = mix_stream(msfm, deployed_forward(block, layers, rec["use_adapter0"]), X_pruned,
+                              config.batch_size, mix_gen, procs)
+        X_dense = Y
+        del layers
+        block.to(home)
+        if i >= len(done) and procs.index == 0:
+            progress.step(f", loss {rec['losses'][0]:.3g} -> {rec['losses'][-1]:.3g}, "
+                          f"adapter 0 {'on' if rec['use_adapter0'] else 'off'}")
+    return records
+
+
+# -----------------------------------------------------------------------------
+# deployment: merge adapters, apply the mask; no adapters at inference time
+
+
+@torch.no_grad()
+def deploy(model, elastic, sparsity):
+    """Turn the dense `model` into the sparse model at `sparsity` (a fraction, or a list: one per block), in
+    place."""
+    if elastic["fingerprint"] != M.fingerprint(model):
+        raise UserError("the elastic model was trained on a different checkpoint (fingerprints differ); deploy it "
+                        "on the --ckpt it was trained with, or train a new one for this checkpoint.")
+    n_blocks = len(model.blocks)
+    per_block = prune.block_sparsities(sparsity, n_blocks)
+    if len(per_block) != n_blocks or len(elastic["blocks"]) != n_blocks:
+        raise UserError(f"deploy needs one sparsity per block ({n_blocks} blocks), got {len(per_block)}.")
+    edges, G = elastic["edges"], len(elastic["edges"]) - 1
+    for block, rec, s in zip(model.blocks, elastic["blocks"], per_block):
+        g = group_of(edges, s)
+        layers = restore_layers(block, rec, G, elastic["rank"])
+        for name, lin in block.linears().items():
+            layer = layers[name]
+            lin.weight.copy_(layer.weight(g, layer.deploy_mask(s), adapters=g > 0 or rec["use_adapter0"]))
+    return model
+
+
+# -----------------------------------------------------------------------------
+# the elastic file: what is new (activation norms, adapters, flags), nothing else; checksummed, resumable
 
 
 def record_checksum(rec):
@@ -466,6 +441,15 @@ def block_record(layers, use_adapter0, act_norms, losses):
            "use_adapter0": bool(use_adapter0), "losses": losses}
     rec["sha256"] = record_checksum(rec)
     return rec
+
+
+def restore_layers(block, rec, n_groups, rank):
+    layers = elastic_layers(block, {n: a.to(prune.device_of(block)) for n, a in rec["act_norm"].items()}, n_groups,
+                            rank)
+    for name, layer in layers.items():
+        layer.A.data.copy_(rec["A"][name])
+        layer.B.data.copy_(rec["B"][name])
+    return layers
 
 
 def save(obj, path):
@@ -498,19 +482,6 @@ def load_elastic(path):
         raise UserError(f"no elastic model at {path!r}; pass --elastic the --out folder of a finished EPTS run "
                         "(it holds elastic.pt).")
     return load_checked(path, "the elastic model", "train it again (or restore it from a copy).", fmt=FORMAT)
-
-
-def restore_layers(block, rec, n_groups, rank):
-    layers = elastic_layers(block, {n: a.to(prune.device_of(block)) for n, a in rec["act_norm"].items()}, n_groups,
-                            rank)
-    for name, layer in layers.items():
-        layer.A.data.copy_(rec["A"][name])
-        layer.B.data.copy_(rec["B"][name])
-    return layers
-
-
-# -----------------------------------------------------------------------------
-# the EPTS run: one optimisation for every sparsity
 
 
 def changed_settings(previous, settings):
@@ -561,70 +532,19 @@ def resume_records(partial, settings):
     return records
 
 
-def train_blocks(model, calib_ids, config, device, resume, ranks=SOLO):
-    """Phase 1 and 2 for every block in turn (the loop of EPTS). resume = (partial, done): each finished
-    block's record is saved in the folder `partial` (if not None), and the records `done` by an interrupted
-    run are replayed instead of trained."""
-    (partial, done), G = resume, len(config.edges) - 1
-    home = prune.device_of(model)
-    # four streams: dense inputs, their outputs (the target), pruned inputs, mixed outputs; beside them one
-    # block's weights, ranks, saved tensors and activations, about 6x its weights (README, "Scale")
-    X_dense = prune.embed_calibration(model, calib_ids, device, config.batch_size, n_streams=4,
-                                      reserve_bytes=6 * prune.param_bytes(model.blocks[0]))  # (N, T, C)
-    X_pruned = X_dense.clone()
-    progress = prune.Progress(len(model.blocks), "epts", start=len(done))
-    msfm = MSFM(config.edges)
-    if done and partial:
-        print(f"epts: resuming {partial}: blocks 0..{len(done) - 1} are done, replaying their outputs",
-              file=sys.stderr)
-    records = []
-    for i, block in enumerate(model.blocks):
-        block.to(device)
-        # two generators per block (training draws, mixer draws), seeded from (seed, block) alone so that a
-        # resumed run draws what an uninterrupted one would; 100_003 (a prime > 2 x any block count) keeps
-        # the seeds of different --seed values apart
-        gen = torch.Generator().manual_seed(config.seed * 100_003 + 2 * i)
-        mix_gen = torch.Generator().manual_seed(config.seed * 100_003 + 2 * i + 1)
-        if i < len(done):
-            rec = done[i]
-            layers = restore_layers(block, rec, G, config.rank)
-            Y = ranks.run_block(block, X_dense, device, config.batch_size)
-        else:
-            stats = prune.new_stats(block, hessian=False, device=device)
-            Y = ranks.run_block(block, X_dense, device, config.batch_size, stats)  # act norms of DENSE inputs
-            act_norms = {n: s.act_norm for n, s in stats.items()}
-            layers = elastic_layers(block, act_norms, G, config.rank, generator=gen)
-            losses = train_block(block, layers, X_pruned, Y, config, device, gen, ranks)
-            use0 = low_group_check(block, layers, X_pruned, Y, config, device, ranks)
-            rec = block_record(layers, use0, act_norms, losses)
-            if partial:
-                save(rec, os.path.join(partial, f"block_{i:03d}.pt"))
-        records.append(rec)
-        X_pruned = msfm.mix(deployed_forward(block, layers, rec["use_adapter0"]), X_pruned, device,
-                            config.batch_size, mix_gen, ranks)
-        X_dense = Y
-        del layers
-        block.to(home)
-        if i >= len(done) and ranks.rank == 0:
-            progress.step(f", loss {rec['losses'][0]:.3g} -> {rec['losses'][-1]:.3g}, "
-                          f"adapter 0 {'on' if rec['use_adapter0'] else 'off'}")
-    return records
-
-
-def run_epts(model, calib_ids, out_dir, config=EPTSConfig(), device="cpu", ranks=SOLO):
+def run_epts(model, calib_ids, out_dir, config=EPTSConfig(), device="cpu", procs=SOLO):
     """Train the elastic model block by block; saves each finished block in out_dir and resumes from them.
 
     A finished run in out_dir with the same settings is reused; one with other settings is refused, never
-    overwritten. Only one run at a time may work in out_dir. With several processes (`ranks`), rank 0 alone
-    reads and writes out_dir and tells the others what it found.
+    overwritten. Only one run at a time may work in out_dir. With several processes, process 0 alone reads and
+    writes out_dir and tells the others what it found.
     """
-    if ranks.rank > 0:
-        if ranks.share(None) == "finished":
+    if procs.index > 0:
+        if procs.share(None) == "finished":
             return None
-        done = ranks.share(None)
-        return train_blocks(model, calib_ids, config, device, (None, done), ranks)
+        return train_blocks(model, calib_ids, config, device, (None, procs.share(None)), procs)
     settings = {**asdict(config), "edges": [float(e) for e in config.edges], "nsamples": calib_ids.shape[0],
-                "seqlen": calib_ids.shape[1], "fingerprint": fingerprint(model),
+                "seqlen": calib_ids.shape[1], "fingerprint": M.fingerprint(model),
                 "calib_sha256": hashlib.sha256(calib_ids.numpy().tobytes()).hexdigest()[:16]}
     os.makedirs(out_dir, exist_ok=True)
     final, partial = os.path.join(out_dir, "elastic.pt"), os.path.join(out_dir, "partial")
@@ -637,12 +557,12 @@ def run_epts(model, calib_ids, out_dir, config=EPTSConfig(), device="cpu", ranks
                                 f"({', '.join(changed)}); it is not overwritten: pass another --out, or delete "
                                 f"{final} to train again there.")
             print(f"epts: {final} already holds a finished run with these settings; reusing it", file=sys.stderr)
-            ranks.share("finished")
+            procs.share("finished")
             return elastic
-        ranks.share("train")
+        procs.share("train")
         try:
             records = train_blocks(model, calib_ids, config, device,
-                                   (partial, ranks.share(resume_records(partial, settings))), ranks)
+                                   (partial, procs.share(resume_records(partial, settings))), procs)
         except KeyboardInterrupt:
             print(f"interrupted: the finished EPTS blocks are saved in {partial}; run the same command "
                   "again to resume from the first unfinished block", file=sys.stderr)
@@ -654,62 +574,9 @@ def run_epts(model, calib_ids, out_dir, config=EPTSConfig(), device="cpu", ranks
 
 
 # -----------------------------------------------------------------------------
-# deployment: merge adapters, apply the mask; no adapters at inference time
-
-
-@torch.no_grad()
-def deploy(model, elastic, sparsity):
-    """Turn the dense `model` into the sparse model at `sparsity` (a fraction, or a list: one per block), in
-    place."""
-    if elastic["fingerprint"] != fingerprint(model):
-        raise UserError("the elastic model was trained on a different checkpoint (fingerprints differ); deploy it "
-                        "on the --ckpt it was trained with, or train a new one for this checkpoint.")
-    n_blocks = len(model.blocks)
-    per_block = prune.block_sparsities(sparsity, n_blocks)
-    if len(per_block) != n_blocks or len(elastic["blocks"]) != n_blocks:
-        raise UserError(f"deploy needs one sparsity per block ({n_blocks} blocks), got {len(per_block)}.")
-    edges, G = elastic["edges"], len(elastic["edges"]) - 1
-    for block, rec, s in zip(model.blocks, elastic["blocks"], per_block):
-        g = group_of(edges, s)
-        layers = restore_layers(block, rec, G, elastic["rank"])
-        for name, lin in block.linears().items():
-            layer = layers[name]
-            lin.weight.copy_(layer.weight(g, layer.deploy_mask(s), adapters=g > 0 or rec["use_adapter0"]))
-    return model
-
-
-# -----------------------------------------------------------------------------
-# command line
+# the command line: a request, checked into a plan before any work, then one row per method and sparsity
 
 METHODS = ("dense", *prune.BASELINES, "epts")
-DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
-
-
-def default_dtype(cfg, device):
-    """The checkpoint's own dtype on a GPU; float32 on the CPU, where half-precision kernels may be slow."""
-    if not str(device).startswith("cuda"):
-        return "float32"
-    stored = cfg.raw.get("torch_dtype") or cfg.raw.get("dtype")  # transformers >= 5 writes "dtype"
-    return stored if stored in DTYPES else "float32"
-
-
-def evaluate(model, measures, device):
-    """{name: metrics} of every measure (a function of the model), the model on `device` meanwhile (it may
-    live in CPU memory)."""
-    home = prune.device_of(model)
-    metrics = {name: measure(model.to(device)) for name, measure in measures.items()}
-    model.to(home)
-    return metrics
-
-
-def load(ckpt, dtype=torch.float32):
-    """The model and tokenizer of a checkpoint folder, checked to belong together."""
-    model = M.load_model(ckpt, dtype)
-    tok = data.load_tokenizer(ckpt, model.cfg.bos_token_id)
-    if tok.vocab_size > model.cfg.vocab_size:
-        raise UserError(f"{ckpt}: the tokenizer has {tok.vocab_size} tokens but the model only "
-                        f"{model.cfg.vocab_size} embedding rows; the tokenizer files belong to another model.")
-    return model, tok
 
 
 @dataclass
@@ -723,7 +590,7 @@ class Request:
     nsamples: int = None  # calibration windows; default 128
     seqlen: int = None  # tokens per window; default min(2048, the model's positions)
     device: str = "cpu"
-    dtype: str = None  # default: default_dtype
+    dtype: str = None  # default: model.default_dtype
     offload: bool = False  # blocks wait in CPU memory, one at a time on the device
     out: str = None  # the EPTS run folder; default runs/epts-<ckpt name>
     elastic: str = None  # deploy an earlier EPTS run (its --out or elastic.pt) instead of training
@@ -736,30 +603,53 @@ class Request:
     pruning: prune.PruneConfig = prune.PruneConfig()  # the baselines' settings (SparseGPT, RIA, EGGS)
 
 
-def prunable_copy(model):
-    """A copy of the dense model to prune in place: its blocks are copied, the embeddings, final norm and head
-    are shared (pruning never changes them), so each method costs one set of blocks, not a reload."""
-    shared = {id(p): p for name, p in model.named_parameters() if not name.startswith("blocks.")}
-    return copy.deepcopy(model, memo=shared)
+@dataclass
+class Plan:
+    """A request checked against the checkpoint's config and the input files: what main runs."""
+    request: Request  # with the built-in model's defaults filled in
+    config: EPTSConfig  # with the groups extended to the highest sparsity
+    seqlen: int
+    nsamples: int
+    dtype: str
+    rows: list  # (method, sparsity) in the order they run: dense, the baselines, EPTS
+    allocation: object  # "uniform", "owl", or a file's list of per-block sparsities
+    task_docs: dict
+    needs_calib: bool
+    elastic: dict = None  # --elastic's model, loaded and checked
+    out_dir: str = None  # where EPTS trains; None when it does not
 
 
-def check_seqlen(cfg, seqlen):
-    """At least two tokens per window (one to predict); OPT has no positions past its table, LLaMA extrapolates."""
-    if seqlen < 2:
-        raise UserError(f"--seqlen {seqlen} leaves no token to predict; use at least 2 (2048 is the convention).")
-    if seqlen > cfg.max_position_embeddings:
-        if isinstance(cfg, M.OPTConfig):
-            raise UserError(f"--seqlen {seqlen} is longer than OPT's {cfg.max_position_embeddings} learned "
-                            f"positions; use --seqlen {cfg.max_position_embeddings} or less.")
-        print(f"warning: --seqlen {seqlen} is longer than the model's max_position_embeddings "
-              f"({cfg.max_position_embeddings}); RoPE extrapolates beyond what the model was trained on",
-              file=sys.stderr)
+def method_sparsities(method, sparsities):
+    """The requested sparsities a method runs at: EPTS deploys fractions, EGGS prunes N:M patterns, the others
+    both."""
+    if method in ("epts", "eggs"):
+        return [s for s in sparsities if isinstance(s, tuple) == (method == "eggs")]
+    return sparsities
+
+
+def check_methods(r):
+    """The methods can run at the requested sparsities."""
+    fractional = [s for s in r.sparsities if not isinstance(s, tuple)]
+    if "epts" in r.methods and not fractional:
+        raise UserError("EPTS deploys fractional sparsities such as 0.5, and --sparsities holds only N:M patterns; "
+                        "add a fraction, or run the N:M patterns without epts in --methods.")
+    if "epts" in r.methods and len(fractional) < len(r.sparsities):
+        print("note: epts deploys fractional sparsities only; N:M patterns run for the baselines", file=sys.stderr)
+    if "eggs" in r.methods and len(fractional) == len(r.sparsities):
+        raise UserError("EGGS prunes N:M patterns only (its guarantee is per run of M inputs), and --sparsities "
+                        "holds only fractions; add a pattern such as 2:4 or 4:8.")
+    if "eggs" in r.methods and fractional:
+        print("note: eggs prunes N:M patterns only; fractional sparsities run for the other methods", file=sys.stderr)
+    for n, m in (s for s in r.sparsities if isinstance(s, tuple) and "eggs" in r.methods):
+        if r.pruning.eggs_diagonals > n:
+            raise UserError(f"--eggs-diagonals {r.pruning.eggs_diagonals} is more than the {n} weights {n}:{m} "
+                            f"keeps in each run of {m}; use at most {n}.")
 
 
 def read_allocation(allocation, n_blocks):
-    """None for 'uniform' and 'owl'; else the per-block sparsities of a JSON file (a list, one per block)."""
+    """'uniform' and 'owl' as they are; else the per-block sparsities of a JSON file (a list, one per block)."""
     if allocation in ("uniform", "owl"):
-        return None
+        return allocation
     try:
         with open(allocation) as f:
             sparsities = json.load(f)
@@ -773,12 +663,85 @@ def read_allocation(allocation, n_blocks):
     return [float(x) for x in sparsities]
 
 
-def method_sparsities(method, sparsities):
-    """The requested sparsities a method runs at: EPTS deploys fractions, EGGS prunes N:M patterns, the others
-    both."""
-    if method in ("epts", "eggs"):
-        return [s for s in sparsities if isinstance(s, tuple) == (method == "eggs")]
-    return sparsities
+def check_outputs(r, rows):
+    """--export and --json can be written, and --export names one pruned model."""
+    if r.export:
+        pruned = [row for row in rows if row[0] != "dense"]
+        if len(pruned) != 1:
+            raise UserError(f"--export writes one pruned model, but {len(pruned)} were requested: give "
+                            "exactly one pruned method and one sparsity.")
+        if os.path.realpath(r.export) == os.path.realpath(r.ckpt):
+            raise UserError(f"--export {r.export!r} is the checkpoint folder itself; choose a new folder.")
+        M.check_writable(r.export, "--export", folder=True, new=True)
+    if r.json:
+        M.check_writable(r.json, "--json")
+
+
+def plan(r, config, procs=SOLO):
+    """Every check the arguments, the checkpoint's config and the input files allow, before any work."""
+    if r.device.startswith("cuda") and not torch.cuda.is_available():
+        raise UserError("--device cuda was given but PyTorch sees no CUDA GPU; use --device cpu or install a "
+                        "CUDA build of PyTorch.")
+    if procs.size > 1:
+        r = replace(r, device=str(procs.comm))
+    if r.ckpt is None:
+        ckpt, defaults = default_model.ensure_default()
+        r = replace(r, ckpt=ckpt, calib=r.calib or defaults["calib"], evals=r.evals or [defaults["eval"]],
+                    seqlen=r.seqlen or defaults["seqlen"], nsamples=r.nsamples or defaults["nsamples"])
+    cfg = M.read_config(r.ckpt)
+    # never the 131072 positions of a LLaMA-3.1 config: Wanda users ran out of memory exactly so
+    seqlen, nsamples = r.seqlen or min(2048, cfg.max_position_embeddings), r.nsamples or 128
+    dtype = r.dtype or M.default_dtype(cfg, r.device)
+    print(f"model: {r.ckpt} ({cfg.raw.get('model_type')}, {cfg.num_hidden_layers} blocks), dtype {dtype}, "
+          f"seqlen {seqlen}", file=sys.stderr)
+    M.check_seqlen(cfg, seqlen)
+    if not r.evals and not r.tasks:
+        raise UserError("no evaluation data: pass --eval FILE (e.g. WikiText-2 wiki.test.raw) to measure "
+                        "perplexity, or --tasks with --tasks-dir for zero-shot accuracy.")
+    if r.tasks and not r.tasks_dir:
+        raise UserError("--tasks needs --tasks-dir DIR, the folder holding TASK.jsonl for every task (nothing is "
+                        "downloaded).")
+    task_docs = {task: read_task(r.tasks_dir, task) for task in r.tasks}
+    check_methods(r)
+    train_epts = "epts" in r.methods and not r.elastic
+    needs_calib = any(m not in ("dense", "magnitude", "epts") for m in r.methods) or train_epts or \
+        (r.allocation == "owl" and "magnitude" in r.methods)  # OWL's ratios for a baseline: a calibration pass
+    if needs_calib and not r.calib:
+        raise UserError("no calibration data: pass --calib FILE (e.g. a C4 train shard .json.gz or WikiText-2 "
+                        "wiki.train.raw).")
+    allocation = read_allocation(r.allocation, cfg.num_hidden_layers)
+    if isinstance(allocation, list):  # the file's list is the one fractional deployment; its mean names the rows
+        mean = sum(allocation) / len(allocation)
+        r = replace(r, sparsities=[mean] + [s for s in r.sparsities if isinstance(s, tuple)])
+        print(f"note: --allocation {r.allocation}: one fractional row per method, at the file's per-block "
+              f"sparsities (mean {mean:.4g}); N:M rows stay uniform", file=sys.stderr)
+    rows = [(m, s) for m in METHODS if m in r.methods for s in ([0.0] if m == "dense" else
+                                                                method_sparsities(m, r.sparsities))]
+    check_outputs(r, rows)
+    deployed = allocation if isinstance(allocation, list) else [s for m, s in rows if m == "epts"]
+    elastic, out_dir = None, None
+    if "epts" in r.methods and r.elastic:
+        elastic = load_elastic(r.elastic)
+        for s in deployed:
+            group_of(elastic["edges"], s)  # every requested sparsity inside the trained range, or a clear error
+    if train_epts:
+        config = replace(config, edges=tuple(extend_edges(config.edges, max(deployed))))
+        if procs.size > len(config.edges) - 1:
+            raise UserError(f"{procs.size} processes for {len(config.edges) - 1} groups: each process computes "
+                            "whole groups, so run at most as many processes as groups.")
+        out_dir = r.out or os.path.join("runs", f"epts-{os.path.basename(os.path.normpath(r.ckpt))}")
+        M.check_writable(out_dir, "--out", folder=True)
+    return Plan(r, config, seqlen, nsamples, dtype, rows, allocation, task_docs, needs_calib, elastic, out_dir)
+
+
+def load(ckpt, dtype=torch.float32):
+    """The model and tokenizer of a checkpoint folder, checked to belong together."""
+    model = M.load_model(ckpt, dtype)
+    tok = data.load_tokenizer(ckpt, model.cfg.bos_token_id)
+    if tok.vocab_size > model.cfg.vocab_size:
+        raise UserError(f"{ckpt}: the tokenizer has {tok.vocab_size} tokens but the model only "
+                        f"{model.cfg.vocab_size} embedding rows; the tokenizer files belong to another model.")
+    return model, tok
 
 
 def check_nm(model, sparsities):
@@ -800,129 +763,64 @@ def eval_names(paths):
     return names
 
 
-def print_row(cells, widths):
-    print(" ".join(f"{str(cells[name]):<{w}}" for name, w in widths.items()), flush=True)
+def measures(p, tok):
+    """{row name: function(model) -> metrics}: perplexity on every --eval file, accuracy on every task."""
+    r, found = p.request, {}
+    for name, path in eval_names(r.evals).items():
+        ids = data.eval_tokens(path, tok, p.seqlen)
+        found[name] = lambda m, ids=ids: {"ppl": perplexity(m, ids, p.seqlen, r.eval_batch_size, r.device)}
+    for task, docs in p.task_docs.items():
+        found[task] = lambda m, task=task, docs=docs: zero_shot(m, tok, task, docs, r.device, r.eval_batch_size)
+    return found
 
 
-def main(request=Request(), config=EPTSConfig()):
-    """Run the requested methods at every sparsity, print the perplexity table, write --json/--out/--export.
+def prunable_copy(model):
+    """A copy of the dense model to prune in place: its blocks are copied, the embeddings, final norm and head
+    are shared (pruning never changes them), so each method costs one set of blocks, not a reload."""
+    shared = {id(p): p for name, p in model.named_parameters() if not name.startswith("blocks.")}
+    return copy.deepcopy(model, memo=shared)
 
-    Every check of the request runs first, so a bad flag never costs the time of the methods before it.
-    """
-    r = request
-    torch.manual_seed(config.seed)
-    if r.device.startswith("cuda") and not torch.cuda.is_available():
-        raise UserError("--device cuda was given but PyTorch sees no CUDA GPU; use --device cpu or install a "
-                        "CUDA build of PyTorch.")
-    ranks = Ranks.from_env(r.device)  # under torchrun: this process's rank, and its GPU
-    if ranks.size > 1:
-        r = replace(r, device=str(ranks.comm))
-    if r.ckpt is None:
-        ckpt, defaults = default_model.ensure_default()
-        r = replace(r, ckpt=ckpt, calib=r.calib or defaults["calib"], evals=r.evals or [defaults["eval"]],
-                    seqlen=r.seqlen or defaults["seqlen"], nsamples=r.nsamples or defaults["nsamples"])
-    cfg = M.read_config(r.ckpt)
-    # never the 131072 positions of a LLaMA-3.1 config: Wanda users ran out of memory exactly so
-    seqlen, nsamples = r.seqlen or min(2048, cfg.max_position_embeddings), r.nsamples or 128
-    dtype = r.dtype or default_dtype(cfg, r.device)
-    print(f"model: {r.ckpt} ({cfg.raw.get('model_type')}, {cfg.num_hidden_layers} blocks), dtype {dtype}, "
-          f"seqlen {seqlen}", file=sys.stderr)
-    check_seqlen(cfg, seqlen)
-    if not r.evals and not r.tasks:
-        raise UserError("no evaluation data: pass --eval FILE (e.g. WikiText-2 wiki.test.raw) to measure "
-                        "perplexity, or --tasks with --tasks-dir for zero-shot accuracy.")
-    if r.tasks and not r.tasks_dir:
-        raise UserError("--tasks needs --tasks-dir DIR, the folder holding TASK.jsonl for every task (nothing is "
-                        "downloaded).")
-    task_docs = {task: read_task(r.tasks_dir, task) for task in r.tasks}
-    fractional = [s for s in r.sparsities if not isinstance(s, tuple)]
-    train_epts = "epts" in r.methods and not r.elastic
-    if "epts" in r.methods and not fractional:
-        raise UserError("EPTS deploys fractional sparsities such as 0.5, and --sparsities holds only N:M patterns; "
-                        "add a fraction, or run the N:M patterns without epts in --methods.")
-    if "epts" in r.methods and len(fractional) < len(r.sparsities):
-        print("note: epts deploys fractional sparsities only; N:M patterns run for the baselines", file=sys.stderr)
-    if "eggs" in r.methods and len(fractional) == len(r.sparsities):
-        raise UserError("EGGS prunes N:M patterns only (its guarantee is per run of M inputs), and --sparsities "
-                        "holds only fractions; add a pattern such as 2:4 or 4:8.")
-    if "eggs" in r.methods and fractional:
-        print("note: eggs prunes N:M patterns only; fractional sparsities run for the other methods", file=sys.stderr)
-    for n, m in (s for s in r.sparsities if isinstance(s, tuple) and "eggs" in r.methods):
-        if r.pruning.eggs_diagonals > n:
-            raise UserError(f"--eggs-diagonals {r.pruning.eggs_diagonals} is more than the {n} weights {n}:{m} "
-                            f"keeps in each run of {m}; use at most {n}.")
-    needs_calib = any(m not in ("dense", "magnitude", "epts") for m in r.methods) or train_epts or \
-        (r.allocation == "owl" and "magnitude" in r.methods)  # OWL's ratios for a baseline: a calibration pass
-    if needs_calib and not r.calib:
-        raise UserError("no calibration data: pass --calib FILE (e.g. a C4 train shard .json.gz or WikiText-2 "
-                        "wiki.train.raw).")
-    file_sparsities = read_allocation(r.allocation, cfg.num_hidden_layers)
-    if file_sparsities:  # the file's list is the one fractional deployment; its mean names the rows
-        fractional = [sum(file_sparsities) / len(file_sparsities)]
-        r = replace(r, sparsities=fractional + [s for s in r.sparsities if isinstance(s, tuple)])
-        print(f"note: --allocation {r.allocation}: one fractional row per method, at the file's per-block "
-              f"sparsities (mean {fractional[0]:.4g}); N:M rows stay uniform", file=sys.stderr)
-    pruned_rows = [(m, s) for m in r.methods if m != "dense" for s in method_sparsities(m, r.sparsities)]
-    if r.export:
-        if len(pruned_rows) != 1:
-            raise UserError(f"--export writes one pruned model, but {len(pruned_rows)} were requested: give "
-                            "exactly one pruned method and one sparsity.")
-        if os.path.realpath(r.export) == os.path.realpath(r.ckpt):
-            raise UserError(f"--export {r.export!r} is the checkpoint folder itself; choose a new folder.")
-        M.check_writable(r.export, "--export", folder=True, new=True)
-    if r.json:
-        M.check_writable(r.json, "--json")
-    elastic, out_dir = None, None
-    if "epts" in r.methods and r.elastic:
-        elastic = load_elastic(r.elastic)
-        for s in file_sparsities or fractional:
-            group_of(elastic["edges"], s)  # every requested sparsity inside the trained range, or a clear error
-    if train_epts:
-        config = replace(config, edges=tuple(extend_edges(config.edges, max(file_sparsities or fractional))))
-        if ranks.size > len(config.edges) - 1:
-            raise UserError(f"{ranks.size} processes for {len(config.edges) - 1} groups: each process computes "
-                            "whole groups, so run at most as many processes as groups.")
-        out_dir = r.out or os.path.join("runs", f"epts-{os.path.basename(os.path.normpath(r.ckpt))}")
-        M.check_writable(out_dir, "--out", folder=True)
 
-    if ranks.rank > 0 and not train_epts:
-        return None  # several processes share only the EPTS optimisation; rank 0 does the rest
-    model, tok = load(r.ckpt, DTYPES[dtype])
-    model.to("cpu" if r.offload else r.device)
-    check_nm(model, r.sparsities)
-    eval_sets = {name: data.eval_tokens(p, tok, seqlen) for name, p in eval_names(r.evals).items()}
-    bs = r.eval_batch_size
-    measures = {name: lambda m, ids=ids: {"ppl": perplexity(m, ids, seqlen, bs, r.device)}
-                for name, ids in eval_sets.items()}
-    measures.update({task: lambda m, task=task, docs=docs: zero_shot(m, tok, task, docs, r.device, bs)
-                     for task, docs in task_docs.items()})
-    calib_ids = data.calibration(r.calib, tok, nsamples, seqlen, config.seed) if needs_calib else None
-    report = {"ckpt": r.ckpt, "seqlen": seqlen, "nsamples": nsamples, "seed": config.seed, "dtype": dtype,
-              "allocation": r.allocation, "results": []}
-    ratios = {}  # OWL's outlier ratio per block: from the calibration pass (baselines), the elastic file (EPTS)
+class Allocation:
+    """The per-block sparsities each method deploys (prune.allocate), OWL's outlier ratios computed once per
+    source: the calibration pass for the baselines, the elastic file's activation norms for EPTS."""
 
-    def per_block(method, s):
-        """What `method` deploys for target s: s itself (uniform, N:M), the file's list, or OWL's."""
-        if isinstance(s, tuple) or r.allocation == "uniform":
-            return s
-        if file_sparsities:
-            return file_sparsities
+    def __init__(self, allocation, model, calib_ids, device):
+        self.allocation, self.model, self.calib_ids, self.device, self.ratios = allocation, model, calib_ids, device, {}
+
+    def __call__(self, method, s, elastic=None):
+        if self.allocation != "owl" or isinstance(s, tuple):
+            return prune.allocate(self.allocation, s)
         source = "epts" if method == "epts" else "calibration"
-        if source not in ratios:
-            ratios[source] = prune.owl_ratios(model, calib_ids, r.device) if source == "calibration" else \
-                [prune.outlier_ratio(b, rec["act_norm"]) for b, rec in zip(model.blocks, elastic["blocks"])]
+        if source not in self.ratios:
+            self.ratios[source] = prune.owl_ratios(self.model, self.calib_ids, self.device) if source != "epts" else \
+                [prune.outlier_ratio(b, rec["act_norm"]) for b, rec in zip(self.model.blocks, elastic["blocks"])]
         hi = elastic["edges"][-1] if method == "epts" else 0.99  # EPTS: inside the elastic model's range
-        sparsities, clipped = prune.owl_sparsities(ratios[source], s, hi=hi)
-        if clipped:
-            print(f"note: OWL at {s} for {method}: blocks clipped to <= {hi}, the others raised to keep the mean",
-                  file=sys.stderr)
-        return sparsities
+        return prune.allocate("owl", s, self.ratios[source], hi, method)
 
-    def record(method, sparsity, pruned, seconds, deployed=None):
-        results = evaluate(pruned, measures, r.device)
-        if task_docs:  # the tasks' mean accuracy, as the papers' tables give it
-            results["zero-shot mean"] = {"acc": sum(results[t]["acc"] for t in task_docs) / len(task_docs)}
-        for name, metrics in results.items():
+
+class Results:
+    """One row per (method, sparsity, evaluation) on stdout and in the report; --json rewritten after every
+    row, --export written from the one pruned model."""
+
+    def __init__(self, p, measures):
+        self.p, self.measures = p, measures
+        self.report = {"ckpt": p.request.ckpt, "seqlen": p.seqlen, "nsamples": p.nsamples, "seed": p.config.seed,
+                       "dtype": p.dtype, "allocation": p.request.allocation, "results": []}
+        self.widths = {"method": 10, "sparsity": 9, "eval": max(14, *map(len, measures)) + 1, "ppl": 11,
+                       "seconds": 9}
+
+    def print_row(self, cells):
+        print(" ".join(f"{str(cells[name]):<{w}}" for name, w in self.widths.items()), flush=True)
+
+    def add(self, method, sparsity, model, seconds, deployed=None):
+        r, tasks = self.p.request, self.p.task_docs
+        home = prune.device_of(model)
+        evaluated = {name: measure(model.to(r.device)) for name, measure in self.measures.items()}
+        model.to(home)
+        if tasks:  # the tasks' mean accuracy, as the papers' tables give it
+            evaluated["zero-shot mean"] = {"acc": sum(evaluated[t]["acc"] for t in tasks) / len(tasks)}
+        for name, metrics in evaluated.items():
             if not math.isfinite(metrics.get("ppl", 0)):
                 raise UserError(f"{method} at sparsity {prune.format_sparsity(sparsity)} gives perplexity "
                                 f"{metrics['ppl']} on {name}: the model's outputs are not finite (a damaged "
@@ -930,57 +828,74 @@ def main(request=Request(), config=EPTSConfig()):
             row = {"method": method, "sparsity": prune.format_sparsity(sparsity), "eval": name, **metrics,
                    "seconds": round(seconds, 3)}
             if method != "dense":
-                row["achieved_sparsity"] = round(prune.achieved_sparsity(pruned), 6)
+                row["achieved_sparsity"] = round(prune.achieved_sparsity(model), 6)
                 if isinstance(deployed, list):
                     row["block_sparsities"] = [round(x, 6) for x in deployed]
-            report["results"].append(row)
+            self.report["results"].append(row)
             value = f"{metrics['ppl']:.3f}" if "ppl" in metrics else f"acc {metrics['acc']:.4f}"
-            print_row(dict(row, ppl=value, seconds=f"{seconds:.1f}"), widths)
+            self.print_row(dict(row, ppl=value, seconds=f"{seconds:.1f}"))
         if r.json:
-            M.save_json(report, r.json)
+            M.save_json(self.report, r.json)
         if r.export and method != "dense":
-            M.save_model(pruned, r.export, tokenizer_dir=r.ckpt)
+            M.save_model(model, r.export, tokenizer_dir=r.ckpt)
             print(f"exported {method} at {prune.format_sparsity(sparsity)} to {r.export}", file=sys.stderr)
 
-    def train():
-        t0 = time.time()
-        elastic = run_epts(model, calib_ids, out_dir, config, r.device, ranks)
-        train_seconds = time.time() - t0
-        if ranks.rank > 0:
-            return elastic
-        size = os.path.getsize(os.path.join(out_dir, "elastic.pt"))
-        model_bytes = prune.param_bytes(model)  # a tied head once
-        print(f"epts: one optimisation took {train_seconds:.1f}s; elastic model {out_dir}/elastic.pt is "
-              f"{size / 2**20:.2f} MiB ({100 * size / model_bytes:.1f}% of the model's "
-              f"{model_bytes / 2**20:.1f} MiB)", file=sys.stderr)
-        report["epts"] = {"out": out_dir, "train_seconds": round(train_seconds, 3), "elastic_bytes": size,
-                          "model_bytes": model_bytes, "edges": list(config.edges), "processes": ranks.size}
-        return elastic
 
-    if train_epts and ranks.size > 1:  # every process takes part in the optimisation, so it comes first
-        elastic = train()
-        if ranks.rank > 0:
-            return None  # rank 0 evaluates and writes the results
-    widths = {"method": 10, "sparsity": 9, "eval": max(14, *map(len, measures)) + 1, "ppl": 11, "seconds": 9}
-    print_row({name: name for name in widths}, widths)
-    if "dense" in r.methods:
-        record("dense", 0.0, model, 0.0)
-    for method in prune.BASELINES:
-        if method in r.methods:
-            for s in method_sparsities(method, r.sparsities):
-                pruned, t0, deployed = prunable_copy(model), time.time(), per_block(method, s)
-                prune.prune_model(pruned, method, deployed, calib_ids, r.device, r.pruning)
-                record(method, s, pruned, time.time() - t0, deployed)
-    if train_epts and ranks.size == 1:
-        elastic = train()
-    if "epts" in r.methods:
-        for s in fractional:
-            pruned, t0, deployed = prunable_copy(model), time.time(), per_block("epts", s)
+def train_elastic(model, calib_ids, p, procs, report):
+    """run_epts for the plan, its time and the elastic file's size reported (process 0)."""
+    t0 = time.time()
+    elastic = run_epts(model, calib_ids, p.out_dir, p.config, p.request.device, procs)
+    seconds = time.time() - t0
+    if procs.index > 0:
+        return elastic
+    size = os.path.getsize(os.path.join(p.out_dir, "elastic.pt"))
+    model_bytes = prune.param_bytes(model)  # a tied head once
+    print(f"epts: one optimisation took {seconds:.1f}s; elastic model {p.out_dir}/elastic.pt is "
+          f"{size / 2**20:.2f} MiB ({100 * size / model_bytes:.1f}% of the model's "
+          f"{model_bytes / 2**20:.1f} MiB)", file=sys.stderr)
+    report["epts"] = {"out": p.out_dir, "train_seconds": round(seconds, 3), "elastic_bytes": size,
+                      "model_bytes": model_bytes, "edges": list(p.config.edges), "processes": procs.size}
+    return elastic
+
+
+def main(request=Request(), config=EPTSConfig()):
+    """Run the requested methods at every sparsity, print the perplexity table, write --json/--out/--export.
+
+    Every check of the request runs first (plan), so a bad flag never costs the time of the methods before it.
+    """
+    torch.manual_seed(config.seed)
+    procs = Procs.from_env(request.device)  # under torchrun: this process's index, and its GPU
+    p = plan(request, config, procs)
+    r = p.request
+    if procs.index > 0 and p.out_dir is None:
+        return None  # several processes share only the EPTS optimisation; process 0 does the rest
+    model, tok = load(r.ckpt, M.DTYPES[p.dtype])
+    model.to("cpu" if r.offload else r.device)
+    check_nm(model, r.sparsities)
+    results = Results(p, measures(p, tok))
+    calib_ids = data.calibration(r.calib, tok, p.nsamples, p.seqlen, p.config.seed) if p.needs_calib else None
+    elastic = p.elastic
+    if p.out_dir and procs.size > 1:  # every process takes part in the optimisation, so it comes first
+        elastic = train_elastic(model, calib_ids, p, procs, results.report)
+        if procs.index > 0:
+            return None
+    allocate = Allocation(p.allocation, model, calib_ids, r.device)
+    results.print_row({name: name for name in results.widths})
+    for method, s in p.rows:
+        if method == "dense":
+            results.add("dense", 0.0, model, 0.0)
+            continue
+        if method == "epts" and elastic is None:
+            elastic = train_elastic(model, calib_ids, p, procs, results.report)
+        pruned, t0, deployed = prunable_copy(model), time.time(), allocate(method, s, elastic)
+        if method == "epts":
             deploy(pruned, elastic, deployed)
-            record("epts", s, pruned, time.time() - t0, deployed)
+        else:
+            prune.prune_model(pruned, method, deployed, calib_ids, r.device, r.pruning)
+        results.add(method, s, pruned, time.time() - t0, deployed)
     if r.json:
-        M.save_json(report, r.json)
-    return report
+        M.save_json(results.report, r.json)
+    return results.report
 
 
 def parse_args(argv):
@@ -998,7 +913,7 @@ def parse_args(argv):
     p.add_argument("--seqlen", type=int, help="tokens per window (default min(2048, the model's positions); "
                    "built-in model: less)")
     p.add_argument("--device", default="cpu", help="cpu or cuda")
-    p.add_argument("--dtype", choices=list(DTYPES),
+    p.add_argument("--dtype", choices=list(M.DTYPES),
                    help="default: the checkpoint's torch_dtype on cuda, float32 on cpu")
     p.add_argument("--offload", action="store_true", help="keep blocks in CPU memory, move one at a time")
     p.add_argument("--out", help="EPTS run folder (elastic.pt; resumable); default runs/epts-<ckpt name>")
@@ -1011,7 +926,7 @@ def parse_args(argv):
     p.add_argument("--epochs", type=int, help=f"EPTS epochs per block (default {defaults.epochs}; built-in model: "
                    f"{default_model.DEFAULTS['epochs']})")
     p.add_argument("--lr", type=float, default=defaults.lr)
-    p.add_argument("--rank", type=int, default=defaults.rank)
+    p.add_argument("--rank", type=int, default=defaults.rank, help="the LoRA rank r of every adapter")
     p.add_argument("--batch-size", type=int, default=defaults.batch_size, help="EPTS calibration windows per step")
     p.add_argument("--seed", type=int, default=defaults.seed)
     p.add_argument("--ria-alpha", type=float, default=prune.PruneConfig.ria_alpha,
@@ -1064,12 +979,4 @@ if __name__ == "__main__":
     except KeyboardInterrupt:
         print("interrupted", file=sys.stderr)  # run_epts has said where its finished blocks are, if it ran
         code = 130
-    if dist.is_available() and dist.is_initialized():
-        # under torchrun, skip the interpreter's teardown: a gloo worker thread may still be dropping the last
-        # collective's tensors then, and its taking the GIL during finalisation aborts the process ("terminate
-        # called without an active exception", about 1 run in 25 here; pytorch/pytorch#179291). Every file has
-        # been written and closed by now.
-        sys.stdout.flush()
-        sys.stderr.flush()
-        os._exit(code)
-    sys.exit(code)
+    exit_process(code)

@@ -10,6 +10,7 @@ Every model exposes the interface the pruning code drives:
 """
 
 import contextlib
+import hashlib
 import json
 import math
 import mmap
@@ -673,6 +674,45 @@ def save_model(model, out_dir, tokenizer_dir=None):
                          "special_tokens_map.json"):
                 if os.path.isfile(os.path.join(tokenizer_dir, name)):
                     shutil.copy(os.path.join(tokenizer_dir, name), tmp)
+
+
+DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+
+
+def default_dtype(cfg, device):
+    """The checkpoint's own dtype on a GPU; float32 on the CPU, where half-precision kernels may be slow."""
+    if not str(device).startswith("cuda"):
+        return "float32"
+    stored = cfg.raw.get("torch_dtype") or cfg.raw.get("dtype")  # transformers >= 5 writes "dtype"
+    return stored if stored in DTYPES else "float32"
+
+
+def check_seqlen(cfg, seqlen):
+    """At least two tokens per window (one to predict); OPT has no positions past its table, LLaMA extrapolates."""
+    if seqlen < 2:
+        raise UserError(f"--seqlen {seqlen} leaves no token to predict; use at least 2 (2048 is the convention).")
+    if seqlen > cfg.max_position_embeddings:
+        if isinstance(cfg, OPTConfig):
+            raise UserError(f"--seqlen {seqlen} is longer than OPT's {cfg.max_position_embeddings} learned "
+                            f"positions; use --seqlen {cfg.max_position_embeddings} or less.")
+        print(f"warning: --seqlen {seqlen} is longer than the model's max_position_embeddings "
+              f"({cfg.max_position_embeddings}); RoPE extrapolates beyond what the model was trained on",
+              file=sys.stderr)
+
+
+def fingerprint(model):
+    """A hash of the weights (names, shapes, 4096 values of each rounded to bf16), independent of the dtype the
+    model was loaded in: what an elastic model records of the checkpoint it was trained on."""
+    h = hashlib.sha256()
+    for name, t in model.state_dict().items():
+        flat = t.detach().reshape(-1)
+        n, k = flat.numel(), min(4096, flat.numel())
+        # evenly spaced indices in exact integer arithmetic: a float32 linspace rounds past the end above 2^24
+        sample = flat[torch.arange(k) * (n - 1) // max(k - 1, 1)]
+        h.update(name.encode())
+        h.update(str(tuple(t.shape)).encode())
+        h.update(sample.to(torch.bfloat16).view(torch.int16).cpu().numpy().tobytes())
+    return h.hexdigest()[:32]
 
 
 def save_random(raw, out_dir, n_blocks, seed=0, dtype=torch.bfloat16):

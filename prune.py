@@ -23,22 +23,22 @@ def wanda_score(W, act_norm):
     return W.abs().float() * act_norm.float().view(1, -1)
 
 
-def row_ranks(score):
-    """Each weight's rank within its row, 0 = lowest score; ties keep column order (stable sort)."""
-    order = torch.argsort(score, dim=1, stable=True)  # (out, in)
-    ranks = torch.empty_like(order)
-    ranks.scatter_(1, order, torch.arange(score.shape[1], device=score.device).expand_as(order))
-    return ranks
+def row_order(score):
+    """Each weight's place in its row's ascending order of score (out, in), 0 = lowest; ties keep column order."""
+    by_score = torch.argsort(score, dim=1, stable=True)  # (out, in): column indices, lowest score first
+    order = torch.empty_like(by_score)
+    order.scatter_(1, by_score, torch.arange(score.shape[1], device=score.device).expand_as(by_score))
+    return order
 
 
-def mask_from_ranks(ranks, s):
-    """Per-row mask keeping the `in - int(in * s)` highest-ranked weights; nested in s by construction."""
-    return ranks >= int(ranks.shape[1] * s)
+def mask_from_order(order, s):
+    """Per-row mask keeping the `in - int(in * s)` weights highest in the order; nested in s by construction."""
+    return order >= int(order.shape[1] * s)
 
 
 def lowest_k(score, k):
     """True at the k lowest scores of each row, ties taken in column order: the first k of a stable ascending
-    sort (= row_ranks(score) < k), found by selection in O(in) instead of sorting. score: (rows, n)."""
+    sort (= row_order(score) < k), found by selection in O(in) instead of sorting. score: (rows, n)."""
     if k == 0:
         return torch.zeros_like(score, dtype=torch.bool)
     thr = score.kthvalue(k, dim=1, keepdim=True).values  # (rows, 1): the k-th lowest score of each row
@@ -50,7 +50,7 @@ def lowest_k(score, k):
 
 def row_mask(score, s):
     """Per-row unstructured mask: every row keeps exactly `in - int(in * s)` weights (the same weights as
-    mask_from_ranks(row_ranks(score), s))."""
+    mask_from_order(row_order(score), s))."""
     return ~lowest_k(score, int(score.shape[1] * s))
 
 
@@ -435,6 +435,21 @@ def owl_sparsities(ratios, S, lam=0.08, lo=0.0, hi=0.99):
             break
         s[free] += deficit * len(s) / free.sum()
     return s.clamp(lo, hi).tolist(), clipped
+
+
+def allocate(allocation, s, ratios=None, hi=0.99, method=""):
+    """The per-block sparsities a method deploys for target s: s itself for "uniform" (and for an N:M pattern),
+    the list itself when `allocation` is one (read from a file), or OWL's from the blocks' outlier ratios for
+    "owl", clipped into [0, hi] with the mean kept."""
+    if isinstance(s, tuple) or allocation == "uniform":
+        return s
+    if isinstance(allocation, list):
+        return allocation
+    sparsities, clipped = owl_sparsities(ratios, s, hi=hi)
+    if clipped:
+        print(f"note: OWL at {s} for {method}: blocks clipped into [0, {hi}], the others moved to keep the mean",
+              file=sys.stderr)
+    return sparsities
 
 
 def achieved_sparsity(model):

@@ -16,6 +16,7 @@ import torch.nn.functional as F
 import data
 import epts
 import model as M
+import parallel
 import prune
 import eval as eval_module
 from eval import perplexity
@@ -478,14 +479,14 @@ def test_row_mask_keeps_the_highest_scores_and_equals_the_stable_sort_definition
             assert torch.equal(prune.matrix_mask(score, s), flat.view_as(score))
 
 
-def test_ranks_switch_to_int32_from_32768_inputs_and_are_built_in_chunks_of_rows():
-    """int16 holds ranks below 2^15 only: a layer with 32768 inputs stores int32 ranks and its masks stay exact.
-    Its 300 rows are ranked 256 at a time (2^23 weights), the same ranks as one sort of the whole layer."""
+def test_order_switches_to_int32_from_32768_inputs_and_is_built_in_chunks_of_rows():
+    """int16 holds places below 2^15 only: a layer with 32768 inputs stores an int32 order and its masks stay exact.
+    Its 300 rows are ordered 256 at a time (2^23 weights), the same order as one sort of the whole layer."""
     lin = torch.nn.Linear(2 ** 15, 300, bias=False)
     act_norm = torch.rand(2 ** 15) + 0.1
     layer = epts.ElasticLinear(lin, act_norm, n_groups=1, rank=1)
-    assert layer.ranks.dtype == torch.int32 and layer.ranks.max() == 2 ** 15 - 1
-    assert torch.equal(layer.ranks, prune.row_ranks(prune.wanda_score(lin.weight, act_norm)).int())
+    assert layer.order.dtype == torch.int32 and layer.order.max() == 2 ** 15 - 1
+    assert torch.equal(layer.order, prune.row_order(prune.wanda_score(lin.weight, act_norm)).int())
     assert torch.equal(layer.mask(0.7), layer.deploy_mask(0.7))
     assert (layer.mask(0.7).sum(1) == 2 ** 15 - int(2 ** 15 * 0.7)).all()
 
@@ -707,7 +708,7 @@ def test_deploy_uses_the_cumulative_adapters_of_the_sparsitys_group():
         for layer in layers.values():
             layer.B.data.normal_(generator=gen)
         records.append(epts.block_record(layers, True, norm, [0.0]))
-    elastic = {"edges": [0.0, 0.3, 0.5, 0.7], "rank": 2, "fingerprint": epts.fingerprint(model), "blocks": records}
+    elastic = {"edges": [0.0, 0.3, 0.5, 0.7], "rank": 2, "fingerprint": M.fingerprint(model), "blocks": records}
     for s, g in ((0.2, 0), (0.3, 0), (0.4, 1), (0.5, 1), (0.6, 2), (0.7, 2)):
         deployed = epts.deploy(tiny_llama(), elastic, s)
         for block, rec, norm, dep in zip(model.blocks, records, norms, deployed.blocks):
@@ -810,7 +811,7 @@ def test_reconstruction_loss_falls_on_a_tiny_block():
     Y = prune.run_block(block, X, "cpu", 8, stats)
     layers = epts.elastic_layers(block, {n: s.act_norm for n, s in stats.items()}, 7, 4,
                                  torch.Generator().manual_seed(0))
-    losses = epts.train_block(block, layers, X, Y, epts.EPTSConfig(epochs=6, lr=1e-2, batch_size=2), "cpu",
+    losses = epts.train_block(block, layers, (X, Y), epts.EPTSConfig(epochs=6, lr=1e-2, batch_size=2),
                               torch.Generator().manual_seed(0))
     assert losses[-1] < 0.8 * losses[0], losses
 
@@ -824,9 +825,9 @@ def test_low_group_flag_switches_adapter_zero_off_when_it_hurts(monkeypatch):
     Y = prune.run_block(block, model.embed(calib), "cpu", 8, stats)
     layers = epts.elastic_layers(block, {n: s.act_norm for n, s in stats.items()}, 7, 4,
                                  torch.Generator().manual_seed(0))
-    epts.train_block(block, layers, X, Y, epts.EPTSConfig(epochs=8, lr=1e-2, batch_size=2), "cpu",
+    epts.train_block(block, layers, (X, Y), epts.EPTSConfig(epochs=8, lr=1e-2, batch_size=2),
                      torch.Generator().manual_seed(0))
-    assert epts.low_group_check(block, layers, X, Y, epts.EPTSConfig(batch_size=4), "cpu")
+    assert epts.low_group_check(block, layers, (X, Y), epts.EPTSConfig(batch_size=4))
     # it measures the block as block_forward computes it, with and without adapter 0, the weights merged once
     # for all windows (not once per batch)
     merges, outs, real_weights = [], [], epts.block_weights
@@ -834,7 +835,7 @@ def test_low_group_flag_switches_adapter_zero_off_when_it_hurts(monkeypatch):
     with monkeypatch.context() as m:
         m.setattr(epts, "block_weights", lambda *a, **kw: merges.append(a[1:]) or real_weights(*a, **kw))
         m.setattr(epts, "mean_error", lambda f, *a, **kw: outs.append(batches(f)) or 0.0)
-        epts.low_group_check(block, layers, X, Y, epts.EPTSConfig(batch_size=4), "cpu")
+        epts.low_group_check(block, layers, (X, Y), epts.EPTSConfig(batch_size=4))
     s = epts.EPTSConfig.check_sparsity
     assert merges == [(0, s, True), (0, s, False)]
     for out, adapters in zip(outs, (True, False)):
@@ -842,7 +843,7 @@ def test_low_group_flag_switches_adapter_zero_off_when_it_hurts(monkeypatch):
     with torch.no_grad():
         for layer in layers.values():
             layer.B[0].normal_(0, 1.0, generator=torch.Generator().manual_seed(2))
-    assert not epts.low_group_check(block, layers, X, Y, epts.EPTSConfig(batch_size=4), "cpu")
+    assert not epts.low_group_check(block, layers, (X, Y), epts.EPTSConfig(batch_size=4))
 
 
 def test_groups_draws_and_mixer_weights():
@@ -859,7 +860,7 @@ def test_groups_draws_and_mixer_weights():
         assert sum(epts.MSFM([0.1 * k for k in range(G + 1)]).weights) == pytest.approx(1.0)
 
 
-def trained_block(groups=epts.EPTSConfig.edges, epochs=2, procs=epts.SOLO, batch_size=8):
+def trained_block(groups=epts.EPTSConfig.edges, epochs=2, procs=parallel.SOLO, batch_size=8):
     """Block 0 of a tiny LLaMA with trained adapters, its dense inputs X and target Y (computed `batch_size`
     windows at a time), and the per-epoch losses; trained by `procs`, all of them or one."""
     model, calib = tiny_llama(), calib_ids(8)
@@ -868,8 +869,8 @@ def trained_block(groups=epts.EPTSConfig.edges, epochs=2, procs=epts.SOLO, batch
     Y = procs.run_block(block, X, "cpu", batch_size, stats)
     layers = epts.elastic_layers(block, {n: s.act_norm for n, s in stats.items()}, len(groups) - 1, 4,
                                  torch.Generator().manual_seed(0))
-    losses = epts.train_block(block, layers, X, Y, epts.EPTSConfig(tuple(groups), epochs, lr=1e-2, batch_size=4),
-                              "cpu", torch.Generator().manual_seed(0), procs)
+    losses = epts.train_block(block, layers, (X, Y), epts.EPTSConfig(tuple(groups), epochs, lr=1e-2, batch_size=4),
+                              torch.Generator().manual_seed(0), procs)
     return block, layers, X, Y, losses
 
 
@@ -883,13 +884,24 @@ def test_mixer_output_is_the_weighted_sum_of_the_groups_outputs():
     outs = [epts.block_forward(block, layers, X, g, s, adapters=g > 0).float() for g, s in enumerate(draws)]
     for g in range(3):
         one_hot = epts.MSFM(edges, weights=[float(k == g) for k in range(3)])
-        mixed = one_hot.mix(epts.deployed_forward(block, layers, False), X, "cpu", 8, torch.Generator().manual_seed(5))
+        mixed = one_hot.mix(epts.deployed_forward(block, layers, False), X, draws)
         assert torch.allclose(mixed, outs[g], atol=1e-6), g
-    mixed = epts.MSFM(edges).mix(epts.deployed_forward(block, layers, False), X, "cpu", 8,
-                                 torch.Generator().manual_seed(5))
+    mixed = epts.mix_stream(epts.MSFM(edges), epts.deployed_forward(block, layers, False), X, 8,
+                            torch.Generator().manual_seed(5))  # one batch of 8: the same draws
     expected = (outs[0] + outs[1] + 2 * outs[2]) / 4  # weights 1, 1, 2 (the lower half of 3 groups is 2)
     assert torch.allclose(mixed, expected, atol=1e-6)
     assert not torch.allclose(outs[1], outs[2], atol=1e-3)  # the groups really differ, so the weights matter
+
+
+def test_the_copyable_core_uses_no_process_group():
+    """MaskedMerge, ElasticLinear, MSFM and group_loss can be pasted into another repo with torch and prune's score
+    and mask helpers alone: their source names nothing of the processes, and nothing of epts but each other."""
+    import inspect
+    for obj in (epts.MaskedMerge, epts.ElasticLinear, epts.MSFM, epts.group_loss):
+        src = inspect.getsource(obj)
+        assert not re.search(r"procs|Procs|parallel|SOLO|distributed|dist\.|broadcast|windows", src), obj.__name__
+        used = set(re.findall(r"\b(?:epts|M|data)\.(\w+)", src)) | set(re.findall(r"\bprune\.(\w+)", src))
+        assert used <= {"row_order", "mask_from_order", "row_mask", "wanda_score"}, (obj.__name__, used)
 
 
 def test_group_loss_and_its_use_in_training(monkeypatch):
@@ -1459,7 +1471,7 @@ def test_warnings_and_rows_the_user_must_see(tiny, tmp_path, capsys):
     assert "longer than the model's max_position_embeddings (8)" in capsys.readouterr().err
     assert main(**dict(tiny, methods=["dense"], seqlen=None))["seqlen"] == 8  # min(2048, positions)
     with pytest.raises(UserError, match="longer than OPT's 8 learned positions"):
-        epts.check_seqlen(M.config_from_dict(dict(SMALL["opt"], max_position_embeddings=8)), 16)
+        M.check_seqlen(M.config_from_dict(dict(SMALL["opt"], max_position_embeddings=8)), 16)
 
 
 @needs_transformers
@@ -1579,12 +1591,12 @@ def test_owl_for_epts_near_the_top_of_the_trained_range_clips_to_its_last_edge(t
 def test_windows_are_whole_batches_shared_out_in_order():
     """K ranks' window slices tile [0, N) in order, each a run of whole batches; one process takes them all."""
     for n, batch, K in ((10, 3, 3), (4, 1, 3), (2, 1, 3), (7, 2, 2)):
-        slices = [epts.Ranks(r, K).windows(n, batch) for r in range(K)]
+        slices = [parallel.Procs(r, K).windows(n, batch) for r in range(K)]
         assert slices[0][0] == 0 and slices[-1][1] == n
         assert all(a[1] == b[0] for a, b in zip(slices, slices[1:]))
         assert all(lo % batch == 0 for lo, _ in slices)
-    assert epts.SOLO.windows(10, 3) == (0, 10)
-    assert [g for g in range(7) if epts.Ranks(1, 3).owns(g)] == [1, 4]
+    assert parallel.SOLO.windows(10, 3) == (0, 10)
+    assert [g for g in range(7) if parallel.Procs(1, 3).owns(g)] == [1, 4]
 
 
 def train_block_in_process(rank, size, init_file, edges, out):
@@ -1592,7 +1604,7 @@ def train_block_in_process(rank, size, init_file, edges, out):
     trained_block's set-up; rank 0 saves what it got."""
     import torch.distributed as dist
     dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=size)
-    procs = epts.Ranks(rank, size)
+    procs = parallel.Procs(rank, size)
     p = torch.nn.Parameter(torch.zeros(3))
     p.grad = torch.full((3,), float(rank + 1))
     loss = procs.sum_gradients([p], torch.tensor(10.0 * (rank + 1)))

@@ -1,6 +1,6 @@
 """
 make bench: two pruning-sensitive fixture models built from ../shared/data, every method at 0.3-0.7
-(and 2:4 for the baselines), timings, bench/results.json, bench/results.png and the README's table.
+(and 2:4 for the baselines), timings, bench/results.json, bench/results.png and the table in bench/README.md.
 
     python bench/bench.py [--render]
 """
@@ -158,7 +158,7 @@ def reconstruction_gflops(ckpt, calib):
     G = len(config.edges) - 1
     layers = epts.elastic_layers(block, {n: s.act_norm for n, s in stats.items()}, G, 8)
     t0 = time.time()
-    epts.train_block(block, layers, X, Y, config, "cpu", torch.Generator().manual_seed(0))
+    epts.train_block(block, layers, (X, Y), config, torch.Generator().manual_seed(0))
     seconds = time.time() - t0
     T, C = RUN["seqlen"], model.cfg.hidden_size
     weights = sum(lin.in_features * lin.out_features for lin in block.linears().values())
@@ -204,7 +204,7 @@ def run_fixture(kind, ckpt, calib, evals):
 
 
 # -----------------------------------------------------------------------------
-# outputs: JSON, plot, README table
+# outputs: JSON, plot, the table in bench/README.md
 
 
 def table(results):
@@ -249,16 +249,21 @@ def readme_section(results):
         f"Reconstruction loop: {results['gflops']['reconstruction']:.1f} GFLOP/s against "
         f"{results['gflops']['matmul']:.1f} GFLOP/s for a dense 1024² fp32 matmul on the same machine.",
         "",
-        "![perplexity against sparsity](bench/results.png)",
+        "![perplexity against sparsity](results.png)",
         README_END])
 
 
-def write_readme(results, path=os.path.join(ROOT, "README.md")):
+def replace_section(path, section):
+    """Replace the lines from the section's first line (a start marker) to its last (the end marker) in `path`."""
+    first, last = section.split("\n")[0], section.split("\n")[-1]
     text = open(path, encoding="utf-8").read()
-    start, end = text.index(README_START), text.index(README_END) + len(README_END)
-    with open(path + ".tmp", "w", encoding="utf-8") as f:
-        f.write(text[:start] + readme_section(results) + text[end:])
-    os.replace(path + ".tmp", path)
+    start, end = text.index(first), text.index(last) + len(last)
+    with M.atomic_write(path) as f:
+        f.write(text[:start] + section + text[end:])
+
+
+def write_readme(results, path=os.path.join(HERE, "README.md")):
+    replace_section(path, readme_section(results))
 
 
 def plot(results, path):
@@ -319,7 +324,7 @@ def main():
 
 
 def render(path=os.path.join(HERE, "results.json")):
-    """Redraw the plot and the README section from an existing results.json."""
+    """Redraw the plot and the bench/README.md section from an existing results.json."""
     with open(path) as f:
         results = json.load(f)
     plot(results, os.path.join(HERE, "results.png"))
@@ -328,7 +333,7 @@ def render(path=os.path.join(HERE, "results.json")):
 
 if __name__ == "__main__":
     p = argparse.ArgumentParser(description=__doc__)
-    p.add_argument("--render", action="store_true", help="only redraw plot and README table from results.json")
+    p.add_argument("--render", action="store_true", help="only redraw plot and bench/README.md table from results.json")
     if p.parse_args().render:
         render()
     else:

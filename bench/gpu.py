@@ -64,7 +64,7 @@ def profile_steps(block, layers, X, Y, config, device, steps, rows=25):
     activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if cuda else [])
     one_epoch = dataclasses.replace(config, epochs=1, batch_size=1)
     with profile(activities=activities) as prof:  # the loss read at the epoch's end waits for every step
-        epts.train_block(block, layers, X[:steps], Y[:steps], one_epoch, device, torch.Generator().manual_seed(1))
+        epts.train_block(block, layers, (X[:steps], Y[:steps]), one_epoch, torch.Generator().manual_seed(1))
     ops = prof.key_averages()
     syncs = sum(e.count for e in ops if "Synchronize" in e.key) if cuda else None
     return ops.table(sort_by="self_device_time_total" if cuda else "self_cpu_time_total", row_limit=rows), syncs
@@ -108,7 +108,7 @@ def measure(raw, args):
     layers = epts.elastic_layers(block, {n: s.act_norm for n, s in stats.items()}, G, config.rank)
     sync(device)
     t0 = time.perf_counter()
-    epts.train_block(block, layers, X, Y, config, device, torch.Generator().manual_seed(0))
+    epts.train_block(block, layers, (X, Y), config, torch.Generator().manual_seed(0))
     sync(device)
     steps = args.epochs * args.nsamples
     step = (time.perf_counter() - t0) / steps

@@ -1,11 +1,11 @@
 """
-The README's peak-memory formula for EPTS, block by block: evaluated for LLaMA-7B and LLaMA-2-70B, and checked
-against measurements on the CPU: a small fp32 block, and one bf16 block of LLaMA-2-70B's shapes with short windows.
+The peak-memory formula of bench/README.md ("Scale") for EPTS, block by block: evaluated for LLaMA-7B and
+LLaMA-2-70B, and checked against measurements on the CPU: a small fp32 block, and one bf16 block of LLaMA-2-70B's shapes with short windows.
 
     python bench/memory_check.py              # the formula, and the small block measured (a minute)
     python bench/memory_check.py --llama-70b  # also the 70B-shaped block measured (8 GB of RAM, 4 minutes)
 
-An EPTS block holds its weights, their ranks and the adapters throughout; on top of that comes either the
+An EPTS block holds its weights, their per-row Wanda order and the adapters throughout; on top of that comes either the
 training phase (three streams and autograd's state) or the mixing phase (four streams, no gradients), so
 the peak is the larger of the two.
 
@@ -50,7 +50,7 @@ def epts_block_bytes(shape, batch=1):
     largest = max(i * o for i, o in layers)  # weights of the largest layer
     activations = batch * T * (12 * C + 4 * F) * elt  # one batch through the block
     return {
-        "throughout": {"ranks (int16)": 2 * P, "adapters (fp32)": adapters},
+        "throughout": {"order (int16)": 2 * P, "adapters (fp32)": adapters},
         "training": {"3 streams (dense in, target, pruned in)": 3 * stream,
                      "adapter gradients + Adam's two moments": 3 * adapters,
                      "saved for backward: bool mask + merged weight": P * (1 + elt),

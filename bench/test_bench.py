@@ -15,6 +15,7 @@ from conftest import tiny_llama
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 import bench  # noqa: E402
 import memory_check  # noqa: E402
+import nm_bench  # noqa: E402
 
 
 def test_memory_formula_counts_what_autograd_saves():
@@ -111,3 +112,21 @@ def test_cloze_task_items_are_winogrande_items():
         assert item["sentence"].startswith("_ ") and [c for c, _ in pairs] == [item["option1"], item["option2"]]
         rest = item["sentence"][2:].removesuffix(".")
         assert f"{pairs[gold][0]} {rest}" in sentences and f"{pairs[1 - gold][0]} {rest}" not in sentences
+
+
+def test_nm_bench_counts_inputs_cut_off_and_writes_its_tables(tmp_path):
+    """nm_bench's connectivity measure: 0 for EGGS (every input keeps a weight in every tile), above 0 for Wanda
+    2:4 on a random model; its tables replace only their own section of a page."""
+    import prune
+    calib = torch.randint(0, 64, (4, 16), generator=torch.Generator().manual_seed(0))
+    cut = {m: nm_bench.disconnected(prune.prune_model(tiny_llama(), m, (2, 4), calib), 4) for m in ("wanda", "eggs")}
+    assert cut["eggs"] == 0 < cut["wanda"]
+    rows = [{"method": "dense", "sparsity": "0", "ppl": 10.0}]
+    rows += [{"method": label, "sparsity": s, "ppl": 11.0, "seconds": 0.5, "disconnected": 0.25}
+             for label, _, _ in nm_bench.METHODS for s in ("2:4", "4:8")]
+    table = nm_bench.tables({"fixtures": {"llama": rows}})
+    assert "| llama | eggs b=1 | 11.00 | 11.00 | 0.50 | 0.50 | 25.00 % / 25.00 % |" in table
+    page = tmp_path / "methods.md"
+    page.write_text(f"before\n{nm_bench.START}\nold\n{nm_bench.END}\nafter\n")
+    bench.replace_section(str(page), f"{nm_bench.START}\n{table}\n{nm_bench.END}")
+    assert page.read_text() == f"before\n{nm_bench.START}\n{table}\n{nm_bench.END}\nafter\n"

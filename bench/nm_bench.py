@@ -1,0 +1,132 @@
+"""
+N:M pruning on the bench fixtures: magnitude, Wanda, SparseGPT, RIA and EGGS-PTP at 2:4 and 4:8 (perplexity,
+pruning time, and how many inputs each pattern leaves without a weight in some m x m tile), then the cost of
+RIA and EGGS beside Wanda at one LLaMA-2-7B-shaped block (random weights, CPU). Writes bench/nm_results.json
+and the tables of docs/methods.md.
+
+    python bench/nm_bench.py [--skip-7b]
+"""
+
+import argparse
+import json
+import os
+import sys
+import time
+from datetime import date
+
+import torch
+
+HERE = os.path.dirname(os.path.abspath(__file__))
+sys.path.insert(0, os.path.dirname(HERE))
+sys.path.insert(0, HERE)
+
+import bench  # noqa: E402
+import data  # noqa: E402
+import epts  # noqa: E402
+import model as M  # noqa: E402
+import prune  # noqa: E402
+from eval import perplexity  # noqa: E402
+
+PATTERNS = [(2, 4), (4, 8)]
+START, END = "<!-- nm:start -->", "<!-- nm:end -->"  # the tables' place in docs/methods.md
+# (row label, method, EGGS diagonals b)
+METHODS = [("magnitude", "magnitude", 1), ("wanda", "wanda", 1), ("sparsegpt", "sparsegpt", 1), ("ria", "ria", 1),
+           ("eggs b=1", "eggs", 1), ("eggs b=2", "eggs", 2)]
+
+
+def disconnected(model, m):
+    """The share of (tile, input) pairs with no weight left: m x m tiles of every prunable layer, an input column
+    of a tile counted when all m of its weights are zero. EGGS with b >= 1 makes this 0 by construction."""
+    empty = total = 0
+    for block in model.blocks:
+        for lin in block.linears().values():
+            out_f, in_f = lin.weight.shape
+            rows = out_f // m * m
+            kept = (lin.weight[:rows] != 0).view(rows // m, m, in_f).sum(1)  # (row tiles, in)
+            empty += (kept == 0).sum().item()
+            total += kept.numel()
+    return empty / total
+
+
+def fixture_rows(kind):
+    ckpt = bench.build_fixture(kind)
+    model, tok = epts.load(ckpt)
+    calib = data.calibration(os.path.join(bench.SHARED, "wikitext-2", "valid.txt"), tok, bench.RUN["nsamples"],
+                             bench.RUN["seqlen"], bench.RUN["seed"])
+    ids = data.eval_tokens(bench.eval_file(), tok, bench.RUN["seqlen"])
+    rows = [{"method": "dense", "sparsity": "0", "ppl": perplexity(model, ids, bench.RUN["seqlen"], 8)}]
+    for n, m in PATTERNS:
+        for label, method, b in METHODS:
+            pruned = epts.prunable_copy(model)
+            t0 = time.time()
+            prune.prune_model(pruned, method, (n, m), calib, config=prune.PruneConfig(eggs_diagonals=b))
+            seconds = time.time() - t0
+            rows.append({"method": label, "sparsity": f"{n}:{m}", "seconds": seconds,
+                         "ppl": perplexity(pruned, ids, bench.RUN["seqlen"], 8),
+                         "disconnected": disconnected(pruned, m)})
+            bench.log(f"{kind} {label} {n}:{m}: ppl {rows[-1]['ppl']:.2f}, {seconds:.2f}s")
+    return rows
+
+
+def block_cost(name="llama-2-7b", repeat=2, windows=4, seqlen=128):
+    """Seconds of prune_model (calibration pass + masks) for Wanda, RIA and EGGS 2:4 on one block of a real
+    model's shape (random weights, float32, `windows` calibration windows of `seqlen` tokens); best of `repeat`."""
+    with open(os.path.join(bench.ROOT, "configs", f"{name}.json")) as f:
+        cfg = M.config_from_dict(dict(json.load(f), num_hidden_layers=1))
+    torch.manual_seed(0)
+    model = M.build_model(cfg).eval().requires_grad_(False)
+    for p in model.parameters():
+        p.normal_(0, 0.02)
+    calib = torch.randint(0, cfg.vocab_size, (windows, seqlen))
+    times = {}
+    for method, s in (("wanda", (2, 4)), ("ria", (2, 4)), ("eggs", (2, 4)), ("wanda", 0.5), ("ria", 0.5)):
+        best = float("inf")
+        for _ in range(repeat):
+            pruned = epts.prunable_copy(model)
+            t0 = time.time()
+            prune.prune_model(pruned, method, s, calib)
+            best = min(best, time.time() - t0)
+        times[f"{method} {prune.format_sparsity(s)}"] = best
+        bench.log(f"{name} block: {method} {prune.format_sparsity(s)} {best:.2f}s")
+    return times
+
+
+def tables(results):
+    lines = ["| model | method | 2:4 ppl | 4:8 ppl | 2:4 s | 4:8 s | inputs cut off in a tile, 2:4 / 4:8 |",
+             "|---|---|---|---|---|---|---|"]
+    for kind, rows in results["fixtures"].items():
+        dense = next(r for r in rows if r["method"] == "dense")
+        lines.append(f"| {kind} | dense | {dense['ppl']:.2f} | | | | |")
+        for label, _, _ in METHODS:
+            cell = {r["sparsity"]: r for r in rows if r["method"] == label}
+            a, b = cell["2:4"], cell["4:8"]
+            lines.append(f"| {kind} | {label} | {a['ppl']:.2f} | {b['ppl']:.2f} | {a['seconds']:.2f} | "
+                         f"{b['seconds']:.2f} | {100 * a['disconnected']:.2f} % / {100 * b['disconnected']:.2f} % |")
+    if "block_7b" in results:
+        t = results["block_7b"]
+        lines += ["", "| LLaMA-2-7B block (CPU) | Wanda | RIA | EGGS b=1 | RIA / Wanda | EGGS / RIA |",
+                  "|---|---|---|---|---|---|",
+                  f"| 2:4 | {t['wanda 2:4']:.2f} s | {t['ria 2:4']:.2f} s | {t['eggs 2:4']:.2f} s | "
+                  f"{t['ria 2:4'] / t['wanda 2:4']:.2f} | {t['eggs 2:4'] / t['ria 2:4']:.2f} |",
+                  f"| 0.5 | {t['wanda 0.5']:.2f} s | {t['ria 0.5']:.2f} s | — | "
+                  f"{t['ria 0.5'] / t['wanda 0.5']:.2f} | — |"]
+    return "\n".join(lines)
+
+
+def main(skip_7b=False):
+    if not os.path.isdir(bench.SHARED):
+        print(f"nm_bench needs ../shared/data, absent at {bench.SHARED}; nothing to do.")
+        return
+    results = {"date": str(date.today()), "command": "python bench/nm_bench.py", "machine": bench.machine(),
+               "fixtures": {kind: fixture_rows(kind) for kind in bench.FIXTURES}}
+    if not skip_7b:
+        results["block_7b"] = block_cost()
+    M.save_json(results, os.path.join(HERE, "nm_results.json"))
+    bench.replace_section(os.path.join(bench.ROOT, "docs", "methods.md"), f"{START}\n{tables(results)}\n{END}")
+    print(tables(results))
+
+
+if __name__ == "__main__":
+    p = argparse.ArgumentParser(description=__doc__)
+    p.add_argument("--skip-7b", action="store_true", help="only the fixtures, not the LLaMA-2-7B-shaped block")
+    main(p.parse_args().skip_7b)
