@@ -22,5 +22,6 @@ bench:
 	$(PYTHON) bench/memory_check.py
 	$(PYTHON) bench/bench.py
 	$(PYTHON) bench/nm_bench.py
+	$(PYTHON) bench/sslc_bench.py
 	$(PYTHON) bench/gpu.py
 	$(PYTHON) bench/speed.py

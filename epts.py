@@ -744,14 +744,21 @@ def load(ckpt, dtype=torch.float32):
     return model, tok
 
 
-def check_nm(model, sparsities):
-    """Every N:M pattern fits every layer it prunes (prune.check_nm), checked before any method runs."""
-    for n, m in (s for s in sparsities if isinstance(s, tuple)):
+def check_layers(model, r):
+    """Every N:M pattern fits every layer it prunes (prune.check_nm), and SSLC's budget leaves its low-rank part
+    a rank of at least 1: checked before any method runs."""
+    for s in r.sparsities:
         for name, lin in model.blocks[0].linears().items():
-            try:
-                prune.check_nm(lin.in_features, n, m, name)
-            except ValueError as e:
-                raise UserError(str(e)) from None
+            if isinstance(s, tuple):
+                try:
+                    prune.check_nm(lin.in_features, *s, name)
+                except ValueError as e:
+                    raise UserError(str(e)) from None
+            if "sslc" in r.methods and r.pruning.rank_ratio > 0 and \
+                    prune.sslc_budget(lin.out_features, lin.in_features, s, r.pruning.rank_ratio)[0] < 1:
+                raise UserError(f"SSLC at {prune.format_sparsity(s)} with --rank-ratio {r.pruning.rank_ratio} leaves "
+                                f"{name} ({lin.out_features} x {lin.in_features}) no rank for its low-rank part; "
+                                "raise --rank-ratio or lower the sparsity (--rank-ratio 0 is sparse only).")
 
 
 def eval_names(paths):
@@ -829,6 +836,7 @@ class Results:
                    "seconds": round(seconds, 3)}
             if method != "dense":
                 row["achieved_sparsity"] = round(prune.achieved_sparsity(model), 6)
+                row["kept_params"] = round(prune.kept_share(model), 6)  # SSLC: S's nonzeros + U, V
                 if isinstance(deployed, list):
                     row["block_sparsities"] = [round(x, 6) for x in deployed]
             self.report["results"].append(row)
@@ -871,7 +879,7 @@ def main(request=Request(), config=EPTSConfig()):
         return None  # several processes share only the EPTS optimisation; process 0 does the rest
     model, tok = load(r.ckpt, M.DTYPES[p.dtype])
     model.to("cpu" if r.offload else r.device)
-    check_nm(model, r.sparsities)
+    check_layers(model, r)
     results = Results(p, measures(p, tok))
     calib_ids = data.calibration(r.calib, tok, p.nsamples, p.seqlen, p.config.seed) if p.needs_calib else None
     elastic = p.elastic
@@ -933,6 +941,11 @@ def parse_args(argv):
                    help="RIA and EGGS: the exponent a on the input norm ||X_j||")
     p.add_argument("--eggs-diagonals", type=int, default=prune.PruneConfig.eggs_diagonals,
                    help="EGGS: cyclic diagonals kept in every M x M tile (every input keeps that many per tile)")
+    p.add_argument("--rank-ratio", type=float, default=prune.PruneConfig.rank_ratio,
+                   help="SSLC: the share of the kept parameters given to the low-rank part, in [0, 1)")
+    p.add_argument("--alternations", type=int, default=prune.PruneConfig.alternations,
+                   help="SSLC: at most this many (low-rank, sparse) steps per layer (fewer once the error stops "
+                   "falling)")
     a = p.parse_args(argv)
     try:
         sparsities = [prune.parse_sparsity(s) for s in a.sparsities.split(",") if s.strip()]
@@ -962,7 +975,10 @@ def parse_args(argv):
                 f"{', '.join(sorted(TASKS))}")
     if a.eggs_diagonals < 0 or not math.isfinite(a.ria_alpha):
         p.error("--eggs-diagonals must be >= 0 and --ria-alpha a finite number")
-    pruning = prune.PruneConfig(ria_alpha=a.ria_alpha, eggs_diagonals=a.eggs_diagonals)
+    if not 0 <= a.rank_ratio < 1 or a.alternations < 1:
+        p.error(f"--rank-ratio {a.rank_ratio} must lie in [0, 1) and --alternations be >= 1")
+    pruning = prune.PruneConfig(ria_alpha=a.ria_alpha, eggs_diagonals=a.eggs_diagonals, rank_ratio=a.rank_ratio,
+                                alternations=a.alternations)
     given = {k: v for k, v in vars(a).items() if k in Request.__dataclass_fields__}
     return Request(**dict(given, sparsities=sparsities, methods=methods, evals=a.eval, tasks=tasks,
                           pruning=pruning)), config

@@ -655,7 +655,8 @@ def load_model(ckpt_dir, dtype=torch.float32):
 
 
 def save_model(model, out_dir, tokenizer_dir=None):
-    """Write `model` as a new Hugging Face-format folder (config.json, model.safetensors, tokenizer files).
+    """Write `model` as a new Hugging Face-format folder (config.json, model.safetensors, tokenizer files, and
+    lora/ for low-rank parts: save_lora).
 
     `out_dir` must not exist or be empty: the folder is filled under a temporary name and renamed into place,
     and nothing that already exists is removed.
@@ -669,11 +670,35 @@ def save_model(model, out_dir, tokenizer_dir=None):
     with atomic_folder(out_dir) as tmp:
         save_safetensors(tensors, os.path.join(tmp, "model.safetensors"))
         save_json(raw, os.path.join(tmp, "config.json"))
+        save_lora(model, os.path.join(tmp, "lora"))
         if tokenizer_dir:
             for name in ("tokenizer.model", "tokenizer.json", "vocab.json", "merges.txt", "tokenizer_config.json",
                          "special_tokens_map.json"):
                 if os.path.isfile(os.path.join(tokenizer_dir, name)):
                     shutil.copy(os.path.join(tokenizer_dir, name), tmp)
+
+
+def save_lora(model, out_dir):
+    """The low-rank parts of layers computing W x + U (V x) (SSLC's) as a PEFT LoRA adapter folder beside the
+    exported weights: lora_A = V (r, in), lora_B = U (out, r), each layer's own rank in rank_pattern and
+    alpha = rank in alpha_pattern, so that PEFT's scaling alpha / r is 1. Nothing is written without them."""
+    names = hf_name_map(model.cfg)
+    tensors, ranks = {}, {}
+    for key, lin in model.named_modules():
+        if getattr(lin, "U", None) is not None and lin.U.shape[1] > 0:
+            module = names[f"{key}.weight"].removesuffix(".weight")  # e.g. model.layers.0.self_attn.q_proj
+            tensors[f"base_model.model.{module}.lora_A.weight"] = lin.V.detach().contiguous()
+            tensors[f"base_model.model.{module}.lora_B.weight"] = lin.U.detach().contiguous()
+            ranks[module] = lin.U.shape[1]
+    if not ranks:
+        return
+    os.makedirs(out_dir)
+    save_safetensors(tensors, os.path.join(out_dir, "adapter_model.safetensors"))
+    r = max(ranks.values())
+    save_json({"peft_type": "LORA", "task_type": "CAUSAL_LM", "r": r, "lora_alpha": r, "rank_pattern": ranks,
+               "alpha_pattern": ranks, "target_modules": sorted(ranks), "lora_dropout": 0.0, "bias": "none",
+               "fan_in_fan_out": False, "use_rslora": False, "inference_mode": True}, os.path.join(out_dir,
+                                                                                                 "adapter_config.json"))
 
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}

@@ -1,6 +1,6 @@
 """
 Post-training pruning baselines in plain PyTorch: magnitude, Wanda, SparseGPT, RIA (unstructured and
-N:M) and EGGS-PTP (N:M), driven block by block for LLaMA and OPT alike.
+N:M), EGGS-PTP (N:M) and SSLC (sparse plus low-rank), driven block by block for LLaMA and OPT alike.
 
 A sparsity is either a fraction s in [0, 1) or an (n, m) pair: keep n of every
 m consecutive input weights of a row (2:4 and 4:8 are 50 %, 1:4 is 75 %).
@@ -206,6 +206,77 @@ def sparsegpt_prune(W, H, sparsity, blocksize=128, percdamp=0.01):
 
 
 # -----------------------------------------------------------------------------
+# SSLC (Zong et al. 2025), reconstructed after OATS: W ≈ S + U V, S sparse, U V of low rank
+
+
+def sslc_budget(out_f, in_f, sparsity, rank_ratio):
+    """(r, k): L's rank and the weights S keeps per row. A fraction s: of the (1 - s) out in parameters kept,
+    L = U V takes the share rank_ratio, r (out + in) of them, and S the rest, k per row (within one weight per
+    row of the budget). An (n, m) pattern: S is exactly n:m, k = in n / m, and L adds rank_ratio / (1 -
+    rank_ratio) of S's count."""
+    if isinstance(sparsity, tuple):
+        k = in_f // sparsity[1] * sparsity[0]
+        return int(rank_ratio / (1 - rank_ratio) * out_f * k // (out_f + in_f)), k
+    budget = int((1 - sparsity) * out_f * in_f)
+    r = int(rank_ratio * budget // (out_f + in_f))
+    return r, (budget - r * (out_f + in_f)) // out_f
+
+
+def low_rank(A, r):
+    """The best rank-r approximation of A (out, in), as U (out, r) and V (r, in), by randomized SVD: seeded, so a
+    layer gives the same factors in every run, and the caller's random state is left as it was."""
+    if r == 0:
+        return A.new_zeros(A.shape[0], 0), A.new_zeros(0, A.shape[1])
+    with torch.random.fork_rng(devices=[A.device] if A.is_cuda else []):
+        torch.manual_seed(0)
+        U, s, V = torch.svd_lowrank(A, q=min(r + 10, *A.shape))  # 10 extra columns, 2 power iterations
+    return U[:, :r] * s[:r], V[:, :r].t()
+
+
+def sslc_prune(W, act_norm, sparsity, rank_ratio=0.25, iters=20, keep=0.01):
+    """W (out, in) as S + U V minimising the weighted error ||(W - S - U V) D||_F, D = diag(||X_j||) (Wanda's
+    statistic for X): alternately U V = the best rank-r fit of W D - S, and S = the largest entries of what it
+    leaves (per row, or n of every m), the top `keep` of |W_ij| ||X_j|| in the layer always in S. Stops when the
+    error stops falling. Returns S, U, V and the error after each alternation."""
+    d = act_norm.float().clamp_min(1e-8)  # (in,); a dead input's weights are pruned freely
+    Wd = W.float() * d  # (out, in): W D, in whose units |.| is Wanda's score
+    r, k = sslc_budget(*W.shape, sparsity, rank_ratio)
+    forced = matrix_mask(Wd.abs(), 1 - keep)  # True at the top `keep` of |W_ij| ||X_j|| in the layer
+
+    def sparsify(R):  # the entries S keeps of R: forced ones first, then the largest per row (or n of m)
+        score = torch.where(forced, math.inf, R.abs())
+        return R * (nm_mask(score, *sparsity) if isinstance(sparsity, tuple) else ~lowest_k(score, W.shape[1] - k))
+
+    S, errors, best = torch.zeros_like(Wd), [], None
+    for _ in range(iters):
+        U, V = low_rank(Wd - S, r)
+        R = Wd - U @ V
+        S = sparsify(R)
+        err = torch.linalg.norm(R - S).item()
+        if errors and err >= errors[-1]:
+            break  # a randomized SVD may not lower it: keep the last step that did
+        errors.append(err)
+        best = (S, U, V)
+    S, U, V = best
+    return S / d, U, V / d, errors
+
+
+class SparsePlusLowRank(torch.nn.Linear):
+    """y = S x + U (V x) + b: SSLC's layer. `weight` is S (a sparse matrix stored dense, as every pruned weight
+    here is), so whatever reads a Linear's weight reads S; U (out, r) and V (r, in) hold the low-rank part."""
+
+    def __init__(self, S, U, V, bias=None):
+        super().__init__(S.shape[1], S.shape[0], bias=bias is not None, device="meta")
+        self.weight = torch.nn.Parameter(S, requires_grad=False)
+        self.bias = None if bias is None else torch.nn.Parameter(bias, requires_grad=False)
+        self.U = torch.nn.Parameter(U.to(S.dtype), requires_grad=False)
+        self.V = torch.nn.Parameter(V.to(S.dtype), requires_grad=False)
+
+    def forward(self, x):
+        return torch.nn.functional.linear(x, self.weight, self.bias) + x @ self.V.t() @ self.U.t()
+
+
+# -----------------------------------------------------------------------------
 # statistics: forward hooks that only accumulate
 
 
@@ -326,33 +397,41 @@ def block_sparsities(sparsity, n_blocks):
 
 @dataclass(frozen=True)
 class PruneConfig:
-    """The baselines' settings; the defaults are their papers'."""
+    """The baselines' settings; the defaults are their papers' (SSLC's: ours, see docs/methods.md)."""
     blocksize: int = 128  # SparseGPT's lazy-batch width
     percdamp: float = 0.01  # SparseGPT's dampening: 1 % of the mean diagonal of H
     ria_alpha: float = 0.5  # RIA's exponent a on ||X_j||
     eggs_diagonals: int = 1  # EGGS: b cyclic diagonals kept in every m x m tile
+    rank_ratio: float = 0.25  # SSLC: the share of the kept parameters given to the low-rank part
+    alternations: int = 20  # SSLC: at most this many (low-rank, sparse) steps per layer
     batch_size: int = 8  # calibration windows per forward pass
 
 
-BASELINES = ("magnitude", "wanda", "sparsegpt", "ria", "eggs")
+BASELINES = ("magnitude", "wanda", "sparsegpt", "ria", "eggs", "sslc")
 
 
-def prune_layer(method, W, stats, sparsity, config):
-    """W (out, in) pruned by `method` at `sparsity`, from the layer's calibration statistics (InputStats)."""
-    if method == "magnitude":
-        return W * magnitude_mask(W, sparsity)
+def prune_layer(method, lin, stats, sparsity, config):
+    """The Linear `lin` pruned by `method` at `sparsity`, from its calibration statistics (InputStats): `lin`
+    itself, its weight changed in place, or for SSLC a new SparsePlusLowRank layer."""
+    W = lin.weight
+    if method == "sslc":
+        S, U, V, _ = sslc_prune(W, stats.act_norm, sparsity, config.rank_ratio, config.alternations)
+        return SparsePlusLowRank(S.to(W.dtype), U, V, lin.bias)
     if method == "sparsegpt":
-        return sparsegpt_prune(W, stats.H, sparsity, config.blocksize, config.percdamp)
-    if method == "wanda":
-        return W * score_mask(wanda_score(W, stats.act_norm), sparsity)
-    score = ria_score(W, stats.act_norm, config.ria_alpha)
-    if method == "ria":
-        return W * score_mask(score, sparsity)
-    if method == "eggs":
+        W.copy_(sparsegpt_prune(W, stats.H, sparsity, config.blocksize, config.percdamp))
+    elif method == "magnitude":
+        W.mul_(magnitude_mask(W, sparsity))
+    elif method == "wanda":
+        W.mul_(score_mask(wanda_score(W, stats.act_norm), sparsity))
+    elif method == "ria":
+        W.mul_(score_mask(ria_score(W, stats.act_norm, config.ria_alpha), sparsity))
+    elif method == "eggs":
         if not isinstance(sparsity, tuple):
             raise ValueError(f"EGGS prunes N:M patterns such as 2:4, not the fraction {sparsity}")
-        return W * eggs_mask(score, *sparsity, config.eggs_diagonals)
-    raise ValueError(f"unknown pruning method {method!r}; choose from {', '.join(BASELINES)}")
+        W.mul_(eggs_mask(ria_score(W, stats.act_norm, config.ria_alpha), *sparsity, config.eggs_diagonals))
+    else:
+        raise ValueError(f"unknown pruning method {method!r}; choose from {', '.join(BASELINES)}")
+    return lin
 
 
 @torch.no_grad()
@@ -376,7 +455,10 @@ def prune_model(model, method, sparsity, calib=None, device="cpu", config=PruneC
             stats = new_stats(block, method == "sparsegpt", device)
             run_block(block, X, device, bs, stats)
         for name, lin in block.linears().items():
-            lin.weight.copy_(prune_layer(method, lin.weight, stats.get(name), s, config))
+            pruned = prune_layer(method, lin, stats.get(name), s, config)
+            if pruned is not lin:  # a new kind of layer (SSLC's) takes the Linear's place in the block
+                parent, _, attr = name.rpartition(".")
+                setattr(block.get_submodule(parent), attr, pruned)
         del stats
         if X is not None:
             X = run_block(block, X, device, bs)  # next block's inputs, from this pruned block
@@ -450,6 +532,14 @@ def allocate(allocation, s, ratios=None, hi=0.99, method=""):
         print(f"note: OWL at {s} for {method}: blocks clipped into [0, {hi}], the others moved to keep the mean",
               file=sys.stderr)
     return sparsities
+
+
+def kept_share(model):
+    """The share of the prunable layers' parameters a pruned model holds: nonzero weights, and SSLC's U and V."""
+    layers = [lin for block in model.blocks for lin in block.linears().values()]
+    low_rank = sum(lin.U.numel() + lin.V.numel() for lin in layers if isinstance(lin, SparsePlusLowRank))
+    kept = sum((lin.weight != 0).sum().item() for lin in layers) + low_rank
+    return kept / sum(lin.weight.numel() for lin in layers)
 
 
 def achieved_sparsity(model):

@@ -21,8 +21,8 @@ import prune
 import eval as eval_module
 from eval import perplexity
 from conftest import (LLAMA2_TOKENIZER, LLAMA3_PATTERN, QWEN2_PATTERN, REAL_TOKENIZERS, SMALL, TEXT, calib_ids,
-                      cli, hf_tiny, main, needs_transformers, save_bin, tiny_llama, torchrun, train_bpe, train_family_bpe,
-                      transformers, write_real_shape)
+                      cli, hf_tiny, main, needs_transformers, save_bin, tiny_llama, torchrun, train_bpe,
+                      train_family_bpe, transformers, write_real_shape)
 from model import UserError
 
 
@@ -555,12 +555,89 @@ def test_eggs_without_diagonals_is_ria_and_refuses_what_it_cannot_do():
     config = prune.PruneConfig(eggs_diagonals=0)
     stats = prune.InputStats(16, False, "cpu")
     stats.add(torch.randn(30, 16))
-    assert torch.equal(prune.prune_layer("eggs", W, stats, (2, 4), config),
-                       prune.prune_layer("ria", W, stats, (2, 4), config))
+    layer = lambda: torch.nn.Linear(16, 12, bias=False).requires_grad_(False)  # noqa: E731
+    eggs, ria = layer(), layer()
+    eggs.weight.copy_(W)
+    ria.weight.copy_(W)
+    assert torch.equal(prune.prune_layer("eggs", eggs, stats, (2, 4), config).weight,
+                       prune.prune_layer("ria", ria, stats, (2, 4), config).weight)
     with pytest.raises(ValueError, match="N:M patterns"):
-        prune.prune_layer("eggs", W, stats, 0.5, config)
+        prune.prune_layer("eggs", layer(), stats, 0.5, config)
     with pytest.raises(ValueError, match="b must lie in"):
         prune.eggs_mask(score, 2, 4, 3)
+
+
+def low_rank_layer(out_f=48, in_f=96, seed=0):
+    """A weight with low-rank structure plus noise (as trained layers have) and its inputs' norms ||X_j||."""
+    g = torch.Generator().manual_seed(seed)
+    W = torch.randn(out_f, 6, generator=g) @ torch.randn(6, in_f, generator=g) * 0.4 + torch.randn(out_f, in_f,
+                                                                                                 generator=g)
+    X = torch.randn(1000, in_f, generator=g) * torch.linspace(0.2, 3.0, in_f)
+    return W, X.pow(2).sum(0).sqrt()
+
+
+def test_sslc_error_never_rises_and_beats_wanda_at_the_same_parameter_count():
+    """SSLC's weighted error ||(W - S - U V) D|| falls with every alternation it keeps, equals what its result
+    gives, and ends below Wanda's at the same number of kept parameters; with rank ratio 0 its S is Wanda's."""
+    W, act_norm = low_rank_layer()
+    weighted = lambda A: torch.linalg.norm(A * act_norm).item()  # noqa: E731
+    wanda = weighted(W - W * prune.wanda_mask(W, act_norm, 0.5))
+    S, U, V, errors = prune.sslc_prune(W, act_norm, 0.5, rank_ratio=0.25, iters=30)
+    assert len(errors) > 5 and all(b < a for a, b in zip(errors, errors[1:]))
+    assert weighted(W - S - U @ V) == pytest.approx(errors[-1], rel=1e-4)
+    assert errors[-1] < 0.95 * wanda
+    S0, U0, V0, errors0 = prune.sslc_prune(W, act_norm, 0.5, rank_ratio=0.0)
+    assert U0.shape == (48, 0) and torch.equal(S0 != 0, prune.wanda_mask(W, act_norm, 0.5))
+    torch.testing.assert_close(S0, W * prune.wanda_mask(W, act_norm, 0.5))
+    assert errors0 == [pytest.approx(wanda, rel=1e-5)]
+
+
+@pytest.mark.parametrize("shape", [(48, 96), (96, 48), (37, 64)])
+@pytest.mark.parametrize("sparsity,ratio", [(0.5, 0.25), (0.6, 0.1), (0.5, 0.4), ((2, 4), 0.25), ((4, 8), 0.1)])
+def test_sslc_keeps_exactly_its_budget(shape, sparsity, ratio):
+    """The rank and the weights per row fill the budget: r (out + in) + out k <= (1 - s) out in, short of it by
+    less than one weight per row; S keeps exactly k per row, or exactly n of every m; the top 1 % always in S."""
+    out_f, in_f = shape
+    W, act_norm = low_rank_layer(out_f, in_f)
+    S, U, V, _ = prune.sslc_prune(W, act_norm, sparsity, rank_ratio=ratio, iters=3)
+    r, k = prune.sslc_budget(out_f, in_f, sparsity, ratio)
+    assert U.shape == (out_f, r) and V.shape == (r, in_f)
+    if isinstance(sparsity, tuple):
+        n, m = sparsity
+        assert ((S != 0).view(out_f, -1, m).sum(-1) == n).all()
+        assert r == int(ratio / (1 - ratio) * out_f * k // (out_f + in_f)) and k == in_f * n // m
+    else:
+        budget = int((1 - sparsity) * out_f * in_f)
+        assert budget - out_f < r * (out_f + in_f) + out_f * k <= budget
+        assert ((S != 0).sum(1) == k).all()
+    top = prune.matrix_mask((W * act_norm).abs(), 0.99)
+    assert (S != 0)[top].all()
+
+
+@needs_transformers
+def test_sslc_runs_through_main_and_exports_a_model_peft_loads(tiny, tmp_path):
+    """SSLC at 0.5 through main on LLaMA and OPT: the report counts S's nonzeros + U, V as half the dense layers'
+    parameters; --export writes S as a checkpoint and U, V as a PEFT LoRA folder (per-layer ranks), which
+    transformers + peft load with our logits."""
+    peft = pytest.importorskip("peft")
+    for kind in ("llama_gqa", "opt_pre"):
+        ckpt, exported = tmp_path / kind, tmp_path / f"{kind}-exp"
+        hf_tiny(kind, vocab_size=512).save_pretrained(ckpt)
+        shutil.copy(os.path.join(tiny["ckpt"], "vocab.json"), ckpt)
+        shutil.copy(os.path.join(tiny["ckpt"], "merges.txt"), ckpt)
+        report = main(**dict(tiny, ckpt=str(ckpt), methods=["sslc"], sparsities=[0.5], export=str(exported)))
+        row = report["results"][0]
+        assert 0.5 - 0.02 < row["kept_params"] <= 0.5 and math.isfinite(row["ppl"])
+        ours = M.load_model(str(ckpt))
+        prune.prune_model(ours, "sslc", 0.5, data.calibration(tiny["calib"], epts.load(str(ckpt))[1], 2, 16, 0))
+        assert isinstance(ours.blocks[0].self_attn.q_proj, prune.SparsePlusLowRank)
+        config = json.loads((exported / "lora" / "adapter_config.json").read_text())
+        assert len(config["rank_pattern"]) == 2 * len(ours.blocks[0].linears())
+        base = transformers.AutoModelForCausalLM.from_pretrained(str(exported)).eval()
+        ref = peft.PeftModel.from_pretrained(base, str(exported / "lora")).eval()
+        idx = torch.randint(0, 512, (2, 24))
+        with torch.no_grad():
+            assert (ref(idx).logits - ours(idx)).abs().max() <= 1e-4
 
 
 def test_baseline_defaults_are_the_papers():
@@ -1204,6 +1281,8 @@ def test_main_refuses_missing_calibration_and_ambiguous_export(tmp_path):
     (["--sparsities", "1.2"], "outside [0, 1)"),
     (["--sparsities", "3:2"], "0 < n < m"),
     (["--lr", "-1"], "--lr -1.0 must be a number >= 0"),
+    (["--rank-ratio", "1"], "--rank-ratio 1.0 must lie in [0, 1)"),
+    (["--alternations", "0"], "--alternations be >= 1"),
     (["--ckpt", "/nonexistent/model"], "does not exist"),
     (["--ckpt", "{tmp}"], "no config.json"),
     (["--ckpt", "{bad_type}"], "model_type 'bert' is not supported"),
@@ -1343,6 +1422,23 @@ def test_eggs_and_ria_masks_at_llama_2_7b_down_proj_shape():
         assert torch.equal(prune.eggs_mask(score, 2, 4, 0), prune.nm_mask(score, 2, 4))
 
 
+def test_sslc_at_llama_2_7b_gate_proj_shape():
+    """Real-shape tier: SSLC on LLaMA-2-7B's gate_proj (11008 x 4096, bf16) at 0.5, 3 alternations: rank 373 and
+    1536 weights per row fill the budget, the weighted error falls, the layer computes S x + U (V x)."""
+    gen = torch.Generator().manual_seed(0)
+    lin = torch.nn.Linear(4096, 11008, bias=False, dtype=torch.bfloat16).requires_grad_(False)
+    lin.weight.normal_(0, 0.02, generator=gen)
+    stats = prune.InputStats(4096, hessian=False, device="cpu")
+    stats.add(torch.randn(64, 4096, generator=gen))
+    S, U, V, errors = prune.sslc_prune(lin.weight, stats.act_norm, 0.5, iters=3)
+    assert prune.sslc_budget(11008, 4096, 0.5, 0.25) == (373, 1536) and U.shape == (11008, 373)
+    assert ((S != 0).sum(1) == 1536).all() and errors[-1] < errors[0]
+    layer = prune.prune_layer("sslc", lin, stats, 0.5, prune.PruneConfig(alternations=1))
+    x = torch.randn(3, 4096, generator=gen, dtype=torch.bfloat16)
+    expect = x.float() @ layer.weight.float().t() + (x.float() @ layer.V.float().t()) @ layer.U.float().t()
+    torch.testing.assert_close(layer(x).float(), expect, rtol=0.02, atol=0.02)
+
+
 # -----------------------------------------------------------------------------
 # reliability: nothing lost, nothing silent (each case of the reliability section of the README)
 
@@ -1444,6 +1540,8 @@ def test_bad_requests_fail_before_any_work(tiny, tmp_path, monkeypatch):
         (dict(methods=["eggs"], sparsities=[0.5]), "EGGS prunes N:M patterns only"),
         (dict(methods=["eggs"], sparsities=[(2, 4)], pruning=prune.PruneConfig(eggs_diagonals=3)),
          "--eggs-diagonals 3 is more than the 2 weights"),
+        (dict(methods=["sslc"], sparsities=[0.95], pruning=prune.PruneConfig(rank_ratio=0.01)),
+         "leaves self_attn.q_proj .* no rank"),
     ]
     for kw, message in cases:
         with pytest.raises(UserError, match=message):

@@ -262,6 +262,30 @@ def replace_section(path, section):
         f.write(text[:start] + section + text[end:])
 
 
+def markers(name):
+    """The lines between which a benchmark's tables stand in docs/methods.md."""
+    return f"<!-- {name}:start -->", f"<!-- {name}:end -->"
+
+
+def methods_bench(name, fixture_rows, real_shape, tables, description):
+    """The frame of nm_bench.py and sslc_bench.py: fixture_rows(kind) for every fixture, real_shape() unless
+    --skip-7b, then bench/NAME_results.json and the tables in docs/methods.md between markers(NAME)."""
+    p = argparse.ArgumentParser(description=description)
+    p.add_argument("--skip-7b", action="store_true", help="only the fixtures, not the LLaMA-2-7B shape")
+    skip = p.parse_args().skip_7b
+    if not os.path.isdir(SHARED):
+        print(f"{name}_bench needs ../shared/data, absent at {SHARED}; nothing to do.")
+        return
+    results = {"date": str(date.today()), "command": f"python bench/{name}_bench.py", "machine": machine(),
+               "fixtures": {kind: fixture_rows(kind) for kind in FIXTURES}}
+    if not skip:
+        results["real_shape"] = real_shape()
+    M.save_json(results, os.path.join(HERE, f"{name}_results.json"))
+    start, end = markers(name)
+    replace_section(os.path.join(ROOT, "docs", "methods.md"), f"{start}\n{tables(results)}\n{end}")
+    print(tables(results))
+
+
 def write_readme(results, path=os.path.join(HERE, "README.md")):
     replace_section(path, readme_section(results))
 

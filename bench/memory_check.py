@@ -1,6 +1,7 @@
 """
 The peak-memory formula of bench/README.md ("Scale") for EPTS, block by block: evaluated for LLaMA-7B and
-LLaMA-2-70B, and checked against measurements on the CPU: a small fp32 block, and one bf16 block of LLaMA-2-70B's shapes with short windows.
+LLaMA-2-70B, and checked against measurements on the CPU: a small fp32 block, and one bf16 block of
+LLaMA-2-70B's shapes with short windows.
 
     python bench/memory_check.py              # the formula, and the small block measured (a minute)
     python bench/memory_check.py --llama-70b  # also the 70B-shaped block measured (8 GB of RAM, 4 minutes)
@@ -60,6 +61,15 @@ def epts_block_bytes(shape, batch=1):
                    "merged weight of the largest layer": elt * largest,
                    "activations of one batch": activations},
     }
+
+
+def sslc_layer_bytes(out_f, in_f, r):
+    """Bytes prune.sslc_prune holds for one layer beside the model at its peak, the sparsify step: seven 4-byte
+    out x in buffers (W D, the best S so far, the residual, the scores, the new S, and lowest_k's k-th value
+    selection and int32 tie count), four bool masks (the top 1 %, below, tied, kept), U and V, and svd_lowrank's
+    (out + in) x (r + 10) bases."""
+    return {"7 out x in 4-byte buffers": 7 * 4 * out_f * in_f, "4 bool masks": 4 * out_f * in_f,
+            "U and V": 4 * r * (out_f + in_f), "randomized SVD bases": 2 * 4 * (r + 10) * (out_f + in_f)}
 
 
 def peak_bytes(terms):
@@ -132,6 +142,11 @@ def main():
         return
     print_device_peak("LLaMA-7B", LLAMA_7B)
     print_device_peak("\nLLaMA-2-70B", LLAMA_70B)
+    print("\nSSLC, one LLaMA-2-7B gate_proj (11008 x 4096) at 0.5, rank ratio 0.25 (r = 373), float32:")
+    terms = sslc_layer_bytes(11008, 4096, 373)
+    for name, b in terms.items():
+        print(f"  {name:<63} {b / 1e9:8.2f} GB")
+    print(f"  {'peak beside the model':<63} {sum(terms.values()) / 1e9:8.2f} GB")
     returned = {"MALLOC_MMAP_THRESHOLD_": "65536"}
     print("\nsmall block on this CPU (C = 1024, F = 2816, 16 x 512 tokens, fp32), formula:")
     print_terms(epts_block_bytes(SHAPE), "MB", 1e6)

@@ -7,12 +7,10 @@ and the tables of docs/methods.md.
     python bench/nm_bench.py [--skip-7b]
 """
 
-import argparse
 import json
 import os
 import sys
 import time
-from datetime import date
 
 import torch
 
@@ -28,7 +26,6 @@ import prune  # noqa: E402
 from eval import perplexity  # noqa: E402
 
 PATTERNS = [(2, 4), (4, 8)]
-START, END = "<!-- nm:start -->", "<!-- nm:end -->"  # the tables' place in docs/methods.md
 # (row label, method, EGGS diagonals b)
 METHODS = [("magnitude", "magnitude", 1), ("wanda", "wanda", 1), ("sparsegpt", "sparsegpt", 1), ("ria", "ria", 1),
            ("eggs b=1", "eggs", 1), ("eggs b=2", "eggs", 2)]
@@ -102,8 +99,8 @@ def tables(results):
             a, b = cell["2:4"], cell["4:8"]
             lines.append(f"| {kind} | {label} | {a['ppl']:.2f} | {b['ppl']:.2f} | {a['seconds']:.2f} | "
                          f"{b['seconds']:.2f} | {100 * a['disconnected']:.2f} % / {100 * b['disconnected']:.2f} % |")
-    if "block_7b" in results:
-        t = results["block_7b"]
+    if "real_shape" in results:
+        t = results["real_shape"]
         lines += ["", "| LLaMA-2-7B block (CPU) | Wanda | RIA | EGGS b=1 | RIA / Wanda | EGGS / RIA |",
                   "|---|---|---|---|---|---|",
                   f"| 2:4 | {t['wanda 2:4']:.2f} s | {t['ria 2:4']:.2f} s | {t['eggs 2:4']:.2f} s | "
@@ -113,20 +110,5 @@ def tables(results):
     return "\n".join(lines)
 
 
-def main(skip_7b=False):
-    if not os.path.isdir(bench.SHARED):
-        print(f"nm_bench needs ../shared/data, absent at {bench.SHARED}; nothing to do.")
-        return
-    results = {"date": str(date.today()), "command": "python bench/nm_bench.py", "machine": bench.machine(),
-               "fixtures": {kind: fixture_rows(kind) for kind in bench.FIXTURES}}
-    if not skip_7b:
-        results["block_7b"] = block_cost()
-    M.save_json(results, os.path.join(HERE, "nm_results.json"))
-    bench.replace_section(os.path.join(bench.ROOT, "docs", "methods.md"), f"{START}\n{tables(results)}\n{END}")
-    print(tables(results))
-
-
 if __name__ == "__main__":
-    p = argparse.ArgumentParser(description=__doc__)
-    p.add_argument("--skip-7b", action="store_true", help="only the fixtures, not the LLaMA-2-7B-shaped block")
-    main(p.parse_args().skip_7b)
+    bench.methods_bench("nm", fixture_rows, block_cost, tables, __doc__)

@@ -16,6 +16,7 @@ sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 import bench  # noqa: E402
 import memory_check  # noqa: E402
 import nm_bench  # noqa: E402
+import sslc_bench  # noqa: E402
 
 
 def test_memory_formula_counts_what_autograd_saves():
@@ -127,6 +128,21 @@ def test_nm_bench_counts_inputs_cut_off_and_writes_its_tables(tmp_path):
     table = nm_bench.tables({"fixtures": {"llama": rows}})
     assert "| llama | eggs b=1 | 11.00 | 11.00 | 0.50 | 0.50 | 25.00 % / 25.00 % |" in table
     page = tmp_path / "methods.md"
-    page.write_text(f"before\n{nm_bench.START}\nold\n{nm_bench.END}\nafter\n")
-    bench.replace_section(str(page), f"{nm_bench.START}\n{table}\n{nm_bench.END}")
-    assert page.read_text() == f"before\n{nm_bench.START}\n{table}\n{nm_bench.END}\nafter\n"
+    start, end = bench.markers("nm")
+    page.write_text(f"before\n{start}\nold\n{end}\nafter\n")
+    bench.replace_section(str(page), f"{start}\n{table}\n{end}")
+    assert page.read_text() == f"before\n{start}\n{table}\n{end}\nafter\n"
+
+
+def test_sslc_bench_tables():
+    """sslc_bench's table: one row per setting with the perplexity, time per block and kept parameters."""
+    rows = [{"method": "dense", "ppl": 10.0},
+            {"method": "sslc", "sparsity": 0.5, "rank_ratio": 0.25, "alternations": 20, "block_s": 1.5, "kept": 0.499,
+             "ppl": 11.0},
+            {"method": "wanda", "sparsity": 0.5, "rank_ratio": None, "alternations": None, "block_s": 0.1,
+             "kept": 0.5, "ppl": 12.0}]
+    table = sslc_bench.tables({"fixtures": {"opt": rows},
+                               "real_shape": {"layer": "x", "sslc_s": 30.0, "alternations": 20, "sparsegpt_s": 3.0}})
+    assert "| opt | 0.5 | sslc | 0.25 | 20 | 11.00 | 1.50 | 49.9 % |" in table
+    assert "| opt | 0.5 | wanda | — | — | 12.00 | 0.10 | 50.0 % |" in table
+    assert "| x | 30.0 s (20 alternations) | 3.0 s | 10.0 |" in table
