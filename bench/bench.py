@@ -262,6 +262,16 @@ def replace_section(path, section):
         f.write(text[:start] + section + text[end:])
 
 
+def fixture_and_data(kind):
+    """The fixture model of `kind`, its calibration windows (RUN's), and a function giving a model's perplexity
+    on the evaluation text."""
+    model, tok = epts.load(build_fixture(kind))
+    calib = data.calibration(os.path.join(SHARED, "wikitext-2", "valid.txt"), tok, RUN["nsamples"], RUN["seqlen"],
+                             RUN["seed"])
+    ids = data.eval_tokens(eval_file(), tok, RUN["seqlen"])
+    return model, calib, lambda m: perplexity(m, ids, RUN["seqlen"], 8)
+
+
 def markers(name):
     """The lines between which a benchmark's tables stand in docs/methods.md."""
     return f"<!-- {name}:start -->", f"<!-- {name}:end -->"

@@ -19,11 +19,9 @@ sys.path.insert(0, os.path.dirname(HERE))
 sys.path.insert(0, HERE)
 
 import bench  # noqa: E402
-import data  # noqa: E402
 import epts  # noqa: E402
 import model as M  # noqa: E402
 import prune  # noqa: E402
-from eval import perplexity  # noqa: E402
 
 PATTERNS = [(2, 4), (4, 8)]
 # (row label, method, EGGS diagonals b)
@@ -46,12 +44,8 @@ def disconnected(model, m):
 
 
 def fixture_rows(kind):
-    ckpt = bench.build_fixture(kind)
-    model, tok = epts.load(ckpt)
-    calib = data.calibration(os.path.join(bench.SHARED, "wikitext-2", "valid.txt"), tok, bench.RUN["nsamples"],
-                             bench.RUN["seqlen"], bench.RUN["seed"])
-    ids = data.eval_tokens(bench.eval_file(), tok, bench.RUN["seqlen"])
-    rows = [{"method": "dense", "sparsity": "0", "ppl": perplexity(model, ids, bench.RUN["seqlen"], 8)}]
+    model, calib, ppl = bench.fixture_and_data(kind)
+    rows = [{"method": "dense", "sparsity": "0", "ppl": ppl(model)}]
     for n, m in PATTERNS:
         for label, method, b in METHODS:
             pruned = epts.prunable_copy(model)
@@ -59,7 +53,7 @@ def fixture_rows(kind):
             prune.prune_model(pruned, method, (n, m), calib, config=prune.PruneConfig(eggs_diagonals=b))
             seconds = time.time() - t0
             rows.append({"method": label, "sparsity": f"{n}:{m}", "seconds": seconds,
-                         "ppl": perplexity(pruned, ids, bench.RUN["seqlen"], 8),
+                         "ppl": ppl(pruned),
                          "disconnected": disconnected(pruned, m)})
             bench.log(f"{kind} {label} {n}:{m}: ppl {rows[-1]['ppl']:.2f}, {seconds:.2f}s")
     return rows

@@ -18,10 +18,8 @@ sys.path.insert(0, os.path.dirname(HERE))
 sys.path.insert(0, HERE)
 
 import bench  # noqa: E402
-import data  # noqa: E402
 import epts  # noqa: E402
 import prune  # noqa: E402
-from eval import perplexity  # noqa: E402
 
 SPARSITIES = [0.5, 0.6]
 RATIOS = [0.1, 0.25, 0.4]
@@ -30,12 +28,8 @@ ALTERNATIONS = [5, 20, 80]
 
 def fixture_rows(kind):
     """Perplexity, seconds per block and kept parameters of Wanda, SparseGPT and every SSLC setting."""
-    ckpt = bench.build_fixture(kind)
-    model, tok = epts.load(ckpt)
-    calib = data.calibration(os.path.join(bench.SHARED, "wikitext-2", "valid.txt"), tok, bench.RUN["nsamples"],
-                             bench.RUN["seqlen"], bench.RUN["seed"])
-    ids = data.eval_tokens(bench.eval_file(), tok, bench.RUN["seqlen"])
-    rows = [{"method": "dense", "ppl": perplexity(model, ids, bench.RUN["seqlen"], 8)}]
+    model, calib, ppl = bench.fixture_and_data(kind)
+    rows = [{"method": "dense", "ppl": ppl(model)}]
     settings = [("wanda", None, None), ("sparsegpt", None, None)] + \
         [("sslc", ratio, n) for ratio in RATIOS for n in ALTERNATIONS]
     for s in SPARSITIES:
@@ -45,7 +39,7 @@ def fixture_rows(kind):
             prune.prune_model(pruned, method, s, calib, config=config)
             rows.append({"method": method, "sparsity": s, "rank_ratio": ratio, "alternations": n,
                          "block_s": (time.time() - t0) / len(model.blocks), "kept": prune.kept_share(pruned),
-                         "ppl": perplexity(pruned, ids, bench.RUN["seqlen"], 8)})
+                         "ppl": ppl(pruned)})
             bench.log(f"{kind} {method} {s} {ratio} {n}: ppl {rows[-1]['ppl']:.2f}, {rows[-1]['block_s']:.2f}s/block")
     return rows
 
