@@ -285,8 +285,10 @@ def load_tokenizer(ckpt_dir, bos_id):
             with open(path("tokenizer.json")) as f:
                 tj = json.load(f)
             m = tj["model"]
-        except (json.JSONDecodeError, KeyError, UnicodeDecodeError) as e:
-            raise DataError(f"{path('tokenizer.json')} is not a valid tokenizer file ({e}).") from None
+            assert isinstance(m, dict), "its 'model' must be an object"
+        except (json.JSONDecodeError, KeyError, TypeError, UnicodeDecodeError, AssertionError) as e:
+            raise DataError(f"{path('tokenizer.json')} is not a valid tokenizer file ({type(e).__name__}: {e}).") \
+                from None
         if m.get("type") != "BPE":
             raise DataError(f"{path('tokenizer.json')}: tokenizer type {m.get('type')!r} is not supported here "
                             "(supported: byte-level BPE; LLaMA-1/2 ship tokenizer.model, which is).")
@@ -296,6 +298,8 @@ def load_tokenizer(ckpt_dir, bos_id):
             vocab.update({t["content"]: t["id"] for t in tj.get("added_tokens", [])})
             assert all(len(pair) == 2 and all(isinstance(t, str) for t in pair) for pair in merges), \
                 "every merge must be two strings"
+            assert vocab and all(isinstance(i, int) and not isinstance(i, bool) and i >= 0 for i in vocab.values()), \
+                "the vocabulary must map tokens to ids >= 0, and hold at least one"
         except (KeyError, TypeError, ValueError, AssertionError) as e:
             raise DataError(f"{path('tokenizer.json')}: its BPE model is malformed ({type(e).__name__}: {e}); "
                             "re-download the file.") from None

@@ -35,6 +35,7 @@ import json
 import math
 import os
 import shutil
+import signal
 import sys
 import time
 from dataclasses import asdict, dataclass, replace
@@ -52,7 +53,8 @@ from eval import TASKS, TaskError, perplexity, read_task, zero_shot
 from model import UserError
 from parallel import SOLO, Procs, exit_process
 
-FORMAT = "epts-elastic-v2"  # v2: integer-indexed fingerprint, a checksum of every block's tensors
+FORMAT = "epts-elastic-v3"  # v3: a checksum of the whole file (settings, block order), not only of each block
+OLD_FORMATS = ("epts-elastic-v2",)  # still read; their settings carry no checksum
 USER_ERRORS = (UserError, data.DataError, TaskError)  # bad input: the CLI prints the message, no traceback
 
 
@@ -434,6 +436,16 @@ def record_checksum(rec):
     return h.hexdigest()
 
 
+def file_checksum(elastic):
+    """sha256 of an elastic file's settings and its block records' checksums in order: an edited edge, rank or
+    fingerprint, or two blocks swapped, must not deploy silently."""
+    settings = {k: v for k, v in elastic.items() if k not in ("blocks", "sha256")}
+    h = hashlib.sha256(json.dumps(settings, sort_keys=True).encode())
+    for rec in elastic["blocks"]:
+        h.update(rec["sha256"].encode())
+    return h.hexdigest()
+
+
 def block_record(layers, use_adapter0, act_norms, losses):
     rec = {"act_norm": {n: a.float().cpu() for n, a in act_norms.items()},
            "A": {n: layer.A.detach().cpu() for n, layer in layers.items()},
@@ -465,12 +477,15 @@ def load_checked(path, what, fix, fmt=None):
     except Exception as e:
         raise UserError(f"{path!r} is damaged ({type(e).__name__}; truncated or overwritten?); {fix}") from None
     found = obj.get("format") if isinstance(obj, dict) else None
-    if fmt is not None and found != fmt:
+    if fmt is not None and found not in (fmt, *OLD_FORMATS):
         raise UserError(f"{path!r} is not an EPTS elastic model file of format {fmt} (found {found!r}); it may be "
                         f"from an older version of this program, or from another program: {fix}")
     records = obj.get("blocks", [obj]) if isinstance(obj, dict) else None
     if records is None or any(not isinstance(r, dict) or r.get("sha256") != record_checksum(r) for r in records):
         raise UserError(f"{path!r}: {what} fails its checksum (its bytes were changed after it was written); {fix}")
+    if fmt is not None and found == fmt and obj.get("sha256") != file_checksum(obj):
+        raise UserError(f"{path!r}: {what}'s settings or block order fail their checksum (changed after it was "
+                        f"written); {fix}")
     return obj
 
 
@@ -568,6 +583,7 @@ def run_epts(model, calib_ids, out_dir, config=EPTSConfig(), device="cpu", procs
                   "again to resume from the first unfinished block", file=sys.stderr)
             raise
         elastic = {"format": FORMAT, "model_type": model.cfg.raw.get("model_type"), **settings, "blocks": records}
+        elastic["sha256"] = file_checksum(elastic)
         save(elastic, final)
     shutil.rmtree(partial, ignore_errors=True)
     return elastic
@@ -653,7 +669,8 @@ def read_allocation(allocation, n_blocks):
     try:
         with open(allocation) as f:
             sparsities = json.load(f)
-        assert isinstance(sparsities, list) and all(isinstance(x, (int, float)) and 0 <= x < 1 for x in sparsities)
+        assert isinstance(sparsities, list) and all(isinstance(x, (int, float)) and not isinstance(x, bool)
+                                                    and 0 <= x < 1 for x in sparsities)
     except (OSError, json.JSONDecodeError, UnicodeDecodeError, AssertionError):
         raise UserError(f"--allocation {allocation!r} is not uniform, owl, or a readable JSON file holding a list "
                         "of per-block sparsities in [0, 1), e.g. [0.45, 0.5, 0.55, ...].") from None
@@ -663,8 +680,19 @@ def read_allocation(allocation, n_blocks):
     return [float(x) for x in sparsities]
 
 
-def check_outputs(r, rows):
-    """--export and --json can be written, and --export names one pruned model."""
+def is_report(path):
+    """Whether `path` holds a results JSON this program wrote (so --json may replace it)."""
+    try:
+        with open(path) as f:
+            report = json.load(f)
+        return isinstance(report, dict) and isinstance(report.get("results"), list) and "ckpt" in report
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError):
+        return False
+
+
+def check_outputs(r, rows, out_dir):
+    """--export, --json and --out can be written, without overwriting an input or anything not ours, and --export
+    names one pruned model."""
     if r.export:
         pruned = [row for row in rows if row[0] != "dense"]
         if len(pruned) != 1:
@@ -674,7 +702,36 @@ def check_outputs(r, rows):
             raise UserError(f"--export {r.export!r} is the checkpoint folder itself; choose a new folder.")
         M.check_writable(r.export, "--export", folder=True, new=True)
     if r.json:
+        run = [os.path.join(out_dir, name) for name in ("elastic.pt", "lock", "partial")] if out_dir else []
+        inputs = [r.ckpt, r.calib, *r.evals, r.elastic, r.tasks_dir, *run]  # read, or written by the run itself
+        written = [r.export, *run[2:]]  # folders the run fills
+        target = os.path.realpath(r.json)
+        if any(p and target == os.path.realpath(p) for p in inputs) or \
+                any(p and target.startswith(os.path.realpath(p) + os.sep) for p in written):
+            raise UserError(f"--json {r.json!r} is an input of this run or a file it writes; choose another name.")
         M.check_writable(r.json, "--json")
+        if os.path.exists(r.json) and not is_report(r.json):
+            raise UserError(f"--json {r.json!r} exists and is not a results file of this program; nothing is "
+                            "overwritten: choose a new name.")
+    if out_dir:
+        M.check_writable(out_dir, "--out", folder=True)
+        check_run_folder(out_dir)
+
+
+def check_run_folder(out_dir):
+    """--out holds nothing of the user's where a run writes: `lock` absent or a process id, `partial/` absent or
+    a run's (its run.json and block files), so that neither the lock nor the clean-up touches the user's files."""
+    lock, partial = os.path.join(out_dir, "lock"), os.path.join(out_dir, "partial")
+    if os.path.islink(out_dir) and not os.path.exists(out_dir):
+        raise UserError(f"--out {out_dir!r} is a link to nothing; give a folder.")
+    if os.path.isfile(lock) and not open(lock, errors="replace").read().strip().isdigit() and os.path.getsize(lock):
+        raise UserError(f"--out {out_dir!r} holds a file 'lock' that is not an EPTS run's; choose another --out.")
+    if os.path.isdir(partial):
+        names = os.listdir(partial)
+        strangers = [n for n in names if n != "run.json" and not n.startswith("block_") and ".tmp-" not in n]
+        if strangers or (names and "run.json" not in names):
+            raise UserError(f"--out {out_dir!r} holds a folder 'partial' that is not an unfinished EPTS run's "
+                            f"(it has {', '.join(sorted(strangers or names)[:3])}); choose another --out.")
 
 
 def plan(r, config, procs=SOLO):
@@ -702,6 +759,9 @@ def plan(r, config, procs=SOLO):
         raise UserError("--tasks needs --tasks-dir DIR, the folder holding TASK.jsonl for every task (nothing is "
                         "downloaded).")
     task_docs = {task: read_task(r.tasks_dir, task) for task in r.tasks}
+    clash = set(eval_names(r.evals)) & {*task_docs, "zero-shot mean"}
+    if clash:
+        raise UserError(f"--eval {sorted(clash)[0]!r} has the name of a zero-shot row; rename the file.")
     check_methods(r)
     train_epts = "epts" in r.methods and not r.elastic
     needs_calib = any(m not in ("dense", "magnitude", "epts") for m in r.methods) or train_epts or \
@@ -717,9 +777,11 @@ def plan(r, config, procs=SOLO):
               f"sparsities (mean {mean:.4g}); N:M rows stay uniform", file=sys.stderr)
     rows = [(m, s) for m in METHODS if m in r.methods for s in ([0.0] if m == "dense" else
                                                                 method_sparsities(m, r.sparsities))]
-    check_outputs(r, rows)
+    out_dir = (r.out or os.path.join("runs", f"epts-{os.path.basename(os.path.normpath(r.ckpt))}")) \
+        if train_epts else None
+    check_outputs(r, rows, out_dir)
     deployed = allocation if isinstance(allocation, list) else [s for m, s in rows if m == "epts"]
-    elastic, out_dir = None, None
+    elastic = None
     if "epts" in r.methods and r.elastic:
         elastic = load_elastic(r.elastic)
         for s in deployed:
@@ -729,8 +791,6 @@ def plan(r, config, procs=SOLO):
         if procs.size > len(config.edges) - 1:
             raise UserError(f"{procs.size} processes for {len(config.edges) - 1} groups: each process computes "
                             "whole groups, so run at most as many processes as groups.")
-        out_dir = r.out or os.path.join("runs", f"epts-{os.path.basename(os.path.normpath(r.ckpt))}")
-        M.check_writable(out_dir, "--out", folder=True)
     return Plan(r, config, seqlen, nsamples, dtype, rows, allocation, task_docs, needs_calib, elastic, out_dir)
 
 
@@ -984,7 +1044,14 @@ def parse_args(argv):
                           pruning=pruning)), config
 
 
+def interrupt(signum, frame):
+    """SIGTERM (timeout, kill, Slurm, docker stop) ends the run as Ctrl-C does: temporary files and folders are
+    removed on the way out, finished EPTS blocks stay."""
+    raise KeyboardInterrupt
+
+
 if __name__ == "__main__":
+    signal.signal(signal.SIGTERM, interrupt)
     request, config = parse_args(sys.argv[1:])
     code = 0
     try:

@@ -31,7 +31,10 @@ def perplexity(model, ids, seqlen, batch_size=4, device="cpu", logit_bytes=2**28
             logits = model.head(h[j:j + chunk]).float()  # (chunk, V)
             nll += F.cross_entropy(logits, targets[j:j + chunk], reduction="sum").double().cpu()
         count += len(targets)
-    return math.exp(nll.item() / count)
+    try:
+        return math.exp(nll.item() / count)
+    except OverflowError:  # a finite but huge mean NLL: the caller reports a non-finite perplexity
+        return math.inf
 
 
 # -----------------------------------------------------------------------------
@@ -89,6 +92,28 @@ TASKS = {
 TASKS["arc_challenge"] = TASKS["arc_easy"]
 
 
+def item_problem(name, doc):
+    """Why an item of task `name` cannot be scored, or None: its text fields must be strings (lists of strings for
+    endings and choices), its prompts must build, and its gold answer must be one of its choices."""
+    fields, to_pairs, _ = TASKS[name]
+    for key in (k for f in fields for k in f.split("|") if k in doc and k not in ("label", "answer", "answerKey")):
+        value = doc[key]
+        texts = value.get("text", None) if key == "choices" and isinstance(value, dict) else value
+        if key in ("endings", "choices"):
+            ok = isinstance(texts, list) and all(isinstance(t, str) for t in texts)
+        else:
+            ok = isinstance(value, str)
+        if not ok:
+            return f"field {key!r} is {value!r}, not {'a list of strings' if key in ('endings', 'choices') else 'text'}"
+    try:
+        pairs, gold = to_pairs(doc)
+    except (KeyError, ValueError, TypeError, IndexError, AttributeError) as e:
+        return f"the item cannot be scored ({type(e).__name__}: {e})"
+    if len(pairs) < 2 or not 0 <= gold < len(pairs):
+        return f"its answer (choice {gold}) is not one of its {len(pairs)} choices"
+    return None
+
+
 def read_task(tasks_dir, name):
     """The items of `tasks_dir/name.jsonl` (one JSON object per line, the public dataset's field names)."""
     if name not in TASKS:
@@ -105,6 +130,9 @@ def read_task(tasks_dir, name):
         missing = [f for f in fields if not isinstance(doc, dict) or not any(k in doc for k in f.split("|"))]
         if missing:
             raise TaskError(f"task {name}: {path} line {n} lacks {', '.join(missing)}; {hint}.")
+        problem = item_problem(name, doc)
+        if problem:
+            raise TaskError(f"task {name}: {path} line {n}: {problem}; {hint}.")
     if not docs:
         raise TaskError(f"task {name}: {path} holds no items; {hint}.")
     return docs

@@ -10,6 +10,7 @@ Every model exposes the interface the pruning code drives:
 """
 
 import contextlib
+import errno
 import hashlib
 import json
 import math
@@ -36,12 +37,25 @@ def atomic_write(path, mode="w"):
     rename): a crash or Ctrl-C leaves the old file or none, never half of one."""
     tmp = f"{path}.tmp-{os.getpid()}"
     try:
-        with open(tmp, mode) as f:
+        with no_space_is_an_error(path), open(tmp, mode) as f:
             yield f
         os.replace(tmp, path)
     finally:
         if os.path.exists(tmp):
             os.remove(tmp)
+
+
+@contextlib.contextmanager
+def no_space_is_an_error(path):
+    """A full disk while writing `path` becomes a UserError that names the path and the space left."""
+    try:
+        yield
+    except OSError as e:
+        if e.errno not in (errno.ENOSPC, errno.EDQUOT):
+            raise
+        free = shutil.disk_usage(os.path.dirname(os.path.abspath(path))).free
+        raise UserError(f"no space left to write {path!r} ({free / 2**20:.1f} MiB free there); free some space or "
+                        "write to another disk.") from None
 
 
 def save_json(obj, path):
@@ -60,7 +74,8 @@ def atomic_folder(out_dir):
     os.umask(umask)
     os.chmod(tmp, 0o777 & ~umask)  # mkdtemp makes it private (0700); the folder it becomes should not be
     try:
-        yield tmp
+        with no_space_is_an_error(out_dir):
+            yield tmp
         try:
             os.rename(tmp, out_dir)  # POSIX: replaces an empty folder, fails on a non-empty one
         except OSError as e:
@@ -640,6 +655,9 @@ def load_model(ckpt_dir, dtype=torch.float32):
                 continue
             raise UserError(f"{path}: tensor {name!r} is not part of a {cfg.raw.get('model_type')} model with this "
                             "config.json; the weights and config.json do not belong together.")
+        if key in loaded:
+            raise UserError(f"{path}: tensor {name!r} is also in an earlier file of the checkpoint; a shard is "
+                            "duplicated or from another model: re-download the checkpoint.")
         if tuple(t.shape) != tuple(expected[key].shape):
             raise UserError(f"{path}: tensor {name!r} has shape {tuple(t.shape)} but config.json implies "
                             f"{tuple(expected[key].shape)}; the weights and config.json do not belong together.")

@@ -570,4 +570,6 @@ def parse_sparsity(text):
 
 
 def format_sparsity(sparsity):
-    return f"{sparsity[0]}:{sparsity[1]}" if isinstance(sparsity, tuple) else sparsity
+    """'2:4' for an N:M pattern; a fraction rounded to 10 digits (a mean of per-block sparsities may be
+    0.6499999999999999)."""
+    return f"{sparsity[0]}:{sparsity[1]}" if isinstance(sparsity, tuple) else round(sparsity, 10)

@@ -1,5 +1,6 @@
 """Tests: parity with transformers, pruning definitions, EPTS properties, the command line. CPU, minutes."""
 
+import copy
 import gzip
 import json
 import math
@@ -1601,6 +1602,131 @@ def test_malformed_inputs_are_clear_errors(tiny, tmp_path):
         (tmp_path / "c4.json").write_text('{"text": "fine"}\n' + line + "\n")
         with pytest.raises(data.DataError, match='line 2: the "text" field is not a string'):
             data.read_documents(str(tmp_path / "c4.json"))
+
+
+def test_outputs_never_replace_an_input_or_a_users_file(tiny, tmp_path, monkeypatch):
+    """--json onto the checkpoint's weights, the run's elastic.pt, the evaluation text, or any file that is not an
+    earlier results JSON is refused before any work; an --out holding a 'partial' or 'lock' of the user's too,
+    and their files stay as they were. An earlier results JSON is replaced."""
+    monkeypatch.setattr(prune, "prune_model", None)
+    monkeypatch.setattr(epts, "run_epts", None)
+    run = tmp_path / "run"
+    for target in (os.path.join(tiny["ckpt"], "model.safetensors"), tiny["evals"][0], str(run / "elastic.pt")):
+        with pytest.raises(UserError, match="--json .* (is an input of this run|is not a results file)"):
+            main(**dict(tiny, methods=["wanda", "epts"], json=target))
+    (tmp_path / "notes.json").write_text('{"mine": 1}')
+    with pytest.raises(UserError, match="exists and is not a results file"):
+        main(**dict(tiny, methods=["dense"], json=str(tmp_path / "notes.json")))
+    assert (tmp_path / "notes.json").read_text() == '{"mine": 1}'
+    (run / "partial").mkdir(parents=True)
+    (run / "partial" / "draft.txt").write_text("mine")
+    with pytest.raises(UserError, match="holds a folder 'partial' that is not an unfinished EPTS run's"):
+        main(**dict(tiny, methods=["epts"]))
+    (run / "partial" / "draft.txt").unlink()
+    (run / "lock").write_text("do not touch")
+    with pytest.raises(UserError, match="holds a file 'lock' that is not an EPTS run's"):
+        main(**dict(tiny, methods=["epts"]))
+    assert (run / "lock").read_text() == "do not touch"
+    monkeypatch.undo()
+    main(**dict(tiny, methods=["dense"], json=str(tmp_path / "r.json")))
+    main(**dict(tiny, methods=["dense"], json=str(tmp_path / "r.json")))  # an earlier results JSON: replaced
+
+
+def test_elastic_file_settings_and_block_order_are_checksummed(tmp_path):
+    """An elastic.pt whose group edges, LoRA rank or fingerprint were edited, or whose block records were swapped,
+    is refused; the file as written loads, and a file of the previous format (v2) still does."""
+    epts.run_epts(tiny_llama(), calib_ids(), str(tmp_path / "run"), epts.EPTSConfig(epochs=1))
+    path = tmp_path / "run" / "elastic.pt"
+    elastic = torch.load(path, weights_only=True)
+    assert epts.load_elastic(str(path))["sha256"] == elastic["sha256"]
+    for edit in (lambda e: e["edges"].__setitem__(1, 0.41), lambda e: e.__setitem__("rank", 4),
+                 lambda e: e.__setitem__("fingerprint", "0" * 32), lambda e: e["blocks"].reverse()):
+        edited = copy.deepcopy(elastic)
+        edit(edited)
+        torch.save(edited, tmp_path / "edited.pt")
+        with pytest.raises(UserError, match="settings or block order fail their checksum"):
+            epts.load_elastic(str(tmp_path / "edited.pt"))
+    torch.save({**{k: v for k, v in elastic.items() if k != "sha256"}, "format": "epts-elastic-v2"}, path)
+    assert epts.load_elastic(str(path))["format"] == "epts-elastic-v2"
+
+
+def test_task_items_are_checked_when_read(tmp_path):
+    """A malformed zero-shot item is a TaskError naming file, line and problem when the file is read: a label
+    outside the choices, null or a number for a sentence, boolq's label 'yes', a WinoGrande sentence without '_',
+    an ARC answer key not among its labels, HellaSwag without endings."""
+    good = {name: doc for name, (doc, _, _) in TASK_EXAMPLES.items()}
+    cases = [("boolq", dict(label="yes"), "cannot be scored"), ("boolq", dict(passage=None), "'passage' is None"),
+             ("rte", dict(label=2), "not one of its 2 choices"), ("piqa", dict(goal=5), "'goal' is 5"),
+             ("winogrande", dict(sentence="No blank here."), "cannot be scored"),
+             ("arc_easy", dict(answerKey="Z"), "cannot be scored"), ("hellaswag", dict(endings=[]), "not one of")]
+    for name, change, message in cases:
+        (tmp_path / f"{name}.jsonl").write_text(json.dumps(good[name]) + "\n" + json.dumps({**good[name], **change}))
+        with pytest.raises(eval_module.TaskError, match=f"line 2: .*{re.escape(message)}"):
+            eval_module.read_task(str(tmp_path), name)
+        (tmp_path / f"{name}.jsonl").write_text(json.dumps(good[name]))
+        assert eval_module.read_task(str(tmp_path), name) == [good[name]]
+
+
+def test_more_inputs_that_are_errors_not_tracebacks(tiny, tmp_path, monkeypatch):
+    """An --eval file named like a task row, booleans in an --allocation list, one tensor in two shards, a huge
+    finite weight, a malformed tokenizer.json and a full disk each stop with one clear error."""
+    (tmp_path / "tasks").mkdir()
+    (tmp_path / "tasks" / "boolq.jsonl").write_text(json.dumps(TASK_EXAMPLES["boolq"][0]))
+    (tmp_path / "boolq").write_text(open(tiny["evals"][0]).read())
+    with pytest.raises(UserError, match="--eval 'boolq' has the name of a zero-shot row"):
+        main(**dict(tiny, methods=["dense"], evals=[str(tmp_path / "boolq")], tasks=["boolq"],
+                    tasks_dir=str(tmp_path / "tasks")))
+    (tmp_path / "alloc.json").write_text("[false, 0.5]")  # False would pass as 0
+    with pytest.raises(UserError, match="not uniform, owl, or a readable JSON file"):
+        main(**dict(tiny, methods=["dense"], allocation=str(tmp_path / "alloc.json")))
+    (tmp_path / "alloc.json").write_text("[0.6, 0.7]")  # mean 0.6499999999999999 in floating point
+    report = main(**dict(tiny, methods=["magnitude"], allocation=str(tmp_path / "alloc.json")))
+    assert report["results"][0]["sparsity"] == 0.65
+    sharded = tmp_path / "sharded"
+    hf_tiny("llama_mha").save_pretrained(sharded, max_shard_size="40KB")
+    index = json.loads((sharded / "model.safetensors.index.json").read_text())
+    first, second = sorted(set(index["weight_map"].values()))[:2]
+    shutil.copy(sharded / first, sharded / second)  # the first shard's tensors twice
+    with pytest.raises(UserError, match="is also in an earlier file of the checkpoint"):
+        M.load_model(str(sharded))
+    model = M.load_model(tiny["ckpt"])
+    model.lm_head.weight.mul_(1e30)
+    assert perplexity(model, torch.arange(64) % 50, 16) == math.inf
+    ckpt = tmp_path / "tok"
+    ckpt.mkdir()
+    for content, message in (("[]", "TypeError"), ('{"model": []}', "'model' must be an object"),
+                             ('{"model": {"type": "BPE", "vocab": {}, "merges": []}}', "hold at least one"),
+                             ('{"model": {"type": "BPE", "vocab": {"a": -1}, "merges": []}}', "ids >= 0")):
+        (ckpt / "tokenizer.json").write_text(content)
+        with pytest.raises(data.DataError, match=re.escape(message)):
+            data.load_tokenizer(str(ckpt), 1)
+
+    def full(*a, **k):
+        raise OSError(28, "No space left on device")
+    monkeypatch.setattr(json, "dump", full)
+    with pytest.raises(UserError, match=r"no space left to write .*r2.json.* MiB free there"):
+        M.save_json({}, str(tmp_path / "r2.json"))
+    assert not [n for n in os.listdir(tmp_path) if ".tmp-" in n]
+
+
+def test_sigterm_cleans_up_like_ctrl_c(tmp_path):
+    """SIGTERM (what timeout, kill, Slurm and docker send) during the built-in model's first build ends the run
+    with 'interrupted' and exit 130, and leaves no temporary folder behind."""
+    import signal
+    import subprocess
+    env = dict(os.environ, XDG_CACHE_HOME=str(tmp_path))
+    proc = subprocess.Popen([sys.executable, os.path.join(os.path.dirname(__file__), "epts.py"), "--methods",
+                             "dense"], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env)
+    cache = tmp_path / "epts"
+    deadline = time.time() + 120
+    while time.time() < deadline and not (cache.is_dir() and any(".tmp-" in n for n in os.listdir(cache))):
+        time.sleep(0.2)
+    assert any(".tmp-" in n for n in os.listdir(cache)), "the build never started"
+    time.sleep(1)
+    proc.send_signal(signal.SIGTERM)
+    _, err = proc.communicate(timeout=60)
+    assert proc.returncode == 130 and "interrupted" in err, err[-2000:]
+    assert not [n for n in os.listdir(cache) if ".tmp-" in n]
 
 
 @needs_transformers

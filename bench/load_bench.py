@@ -61,6 +61,7 @@ def measure(folder, n_blocks):
     copy = lambda r: {k: {n: t.clone() for n, t in v.items()} if isinstance(v, dict) else v  # noqa: E731
                       for k, v in r.items()}
     elastic = {"format": epts.FORMAT, "blocks": [copy(rec) for _ in range(n_blocks)]}
+    elastic["sha256"] = epts.file_checksum(elastic)
     path = os.path.join(folder, "elastic.pt")
     t0 = time.time()
     epts.save(elastic, path)
