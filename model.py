@@ -114,6 +114,39 @@ def check_sizes(cfg, names):
                             "damaged or not a model config.")
 
 
+def check_positive(name, v):
+    """A config value that must be a finite number > 0 (a 0 or negative eps or factor gives NaN logits later)."""
+    if not isinstance(v, (int, float)) or isinstance(v, bool) or not 0 < v < math.inf:
+        raise UserError(f"config.json: {name}={v!r} must be a positive number; the checkpoint's config is damaged.")
+
+
+ROPE_SCALING_KEYS = {"default": (), "linear": ("factor",),
+                     "llama3": ("factor", "low_freq_factor", "high_freq_factor", "original_max_position_embeddings")}
+
+
+def check_rope_scaling(scaling):
+    """rope_scaling is absent, or a supported kind with every number it needs."""
+    if scaling is None:
+        return
+    kind = scaling.get("rope_type", scaling.get("type", "default")) if isinstance(scaling, dict) else None
+    if kind not in ROPE_SCALING_KEYS:
+        raise UserError(f"config.json: rope_scaling {scaling!r} is not supported (supported: "
+                        f"{', '.join(ROPE_SCALING_KEYS)}).")
+    for key in ROPE_SCALING_KEYS[kind]:
+        check_positive(f"rope_scaling.{key}", scaling.get(key))
+    if kind == "llama3" and scaling["high_freq_factor"] <= scaling["low_freq_factor"]:
+        raise UserError("config.json: rope_scaling.high_freq_factor must exceed low_freq_factor.")
+
+
+def check_token_ids(cfg):
+    """bos/eos ids are null (the model has none) or rows of the embedding."""
+    for name in ("bos_token_id", "eos_token_id"):
+        v = getattr(cfg, name)
+        if v is not None and (not isinstance(v, int) or isinstance(v, bool) or not 0 <= v < cfg.vocab_size):
+            raise UserError(f"config.json: {name}={v!r} is not a token id below vocab_size={cfg.vocab_size}; the "
+                            "checkpoint's config is damaged.")
+
+
 @dataclass
 class LlamaConfig:
     vocab_size: int
@@ -144,9 +177,10 @@ class LlamaConfig:
         if self.head_dim is None:
             self.head_dim = self.hidden_size // self.num_attention_heads
         check_sizes(self, ("head_dim",))
-        if not isinstance(self.rope_theta, (int, float)) or isinstance(self.rope_theta, bool) or self.rope_theta <= 0:
-            raise UserError(f"config.json: rope_theta={self.rope_theta!r} must be a positive number (LLaMA-2 uses "
-                            "10000.0, LLaMA-3 500000.0); the checkpoint's config is damaged.")
+        check_positive("rope_theta", self.rope_theta)
+        check_positive("rms_norm_eps", self.rms_norm_eps)
+        check_rope_scaling(self.rope_scaling)
+        check_token_ids(self)
         if self.num_attention_heads % self.num_key_value_heads:
             raise UserError(f"config.json: num_attention_heads={self.num_attention_heads} is not a multiple of "
                             f"num_key_value_heads={self.num_key_value_heads}; the checkpoint's config is inconsistent.")
@@ -329,6 +363,7 @@ class OPTConfig:
         if self.hidden_size % self.num_attention_heads:
             raise UserError(f"config.json: hidden_size={self.hidden_size} is not a multiple of num_attention_heads="
                             f"{self.num_attention_heads}; the checkpoint's config is inconsistent.")
+        check_token_ids(self)
         if self.activation_function not in OPT_ACTIVATIONS:
             raise UserError(f"config.json: activation_function {self.activation_function!r} is not supported "
                             f"(supported: {', '.join(OPT_ACTIVATIONS)}).")

@@ -1579,7 +1579,15 @@ def test_malformed_inputs_are_clear_errors(tiny, tmp_path):
     base = dict(SMALL["llama"])
     for bad, message in ((dict(num_attention_heads=0), "num_attention_heads=0 must be a positive integer"),
                          (dict(rope_theta=None), "rope_theta=None must be a positive number"),
-                         (dict(hidden_size="64"), "hidden_size='64' must be a positive integer")):
+                         (dict(hidden_size="64"), "hidden_size='64' must be a positive integer"),
+                         (dict(rms_norm_eps="1e-5"), "rms_norm_eps='1e-5' must be a positive number"),
+                         (dict(rms_norm_eps=-1e-5), "rms_norm_eps=-1e-05 must be a positive number"),
+                         (dict(rope_scaling={"rope_type": "linear", "factor": 0}), "rope_scaling.factor=0 must be"),
+                         (dict(rope_scaling={"rope_type": "llama3", "factor": 8.0}),
+                          "rope_scaling.low_freq_factor=None must be a positive number"),
+                         (dict(rope_scaling={"rope_type": "yarn", "factor": 4.0}), "is not supported"),
+                         (dict(bos_token_id=512), "bos_token_id=512 is not a token id below vocab_size=512"),
+                         (dict(eos_token_id=-1), "eos_token_id=-1 is not a token id")):
         with pytest.raises(UserError, match=re.escape(message)):
             M.config_from_dict(dict(base, **bad))
     path = str(tmp_path / "x.safetensors")
