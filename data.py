@@ -112,7 +112,7 @@ def calibration(path, tok, nsamples, seqlen, seed):
     rng = random.Random(seed)
     if kind != "c4":
         docs = [wikitext_join(docs[0]) if kind == "wikitext" else docs[0]]
-    cache, rows, tries = {}, [], 0
+    cache, rows, sources, tries = {}, [], [], 0  # sources: the document of each window
     while len(rows) < nsamples:
         i = rng.randint(0, len(docs) - 1)
         if i not in cache:
@@ -127,6 +127,11 @@ def calibration(path, tok, nsamples, seqlen, seed):
             continue
         j = rng.randint(0, len(ids) - seqlen - 1)
         rows.append(ids[j:j + seqlen])
+        sources.append(i)
+    if kind == "c4" and len(set(sources)) < nsamples:
+        print(f"warning: the {nsamples} calibration windows come from only {len(set(sources))} documents of "
+              f"{path!r} (a document drawn twice gives two windows that may overlap); the file holds too few "
+              f"documents longer than seqlen={seqlen}: use a larger shard or fewer --nsamples.", file=sys.stderr)
     if kind != "c4" and nsamples > len(cache[0]) // seqlen:
         print(f"warning: {path!r} holds {len(cache[0])} tokens, {len(cache[0]) // seqlen} windows of {seqlen} "
               f"without overlap; the {nsamples} calibration windows overlap and repeat text. Use a longer text or "

@@ -153,5 +153,8 @@ def ensure_default():
     with open(out_dir + ".lock", "a") as lock:
         fcntl.flock(lock, fcntl.LOCK_EX)
         if not os.path.isfile(os.path.join(out_dir, "model.safetensors")):
+            if os.path.isdir(out_dir) and os.listdir(out_dir):
+                raise M.UserError(f"the built-in model's cache folder {out_dir!r} holds files but no model; "
+                                  "delete it to build the model there again.")
             build_default(out_dir)
     return out_dir, dict(DEFAULTS, calib=os.path.join(out_dir, "calib.txt"), eval=os.path.join(out_dir, "eval.txt"))

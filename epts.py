@@ -690,9 +690,9 @@ def is_report(path):
         return False
 
 
-def check_outputs(r, rows, out_dir):
+def check_outputs(r, rows, out_dir, lock=True):
     """--export, --json and --out can be written, without overwriting an input or anything not ours, and --export
-    names one pruned model."""
+    names one pruned model; with `lock`, also that no other run is working in --out."""
     if r.export:
         pruned = [row for row in rows if row[0] != "dense"]
         if len(pruned) != 1:
@@ -715,17 +715,20 @@ def check_outputs(r, rows, out_dir):
                             "overwritten: choose a new name.")
     if out_dir:
         M.check_writable(out_dir, "--out", folder=True)
-        check_run_folder(out_dir)
+        check_run_folder(out_dir, lock)
 
 
-def check_run_folder(out_dir):
+def check_run_folder(out_dir, lock=True):
     """--out holds nothing of the user's where a run writes: `lock` absent or a process id, `partial/` absent or
-    a run's (its run.json and block files), so that neither the lock nor the clean-up touches the user's files."""
-    lock, partial = os.path.join(out_dir, "lock"), os.path.join(out_dir, "partial")
-    if os.path.islink(out_dir) and not os.path.exists(out_dir):
-        raise UserError(f"--out {out_dir!r} is a link to nothing; give a folder.")
-    if os.path.isfile(lock) and not open(lock, errors="replace").read().strip().isdigit() and os.path.getsize(lock):
+    a run's (its run.json and block files), so that neither the lock nor the clean-up touches the user's files.
+    With `lock` (the one process that will hold it), no other run may be working there."""
+    lock_file, partial = os.path.join(out_dir, "lock"), os.path.join(out_dir, "partial")
+    if os.path.isfile(lock_file) and os.path.getsize(lock_file) and \
+            not open(lock_file, errors="replace").read().strip().isdigit():
         raise UserError(f"--out {out_dir!r} holds a file 'lock' that is not an EPTS run's; choose another --out.")
+    if lock and os.path.isfile(lock_file):
+        with exclusive(out_dir):  # another run working there is refused now, not after the baselines
+            pass
     if os.path.isdir(partial):
         names = os.listdir(partial)
         strangers = [n for n in names if n != "run.json" and not n.startswith("block_") and ".tmp-" not in n]
@@ -779,7 +782,7 @@ def plan(r, config, procs=SOLO):
                                                                 method_sparsities(m, r.sparsities))]
     out_dir = (r.out or os.path.join("runs", f"epts-{os.path.basename(os.path.normpath(r.ckpt))}")) \
         if train_epts else None
-    check_outputs(r, rows, out_dir)
+    check_outputs(r, rows, out_dir, lock=procs.index == 0)  # under torchrun process 0 alone takes the lock
     deployed = allocation if isinstance(allocation, list) else [s for m, s in rows if m == "epts"]
     elastic = None
     if "epts" in r.methods and r.elastic:
@@ -1057,7 +1060,8 @@ if __name__ == "__main__":
     try:
         main(request, config)
     except USER_ERRORS as e:
-        print(f"error: {e}", file=sys.stderr)
+        if os.environ.get("RANK", "0") == "0":  # under torchrun every process finds the same error: say it once
+            print(f"error: {e}", file=sys.stderr)
         code = 2
     except KeyboardInterrupt:
         print("interrupted", file=sys.stderr)  # run_epts has said where its finished blocks are, if it ran

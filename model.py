@@ -88,6 +88,9 @@ def atomic_folder(out_dir):
 def check_writable(path, flag, folder=False, new=False):
     """A file (in an existing folder) or a folder (created with its parents; if `new`, absent or empty) that
     will be written later: checked now, before any time is spent."""
+    if os.path.islink(path) and not os.path.exists(path):
+        raise UserError(f"{flag} {path!r} is a link to nothing ({os.readlink(path)!r}); give a path that exists or "
+                        "a new name.")
     if os.path.exists(path) and os.path.isdir(path) != folder:
         raise UserError(f"{flag} {path!r} is a {'file' if folder else 'folder'}; give a "
                         f"{'folder' if folder else 'file'} name.")

@@ -233,7 +233,7 @@ def low_rank(A, r):
     return U[:, :r] * s[:r], V[:, :r].t()
 
 
-def sslc_prune(W, act_norm, sparsity, rank_ratio=0.25, iters=20, keep=0.01):
+def sslc_prune(W, act_norm, sparsity, rank_ratio=0.25, alternations=20, keep=0.01):
     """W (out, in) as S + U V minimising the weighted error ||(W - S - U V) D||_F, D = diag(||X_j||) (Wanda's
     statistic for X): alternately U V = the best rank-r fit of W D - S, and S = the largest entries of what it
     leaves (per row, or n of every m), the top `keep` of |W_ij| ||X_j|| in the layer always in S. Stops when the
@@ -248,7 +248,7 @@ def sslc_prune(W, act_norm, sparsity, rank_ratio=0.25, iters=20, keep=0.01):
         return R * (nm_mask(score, *sparsity) if isinstance(sparsity, tuple) else ~lowest_k(score, W.shape[1] - k))
 
     S, errors, best = torch.zeros_like(Wd), [], None
-    for _ in range(iters):
+    for _ in range(alternations):
         U, V = low_rank(Wd - S, r)
         R = Wd - U @ V
         S = sparsify(R)

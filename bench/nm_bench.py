@@ -7,6 +7,7 @@ and the tables of docs/methods.md.
     python bench/nm_bench.py [--skip-7b]
 """
 
+import copy
 import json
 import os
 import sys
@@ -59,9 +60,10 @@ def fixture_rows(kind):
     return rows
 
 
-def block_cost(name="llama-2-7b", repeat=2, windows=4, seqlen=128):
-    """Seconds of prune_model (calibration pass + masks) for Wanda, RIA and EGGS 2:4 on one block of a real
-    model's shape (random weights, float32, `windows` calibration windows of `seqlen` tokens); best of `repeat`."""
+def block_cost(name="llama-2-7b", repeat=3, windows=4, seqlen=128):
+    """Seconds, best of `repeat`, for Wanda, RIA and EGGS 2:4 (and Wanda, RIA at 0.5) on one block of a real model's
+    shape (random weights, float32): prune_model as a whole (its calibration pass of `windows` x `seqlen` tokens
+    and the masks), and the masks of the block's layers alone (prune_layer, from the same statistics)."""
     with open(os.path.join(bench.ROOT, "configs", f"{name}.json")) as f:
         cfg = M.config_from_dict(dict(json.load(f), num_hidden_layers=1))
     torch.manual_seed(0)
@@ -69,16 +71,27 @@ def block_cost(name="llama-2-7b", repeat=2, windows=4, seqlen=128):
     for p in model.parameters():
         p.normal_(0, 0.02)
     calib = torch.randint(0, cfg.vocab_size, (windows, seqlen))
+    layers = model.blocks[0].linears()
+    stats = {n: prune.InputStats(lin.in_features, False, "cpu") for n, lin in layers.items()}
+    for s in stats.values():
+        s.add(torch.randn(256, s.sq.shape[0]))
     times = {}
     for method, s in (("wanda", (2, 4)), ("ria", (2, 4)), ("eggs", (2, 4)), ("wanda", 0.5), ("ria", 0.5)):
-        best = float("inf")
+        whole = masks = float("inf")
         for _ in range(repeat):
             pruned = epts.prunable_copy(model)
             t0 = time.time()
             prune.prune_model(pruned, method, s, calib)
-            best = min(best, time.time() - t0)
-        times[f"{method} {prune.format_sparsity(s)}"] = best
-        bench.log(f"{name} block: {method} {prune.format_sparsity(s)} {best:.2f}s")
+            whole = min(whole, time.time() - t0)
+            copies = {n: copy.deepcopy(lin) for n, lin in layers.items()}
+            t0 = time.time()
+            with torch.no_grad():
+                for n, lin in copies.items():
+                    prune.prune_layer(method, lin, stats[n], s, prune.PruneConfig())
+            masks = min(masks, time.time() - t0)
+        key = f"{method} {prune.format_sparsity(s)}"
+        times[key], times[key + " masks"] = whole, masks
+        bench.log(f"{name} block: {key} {whole:.2f}s, masks alone {masks:.2f}s")
     return times
 
 
@@ -96,11 +109,12 @@ def tables(results):
     if "real_shape" in results:
         t = results["real_shape"]
         lines += ["", "| LLaMA-2-7B block (CPU) | Wanda | RIA | EGGS b=1 | RIA / Wanda | EGGS / RIA |",
-                  "|---|---|---|---|---|---|",
-                  f"| 2:4 | {t['wanda 2:4']:.2f} s | {t['ria 2:4']:.2f} s | {t['eggs 2:4']:.2f} s | "
-                  f"{t['ria 2:4'] / t['wanda 2:4']:.2f} | {t['eggs 2:4'] / t['ria 2:4']:.2f} |",
-                  f"| 0.5 | {t['wanda 0.5']:.2f} s | {t['ria 0.5']:.2f} s | — | "
-                  f"{t['ria 0.5'] / t['wanda 0.5']:.2f} | — |"]
+                  "|---|---|---|---|---|---|"]
+        for s, what in (("2:4", ""), ("2:4", " masks"), ("0.5", ""), ("0.5", " masks")):
+            w, r, e = (t.get(f"{m} {s}{what}") for m in ("wanda", "ria", "eggs"))
+            label = f"{s}, {'the masks alone' if what else 'prune_model (calibration pass + masks)'}"
+            lines.append(f"| {label} | {w:.2f} s | {r:.2f} s | {f'{e:.2f} s' if e else '—'} | {r / w:.2f} | "
+                         f"{f'{e / r:.2f}' if e else '—'} |")
     return "\n".join(lines)
 
 
