@@ -45,6 +45,8 @@ def lowest_k(score, k):
     below = score < thr
     tied = score == thr
     need = k - below.sum(1, keepdim=True)  # how many of the tied scores the row still has to give up
+    if torch.equal(tied.sum(1, keepdim=True), need):  # no row gives up only some of its ties (the usual case)
+        return below | tied
     return below | (tied & (tied.cumsum(1, dtype=torch.int32) <= need))
 
 
@@ -250,7 +252,7 @@ def sslc_prune(W, act_norm, sparsity, rank_ratio=0.25, alternations=20, keep=0.0
     S, errors, best = torch.zeros_like(Wd), [], None
     for _ in range(alternations):
         U, V = low_rank(Wd - S, r)
-        R = Wd - U @ V
+        R = torch.addmm(Wd, U, V, alpha=-1)  # W D - U V
         S = sparsify(R)
         err = torch.linalg.norm(R - S).item()
         if errors and err >= errors[-1]:
