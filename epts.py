@@ -737,6 +737,27 @@ def check_run_folder(out_dir, lock=True):
                             f"(it has {', '.join(sorted(strangers or names)[:3])}); choose another --out.")
 
 
+def check_space(r, cfg, dtype, out_dir, config):
+    """The disks of --export and --out have room for what the run writes there: the exported model, and the
+    elastic file (G LoRA pairs of rank r and an activation norm per layer, float32)."""
+    with torch.device("meta"):
+        model = M.build_model(cfg)
+    layers = [lin for block in model.blocks for lin in block.linears().values()]
+    G = len(config.edges) - 1
+    needs = {"--export": (r.export, sum(p.numel() for p in model.parameters()) * M.DTYPES[dtype].itemsize),
+             "--out": (out_dir, sum(4 * (G * config.rank * (lin.in_features + lin.out_features) + lin.in_features)
+                                    for lin in layers))}
+    for flag, (path, need) in needs.items():
+        if path:
+            existing = os.path.abspath(path)
+            while not os.path.exists(existing):
+                existing = os.path.dirname(existing)
+            free = shutil.disk_usage(existing).free
+            if free < need:
+                raise UserError(f"{flag} {path!r} needs about {need / 2**20:.0f} MiB, but its disk has "
+                                f"{free / 2**20:.0f} MiB free; free some space or write elsewhere.")
+
+
 def plan(r, config, procs=SOLO):
     """Every check the arguments, the checkpoint's config and the input files allow, before any work."""
     if r.device.startswith("cuda") and not torch.cuda.is_available():
@@ -794,6 +815,7 @@ def plan(r, config, procs=SOLO):
         if procs.size > len(config.edges) - 1:
             raise UserError(f"{procs.size} processes for {len(config.edges) - 1} groups: each process computes "
                             "whole groups, so run at most as many processes as groups.")
+    check_space(r, cfg, dtype, out_dir, config)
     return Plan(r, config, seqlen, nsamples, dtype, rows, allocation, task_docs, needs_calib, elastic, out_dir)
 
 

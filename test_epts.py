@@ -1728,8 +1728,9 @@ def test_more_inputs_that_are_errors_not_tracebacks(tiny, tmp_path, monkeypatch)
 
 
 def test_links_to_nothing_busy_folders_and_stale_caches_fail_before_any_work(tiny, tmp_path, monkeypatch):
-    """A dangling symlink as --out, --export or --json, an --out another run is working in, and a built-in model
-    cache folder holding files but no model are refused before any method runs."""
+    """A dangling symlink as --out, --export or --json, an --out another run is working in, a disk without room
+    for the export or the elastic file, and a built-in model cache folder holding files but no model are
+    refused before any method runs."""
     monkeypatch.setattr(prune, "prune_model", None)
     monkeypatch.setattr(epts, "run_epts", None)
     os.symlink(tmp_path / "nowhere", tmp_path / "dangling")
@@ -1745,6 +1746,13 @@ def test_links_to_nothing_busy_folders_and_stale_caches_fail_before_any_work(tin
             dict(tiny, methods=["wanda", "epts"])) + ")"], capture_output=True, text=True,
             cwd=os.path.dirname(__file__))
     assert "another EPTS run" in r.stderr and "wanda: block" not in r.stderr, r.stderr[-2000:]
+    real_usage = shutil.disk_usage
+    monkeypatch.setattr(shutil, "disk_usage", lambda p: real_usage(p)._replace(free=1000))
+    for kw, flag in ((dict(methods=["wanda"], sparsities=[0.5], export=str(tmp_path / "exp")), "--export"),
+                     (dict(methods=["epts"]), "--out")):
+        with pytest.raises(UserError, match=f"{flag} .* needs about .* MiB, but its disk has 0 MiB free"):
+            main(**dict(tiny, **kw))
+    monkeypatch.setattr(shutil, "disk_usage", real_usage)
     import default_model
     monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "cache"))
     os.makedirs(default_model.cache_dir())
