@@ -1855,13 +1855,18 @@ def test_owl_allocation_from_the_elastic_file_and_from_a_file(tiny, tmp_path):
         main(**dict(tiny, methods=["epts"], allocation=str(tmp_path / "alloc.json"), elastic=tiny["out"]))
 
 
-def test_owl_for_epts_near_the_top_of_the_trained_range_clips_to_its_last_edge(tiny):
+def test_owl_for_epts_near_the_top_of_the_trained_range_clips_to_its_last_edge(tiny, capsys):
     """OWL at 0.58 spreads the blocks by +-0.08; the elastic model reaches 0.6, so one block is clipped to exactly
-    0.6 and the other raised to keep the mean: [0.56, 0.6] in some order, each block exactly that sparse."""
+    0.6 and the other raised to keep the mean: [0.56, 0.6] in some order, and the note names that range."""
     main(**dict(tiny, methods=["epts"], sparsities=[0.5], nsamples=4, edges=(0.0, 0.4, 0.6)))
+    capsys.readouterr()
     report = main(**dict(tiny, methods=["epts"], sparsities=[0.58], nsamples=4, allocation="owl",
                          elastic=tiny["out"]))
     assert sorted(report["results"][0]["block_sparsities"]) == pytest.approx([0.56, 0.6], abs=1e-9)
+    assert "note: OWL at 0.58 for epts: blocks clipped into [0, 0.6]" in capsys.readouterr().err
+    report = main(**dict(tiny, methods=["magnitude"], sparsities=[0.05], allocation="owl"))  # 0.05 - 0.08 < 0
+    assert min(report["results"][0]["block_sparsities"]) == 0.0
+    assert "blocks clipped into [0, 0.99]" in capsys.readouterr().err
 
 
 def test_windows_are_whole_batches_shared_out_in_order():
