@@ -1479,6 +1479,26 @@ def test_export_never_deletes_anything(tiny, tmp_path, monkeypatch):
     assert leftovers(tmp_path) == []
 
 
+def test_sigterm_during_export_leaves_no_temporary_folder(tiny, tmp_path, monkeypatch):
+    """SIGTERM arriving while --export writes the model (the CLI's handler installed): the run ends with
+    KeyboardInterrupt, as on Ctrl-C, and neither the export folder nor its temporary folder is left."""
+    import signal
+    real = M.save_safetensors
+
+    def write_then_terminated(tensors, path):
+        real(tensors, path)
+        os.kill(os.getpid(), signal.SIGTERM)
+
+    monkeypatch.setattr(M, "save_safetensors", write_then_terminated)
+    previous = signal.signal(signal.SIGTERM, epts.interrupt)
+    try:
+        with pytest.raises(KeyboardInterrupt):
+            main(**dict(tiny, methods=["magnitude"], sparsities=[0.5], export=str(tmp_path / "exp")))
+    finally:
+        signal.signal(signal.SIGTERM, previous)
+    assert not os.path.exists(tmp_path / "exp") and leftovers(tmp_path) == []
+
+
 @needs_transformers
 def test_finished_run_with_other_settings_is_refused_and_one_run_per_folder(tiny):
     """A finished --out is reused with the same settings, refused (naming the setting) with others; a second
