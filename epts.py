@@ -690,9 +690,10 @@ def is_report(path):
         return False
 
 
-def check_outputs(r, rows, out_dir, lock=True):
+def check_outputs(r, rows, out_dir, writer=True):
     """--export, --json and --out can be written, without overwriting an input or anything not ours, and --export
-    names one pruned model; with `lock`, also that no other run is working in --out."""
+    names one pruned model. `writer`: this process is the one that works in --out (process 0 under torchrun),
+    so it also checks what --out holds and that no other run is working there."""
     if r.export:
         pruned = [row for row in rows if row[0] != "dense"]
         if len(pruned) != 1:
@@ -715,18 +716,19 @@ def check_outputs(r, rows, out_dir, lock=True):
                             "overwritten: choose a new name.")
     if out_dir:
         M.check_writable(out_dir, "--out", folder=True)
-        check_run_folder(out_dir, lock)
+        if writer:  # the other processes would race process 0, which may already be writing there
+            check_run_folder(out_dir)
 
 
-def check_run_folder(out_dir, lock=True):
+def check_run_folder(out_dir):
     """--out holds nothing of the user's where a run writes: `lock` absent or a process id, `partial/` absent or
-    a run's (its run.json and block files), so that neither the lock nor the clean-up touches the user's files.
-    With `lock` (the one process that will hold it), no other run may be working there."""
+    a run's (its run.json and block files), so that neither the lock nor the clean-up touches the user's files;
+    and no other run is working there."""
     lock_file, partial = os.path.join(out_dir, "lock"), os.path.join(out_dir, "partial")
-    if os.path.isfile(lock_file) and os.path.getsize(lock_file) and \
-            not open(lock_file, errors="replace").read().strip().isdigit():
+    held = open(lock_file, errors="replace").read().strip() if os.path.isfile(lock_file) else ""
+    if held and not held.isdigit():  # empty: a run's lock between its truncate and its pid
         raise UserError(f"--out {out_dir!r} holds a file 'lock' that is not an EPTS run's; choose another --out.")
-    if lock and os.path.isfile(lock_file):
+    if os.path.isfile(lock_file):
         with exclusive(out_dir):  # another run working there is refused now, not after the baselines
             pass
     if os.path.isdir(partial):
@@ -803,7 +805,7 @@ def plan(r, config, procs=SOLO):
                                                                 method_sparsities(m, r.sparsities))]
     out_dir = (r.out or os.path.join("runs", f"epts-{os.path.basename(os.path.normpath(r.ckpt))}")) \
         if train_epts else None
-    check_outputs(r, rows, out_dir, lock=procs.index == 0)  # under torchrun process 0 alone takes the lock
+    check_outputs(r, rows, out_dir, writer=procs.index == 0)  # under torchrun process 0 alone works in --out
     deployed = allocation if isinstance(allocation, list) else [s for m, s in rows if m == "epts"]
     elastic = None
     if "epts" in r.methods and r.elastic:
