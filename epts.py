@@ -751,10 +751,7 @@ def check_space(r, cfg, dtype, out_dir, config):
                                     for lin in layers))}
     for flag, (path, need) in needs.items():
         if path:
-            existing = os.path.abspath(path)
-            while not os.path.exists(existing):
-                existing = os.path.dirname(existing)
-            free = shutil.disk_usage(existing).free
+            free = shutil.disk_usage(M.nearest_existing(path)).free
             if free < need:
                 raise UserError(f"{flag} {path!r} needs about {need / 2**20:.0f} MiB, but its disk has "
                                 f"{free / 2**20:.0f} MiB free; free some space or write elsewhere.")

@@ -85,6 +85,14 @@ def atomic_folder(out_dir):
         shutil.rmtree(tmp, ignore_errors=True)
 
 
+def nearest_existing(path):
+    """`path` itself if it exists, else its closest existing parent folder (where a new folder would be made)."""
+    existing = os.path.abspath(path)
+    while not os.path.exists(existing):
+        existing = os.path.dirname(existing)
+    return existing
+
+
 def check_writable(path, flag, folder=False, new=False):
     """A file (in an existing folder) or a folder (created with its parents; if `new`, absent or empty) that
     will be written later: checked now, before any time is spent."""
@@ -97,9 +105,7 @@ def check_writable(path, flag, folder=False, new=False):
     if new and os.path.isdir(path) and os.listdir(path):
         raise UserError(f"{flag} {path!r} already exists and is not empty; nothing is overwritten or deleted: "
                         "choose a new folder name.")
-    existing = os.path.abspath(path) if folder else os.path.dirname(os.path.abspath(path))
-    while folder and not os.path.exists(existing):
-        existing = os.path.dirname(existing)
+    existing = nearest_existing(path) if folder else os.path.dirname(os.path.abspath(path))
     if not os.path.isdir(existing) or not os.access(existing, os.W_OK):
         raise UserError(f"{flag} {path!r} cannot be written: the folder {existing!r} is missing or not writable.")
 
