@@ -911,18 +911,19 @@ class Results:
         model.to(home)
         if tasks:  # the tasks' mean accuracy, as the papers' tables give it
             evaluated["zero-shot mean"] = {"acc": sum(evaluated[t]["acc"] for t in tasks) / len(tasks)}
+        sparse = {}  # one count of the model's zeros, whatever the number of evaluation rows
+        if method != "dense":
+            sparse = {"achieved_sparsity": round(prune.achieved_sparsity(model), 6),
+                      "kept_params": round(prune.kept_share(model), 6)}  # SSLC: S's nonzeros + U, V
+            if isinstance(deployed, list):
+                sparse["block_sparsities"] = [round(x, 6) for x in deployed]
         for name, metrics in evaluated.items():
             if not math.isfinite(metrics.get("ppl", 0)):
                 raise UserError(f"{method} at sparsity {prune.format_sparsity(sparsity)} gives perplexity "
                                 f"{metrics['ppl']} on {name}: the model's outputs are not finite (a damaged "
                                 "checkpoint, or float16 overflow: try --dtype bfloat16 or float32).")
             row = {"method": method, "sparsity": prune.format_sparsity(sparsity), "eval": name, **metrics,
-                   "seconds": round(seconds, 3)}
-            if method != "dense":
-                row["achieved_sparsity"] = round(prune.achieved_sparsity(model), 6)
-                row["kept_params"] = round(prune.kept_share(model), 6)  # SSLC: S's nonzeros + U, V
-                if isinstance(deployed, list):
-                    row["block_sparsities"] = [round(x, 6) for x in deployed]
+                   "seconds": round(seconds, 3), **sparse}
             self.report["results"].append(row)
             value = f"{metrics['ppl']:.3f}" if "ppl" in metrics else f"acc {metrics['acc']:.4f}"
             self.print_row(dict(row, ppl=value, seconds=f"{seconds:.1f}"))
