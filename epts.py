@@ -592,7 +592,7 @@ def run_epts(model, calib_ids, out_dir, config=EPTSConfig(), device="cpu", procs
 # -----------------------------------------------------------------------------
 # the command line: a request, checked into a plan before any work, then one row per method and sparsity
 
-METHODS = ("dense", *prune.BASELINES, "epts")
+METHODS = ("dense", *prune.BASELINES, *(f"{m}+si" for m in prune.SI_BASES), "epts")
 
 
 @dataclass
@@ -638,25 +638,27 @@ class Plan:
 def method_sparsities(method, sparsities):
     """The requested sparsities a method runs at: EPTS deploys fractions, EGGS prunes N:M patterns, the others
     both."""
-    if method in ("epts", "eggs"):
-        return [s for s in sparsities if isinstance(s, tuple) == (method == "eggs")]
+    kind = method.removesuffix("+si")
+    if kind in ("epts", "eggs"):
+        return [s for s in sparsities if isinstance(s, tuple) == (kind == "eggs")]
     return sparsities
 
 
 def check_methods(r):
     """The methods can run at the requested sparsities."""
     fractional = [s for s in r.sparsities if not isinstance(s, tuple)]
+    eggs = any(m.removesuffix("+si") == "eggs" for m in r.methods)
     if "epts" in r.methods and not fractional:
         raise UserError("EPTS deploys fractional sparsities such as 0.5, and --sparsities holds only N:M patterns; "
                         "add a fraction, or run the N:M patterns without epts in --methods.")
     if "epts" in r.methods and len(fractional) < len(r.sparsities):
         print("note: epts deploys fractional sparsities only; N:M patterns run for the baselines", file=sys.stderr)
-    if "eggs" in r.methods and len(fractional) == len(r.sparsities):
+    if eggs and len(fractional) == len(r.sparsities):
         raise UserError("EGGS prunes N:M patterns only (its guarantee is per run of M inputs), and --sparsities "
                         "holds only fractions; add a pattern such as 2:4 or 4:8.")
-    if "eggs" in r.methods and fractional:
+    if eggs and fractional:
         print("note: eggs prunes N:M patterns only; fractional sparsities run for the other methods", file=sys.stderr)
-    for n, m in (s for s in r.sparsities if isinstance(s, tuple) and "eggs" in r.methods):
+    for n, m in (s for s in r.sparsities if isinstance(s, tuple) and eggs):
         if r.pruning.eggs_diagonals > n:
             raise UserError(f"--eggs-diagonals {r.pruning.eggs_diagonals} is more than the {n} weights {n}:{m} "
                             f"keeps in each run of {m}; use at most {n}.")
@@ -803,6 +805,8 @@ def plan(r, config, procs=SOLO):
     out_dir = (r.out or os.path.join("runs", f"epts-{os.path.basename(os.path.normpath(r.ckpt))}")) \
         if train_epts else None
     check_outputs(r, rows, out_dir, writer=procs.index == 0)  # under torchrun process 0 alone works in --out
+    if r.export and any(m.endswith("+si") for m in r.methods):
+        M.check_bias_export(cfg)  # SI's shift gives every layer a bias
     deployed = allocation if isinstance(allocation, list) else [s for m, s in rows if m == "epts"]
     elastic = None
     if "epts" in r.methods and r.elastic:
@@ -898,7 +902,7 @@ class Results:
         self.p, self.measures = p, measures
         self.report = {"ckpt": p.request.ckpt, "seqlen": p.seqlen, "nsamples": p.nsamples, "seed": p.config.seed,
                        "dtype": p.dtype, "allocation": p.request.allocation, "results": []}
-        self.widths = {"method": 10, "sparsity": 9, "eval": max(14, *map(len, measures)) + 1, "ppl": 11,
+        self.widths = {"method": 13, "sparsity": 9, "eval": max(14, *map(len, measures)) + 1, "ppl": 11,
                        "seconds": 9}
 
     def print_row(self, cells):
@@ -1031,12 +1035,24 @@ def parse_args(argv):
     p.add_argument("--alternations", type=int, default=prune.PruneConfig.alternations,
                    help="SSLC: at most this many (low-rank, sparse) steps per layer (fewer once the error stops "
                    "falling)")
+    si = prune.PruneConfig
+    p.add_argument("--si-epochs", type=int, default=si.si_epochs, help="Sparsity Induction: epochs per block, "
+                   "the masks refreshed at each")
+    p.add_argument("--si-lr", type=float, default=si.si_lr, help="SI: Adam's learning rate for scales and shifts")
+    p.add_argument("--si-lambda", type=float, default=si.si_lambda, help="SI: weight of the norm term")
+    p.add_argument("--si-alpha", type=float, default=si.si_alpha, help="SI: the norm term's exp(-alpha sum ||W~||_p)")
+    p.add_argument("--si-p", type=float, default=si.si_p, help="SI: the norm term's entrywise p")
+    p.add_argument("--si-clamp", type=float, default=si.si_clamp, help="SI: Eq. 5's scales clamped into [1/c, c] "
+                   "times their median; 1: the shift alone")
     a = p.parse_args(argv)
     try:
         sparsities = [prune.parse_sparsity(s) for s in a.sparsities.split(",") if s.strip()]
     except ValueError as e:
         p.error(f"--sparsities: {e}")
     methods = [m.strip() for m in a.methods.split(",") if m.strip()]
+    for m in (m for m in methods if m.endswith("+si") and m not in METHODS):
+        p.error(f"--methods: {m}: Sparsity Induction (+si) prepares the weights for a method that scores them; "
+                f"it applies to {', '.join(prune.SI_BASES)}, not {m.removesuffix('+si')}")
     unknown = [m for m in methods if m not in METHODS]
     if unknown or not methods:
         p.error(f"--methods: unknown method {', '.join(unknown) or '(none)'}; choose from {', '.join(METHODS)}")
@@ -1062,8 +1078,17 @@ def parse_args(argv):
         p.error("--eggs-diagonals must be >= 0 and --ria-alpha a finite number")
     if not 0 <= a.rank_ratio < 1 or a.alternations < 1:
         p.error(f"--rank-ratio {a.rank_ratio} must lie in [0, 1) and --alternations be >= 1")
+    si_bad = [f"--si-{name} {v}" for name, v, ok in (
+        ("epochs", a.si_epochs, a.si_epochs >= 1), ("lr", a.si_lr, a.si_lr > 0),
+        ("lambda", a.si_lambda, a.si_lambda >= 0), ("alpha", a.si_alpha, a.si_alpha >= 0),
+        ("p", a.si_p, a.si_p > 0), ("clamp", a.si_clamp, a.si_clamp >= 1))
+        if not (ok and math.isfinite(v))]
+    if si_bad:
+        p.error(f"{si_bad[0]}: Sparsity Induction needs --si-epochs >= 1, --si-lr > 0, --si-lambda >= 0, "
+                "--si-alpha >= 0, --si-p > 0 and --si-clamp >= 1, all finite")
     pruning = prune.PruneConfig(ria_alpha=a.ria_alpha, eggs_diagonals=a.eggs_diagonals, rank_ratio=a.rank_ratio,
-                                alternations=a.alternations)
+                                alternations=a.alternations, si_epochs=a.si_epochs, si_lr=a.si_lr,
+                                si_lambda=a.si_lambda, si_alpha=a.si_alpha, si_p=a.si_p, si_clamp=a.si_clamp)
     given = {k: v for k, v in vars(a).items() if k in Request.__dataclass_fields__}
     return Request(**dict(given, sparsities=sparsities, methods=methods, evals=a.eval, tasks=tasks,
                           pruning=pruning)), config

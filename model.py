@@ -306,6 +306,28 @@ class LlamaBlock(Block):
         x = x + self.self_attn(self.input_layernorm(x))
         return x + self.mlp(self.post_attention_layernorm(x))
 
+    def scale_pairs(self):
+        """Sparsity Induction's per-channel scales that fold exactly into this block: {name: (size, [(module, dim,
+        index, power), ...])}: the scale s (size,) multiplies `module`'s weight along `dim` (0: output rows, and
+        the bias; 1: input columns) by s[index] ** power (index None: s itself)."""
+        a, C, H = self.self_attn, self.input_layernorm.weight.numel(), self.mlp.up_proj.out_features
+        hd, rep, half = a.head_dim, a.n_head // a.n_kv_head, a.head_dim // 2
+        o_in = torch.arange(a.n_head * hd)  # o's input channels: head h reads kv head h // rep
+        pairs = {"attn_in": (C, [("input_layernorm", 0, None, -1),
+                                 *((f"self_attn.{p}_proj", 1, None, 1) for p in "qkv")]),
+                 "v_o": (a.n_kv_head * hd, [("self_attn.v_proj", 0, None, -1),
+                                            ("self_attn.o_proj", 1, o_in // hd // rep * hd + o_in % hd, 1)]),
+                 "mlp_in": (C, [("post_attention_layernorm", 0, None, -1), ("mlp.gate_proj", 1, None, 1),
+                                ("mlp.up_proj", 1, None, 1)]),
+                 "up_down": (H, [("mlp.up_proj", 0, None, -1), ("mlp.down_proj", 1, None, 1)])}
+        if not a.qk_norm:  # (Qwen3's norm over each head of q and k would undo their scales)
+            # q's rows times s, k's divided by s: q.k unchanged; RoPE rotates dims d and d + hd/2 together, so
+            # they share a scale, and the rep query heads of a kv head share its key's
+            q_out, k_out = torch.arange(a.n_head * hd), torch.arange(a.n_kv_head * hd)
+            pairs["q_k"] = (a.n_kv_head * half, [("self_attn.q_proj", 0, q_out // hd // rep * half + q_out % half, 1),
+                                                 ("self_attn.k_proj", 0, k_out // hd * half + k_out % half, -1)])
+        return pairs
+
 
 class CausalLM(nn.Module):
     """Both families' forward: embed -> blocks -> head."""
@@ -417,6 +439,19 @@ class OPTBlock(Block):
         # post-LN variant: normalise after each residual sum
         x = self.self_attn_layer_norm(x + self.self_attn(x))
         return self.final_layer_norm(x + self.fc2(self.act(self.fc1(x))))
+
+    def scale_pairs(self):
+        """Sparsity Induction's scales that fold exactly into this block (as LlamaBlock.scale_pairs)."""
+        C, F_ = self.fc1.in_features, self.fc1.out_features
+        pairs = {"q_k": (C, [("self_attn.q_proj", 0, None, 1), ("self_attn.k_proj", 0, None, -1)]),
+                 "v_o": (C, [("self_attn.v_proj", 0, None, -1), ("self_attn.out_proj", 1, None, 1)])}
+        if self.pre_ln and self.final_layer_norm.weight is not None:  # a norm with weights right before them
+            pairs["attn_in"] = (C, [("self_attn_layer_norm", 0, None, -1),
+                                    *((f"self_attn.{p}_proj", 1, None, 1) for p in "qkv")])
+            pairs["mlp_in"] = (C, [("final_layer_norm", 0, None, -1), ("fc1", 1, None, 1)])
+        if self.act is F.relu:  # relu(x / s) = relu(x) / s for s > 0; GELU has no such identity
+            pairs["fc1_fc2"] = (F_, [("fc1", 0, None, -1), ("fc2", 1, None, 1)])
+        return pairs
 
 
 class OPT(CausalLM):
@@ -724,10 +759,9 @@ def save_model(model, out_dir, tokenizer_dir=None):
     and nothing that already exists is removed.
     """
     check_writable(out_dir, "the export folder", folder=True, new=True)
-    cfg = model.cfg
+    raw = declare_biases(model)
     sd = model.state_dict()
-    tensors = {hf: sd[key] for key, hf in hf_name_map(cfg).items()}
-    raw = dict(cfg.raw)
+    tensors = {hf: sd[key] for key, hf in hf_name_map(config_from_dict(raw)).items()}
     raw["torch_dtype"] = str(next(iter(tensors.values())).dtype).removeprefix("torch.")
     with atomic_folder(out_dir) as tmp:
         save_safetensors(tensors, os.path.join(tmp, "model.safetensors"))
@@ -738,6 +772,26 @@ def save_model(model, out_dir, tokenizer_dir=None):
                          "special_tokens_map.json"):
                 if os.path.isfile(os.path.join(tokenizer_dir, name)):
                     shutil.copy(os.path.join(tokenizer_dir, name), tmp)
+
+
+def check_bias_export(cfg):
+    """A model of this config can be written with biases on every layer (declare_biases)."""
+    if getattr(cfg, "qk_norm", False):
+        raise UserError("transformers' Qwen3 has no biases on its MLP layers, so a Qwen3 model with Sparsity "
+                        "Induction's biases cannot be written in its format; evaluate it without --export.")
+
+
+def declare_biases(model):
+    """config.json's fields for a model whose layers gained biases (Sparsity Induction's shift): OPT's enable_bias;
+    LLaMA's attention_bias and mlp_bias, which transformers reads for model_type llama alone, so a Mistral or
+    Qwen2 model is written as the llama it then equals. Qwen3's q/k norms have no llama equivalent."""
+    raw, block = dict(model.cfg.raw), model.blocks[0]
+    if isinstance(model.cfg, OPTConfig):
+        return dict(raw, enable_bias=True) if block.fc1.bias is not None else raw
+    if block.mlp.down_proj.bias is None or (model.cfg.attention_bias and model.cfg.mlp_bias):
+        return raw
+    check_bias_export(model.cfg)
+    return dict(raw, model_type="llama", architectures=["LlamaForCausalLM"], attention_bias=True, mlp_bias=True)
 
 
 def save_lora(model, out_dir):

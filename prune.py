@@ -10,6 +10,7 @@ import math
 import sys
 import time
 from dataclasses import dataclass
+from types import SimpleNamespace
 
 import torch
 
@@ -283,18 +284,24 @@ class SparsePlusLowRank(torch.nn.Linear):
 
 
 class InputStats:
-    """Accumulates a linear layer's inputs: column sums of squares (Wanda) and optionally X^T X (SparseGPT)."""
+    """Accumulates a linear layer's inputs: column sums and sums of squares (Wanda), optionally X^T X (SparseGPT)
+    and every `sample_every`-th token (Sparsity Induction's medians)."""
 
-    def __init__(self, n_in, hessian, device):
+    def __init__(self, n_in, hessian, device, sample_every=0):
+        self.sum = torch.zeros(n_in, dtype=torch.float32, device=device)
         self.sq = torch.zeros(n_in, dtype=torch.float32, device=device)
         self.XtX = torch.zeros(n_in, n_in, dtype=torch.float32, device=device) if hessian else None
+        self.sample_every, self.samples = sample_every, []
         self.n = 0  # tokens seen
 
     def add(self, x):
         x = x.detach().reshape(-1, x.shape[-1]).float()  # (tokens, in)
+        self.sum += x.sum(0)
         self.sq += x.pow(2).sum(0)
         if self.XtX is not None:
             self.XtX += x.t() @ x
+        if self.sample_every:
+            self.samples.append(x[::self.sample_every])
         self.n += x.shape[0]
 
     @property
@@ -320,8 +327,8 @@ def run_block(block, X, device, batch_size, stats=None):
     return out
 
 
-def new_stats(block, hessian, device):
-    return {name: InputStats(lin.in_features, hessian, device) for name, lin in block.linears().items()}
+def new_stats(block, hessian, device, sample_every=0):
+    return {name: InputStats(lin.in_features, hessian, device, sample_every) for name, lin in block.linears().items()}
 
 
 def free_device_bytes(device):
@@ -406,10 +413,17 @@ class PruneConfig:
     eggs_diagonals: int = 1  # EGGS: b cyclic diagonals kept in every m x m tile
     rank_ratio: float = 0.25  # SSLC: the share of the kept parameters given to the low-rank part
     alternations: int = 20  # SSLC: at most this many (low-rank, sparse) steps per layer
+    si_epochs: int = 2  # Sparsity Induction (ours where the paper is silent: docs/methods.md): mask refreshes
+    si_lr: float = 1e-2  # Adam's step on the log-scales and the shifts
+    si_lambda: float = 1e-2  # weight of the norm term
+    si_alpha: float = 1.0  # its exponent's factor
+    si_p: float = 2.0  # its entrywise p-norm
+    si_clamp: float = 10.0  # Eq. 5's scales clamped into [1 / c, c] times their median (1: the shift alone)
     batch_size: int = 8  # calibration windows per forward pass
 
 
 BASELINES = ("magnitude", "wanda", "sparsegpt", "ria", "eggs", "sslc")
+SI_BASES = ("magnitude", "wanda", "sparsegpt", "ria", "eggs")  # "+si": Sparsity Induction before them
 
 
 def prune_layer(method, lin, stats, sparsity, config):
@@ -446,27 +460,144 @@ def prune_model(model, method, sparsity, calib=None, device="cpu", config=PruneC
     fit there (embed_calibration), else one batch of them at a time.
     """
     home, bs = device_of(model), config.batch_size
-    # two streams (inputs and outputs of a block); the block, SparseGPT's Hessians and temporaries beside them
-    X = None if method == "magnitude" else embed_calibration(model, calib, device, bs, n_streams=2,
+    base, si = method.removesuffix("+si"), method.endswith("+si")
+    # the block's inputs and outputs (and SI's dense targets); the block, SparseGPT's Hessians and temporaries
+    X = None if method == "magnitude" else embed_calibration(model, calib, device, bs, n_streams=2 + si,
                                                               reserve_bytes=4 * param_bytes(model.blocks[0]))
     progress = Progress(len(model.blocks), method)
     for block, s in zip(model.blocks, block_sparsities(sparsity, len(model.blocks))):
         block.to(device)
-        stats = {}
-        if X is not None:
-            stats = new_stats(block, method == "sparsegpt", device)
-            run_block(block, X, device, bs, stats)
-        for name, lin in block.linears().items():
-            pruned = prune_layer(method, lin, stats.get(name), s, config)
-            if pruned is not lin:  # a new kind of layer (SSLC's) takes the Linear's place in the block
-                parent, _, attr = name.rpartition(".")
-                setattr(block.get_submodule(parent), attr, pruned)
-        del stats
+        stats, Y = {}, None
+        if X is not None:  # SI: every k-th token too, about 4096 in all, for its medians
+            stats = new_stats(block, base == "sparsegpt", device, si and max(1, X.shape[0] * X.shape[1] // 4096))
+            Y = run_block(block, X, device, bs, stats)  # the dense block's outputs
+        if si:
+            induce_and_prune(block, X, Y, stats, base, s, config)
+        else:
+            for name, lin in block.linears().items():
+                pruned = prune_layer(method, lin, stats.get(name), s, config)
+                if pruned is not lin:  # a new kind of layer (SSLC's) takes the Linear's place in the block
+                    parent, _, attr = name.rpartition(".")
+                    setattr(block.get_submodule(parent), attr, pruned)
+        del stats, Y
         if X is not None:
             X = run_block(block, X, device, bs)  # next block's inputs, from this pruned block
         block.to(home)
         progress.step()
     return model
+
+
+# -----------------------------------------------------------------------------
+# Sparsity Induction (Jiang et al. 2026): prune each block in a rescaled, shifted basis, then fold it back
+#
+# Per layer W~ = diag(row) W diag(col) and x~ = (x - delta) / col, the scales shared by the layer pairs of
+# Block.scale_pairs (row * col factors cancel through each pair) and a shift delta per layer. With W~ pruned to
+# W^, the layer on the original x is P = W^ / (row col) with bias b + (W - P) delta: exact, whatever the method.
+# Note: |W~_ij| ||x~_j|| = row_i |W_ij| ||x_j - delta_j||, so Wanda's masks ignore the scales, and with the masks
+# fixed the block's output does not depend on them: the shift trains through the block's output error, the
+# scales only through the norm term; they act where a score is not scale-free (magnitude's, RIA's sums).
+
+
+def centred_stats(stats, delta, col):
+    """Wanda's ||x~_j|| and SparseGPT's H~ (when X^T X is kept) of x~ = (x - delta) / col, from x's sums."""
+    n = stats.n
+    sq = stats.sq - 2 * delta * stats.sum + n * delta ** 2  # (in,): sum over tokens of (x_j - delta_j)^2
+    H = None
+    if stats.XtX is not None:
+        C = stats.XtX - torch.outer(delta, stats.sum) - torch.outer(stats.sum, delta) + n * torch.outer(delta, delta)
+        H = 2 * C / n / torch.outer(col, col)
+    return SimpleNamespace(act_norm=sq.clamp_min(0).sqrt() / col, H=H)
+
+
+def si_prune_layer(method, W, stats, sparsity, row, col, delta, config):
+    """W (out, in) pruned by `method` in SI's basis and folded back: P (out, in) and the bias change (W - P) delta."""
+    Wt = W.float() * row.view(-1, 1) * col
+    Wt = prune_layer(method, SimpleNamespace(weight=Wt), centred_stats(stats, delta, col), sparsity, config).weight
+    P = Wt / row.view(-1, 1) / col
+    return P, (W.float() - P) @ delta
+
+
+def si_factors(block, scales):
+    """{module: [row, col]}: the product of the scales on each module's weight rows and columns."""
+    factors = {}
+    for name, (size, entries) in block.scale_pairs().items():
+        for module, dim, index, power in entries:
+            W = block.get_submodule(module).weight
+            f = factors.setdefault(module, [torch.ones(W.shape[0], device=W.device),
+                                            torch.ones(W.shape[-1], device=W.device)])
+            f[dim] = f[dim] * (scales[name] if index is None else scales[name][index.to(W.device)]) ** power
+    return factors
+
+
+def si_init(block, stats, clamp):
+    """Eq. 5: the scale of channel i is (median_i - mean_i)^2 of the values it carries over the calibration
+    tokens, divided by its median over the channels and clamped into [1 / clamp, clamp] (a scale shared by
+    several channels, GQA's, takes their mean); 1 where no layer's input carries it (q_k)."""
+    scales = {}
+    for name, (size, entries) in block.scale_pairs().items():
+        inputs = [(module, index) for module, dim, index, _ in entries if dim == 1]
+        if not inputs:
+            scales[name] = torch.ones(size, device=device_of(block))
+            continue
+        module, index = inputs[0]
+        x, st = torch.cat(stats[module].samples), stats[module]
+        v = (x.median(0).values - st.sum / st.n) ** 2  # (in,)
+        if index is not None:
+            index = index.to(v.device)
+            v = v.new_zeros(size).index_add_(0, index, v) / v.new_zeros(size).index_add_(0, index, torch.ones_like(v))
+        scales[name] = (v / v.median().clamp_min(1e-30)).clamp(1 / clamp, clamp)
+    return scales
+
+
+def norm_term(abs_W, factors, p, alpha):
+    """The paper's R_p = exp(-alpha sum_l ||W~_l||_p), each layer's entrywise p-norm relative to its untransformed
+    one so that alpha needs no unit; abs_W: {layer: (|W|^p, ||W||_p)}."""
+    total = 0
+    for name, (Wp, norm) in abs_W.items():
+        row, col = factors[name]
+        total = total + (row ** p @ Wp @ col ** p) ** (1 / p) / norm
+    return torch.exp(-alpha * total)
+
+
+def induce_and_prune(block, X, Y, stats, method, sparsity, config):
+    """Sparsity Induction on one block, then `method` in its basis: the scales start at Eq. 5 and the shifts at
+    the inputs' means; for si_epochs the masks are refreshed from the statistics (SparseGPT's from Wanda's score,
+    its saliency with a diagonal H), then the scales and shifts take Adam steps on the block's output MSE
+    against the dense outputs Y plus si_lambda times the norm term. Leaves every Linear pruned, with a bias."""
+    layers, p = block.linears(), config.si_p
+    W = {n: lin.weight.detach().clone() for n, lin in layers.items()}
+    b = {n: torch.zeros(lin.out_features, device=W[n].device) if lin.bias is None else lin.bias.detach().float()
+         for n, lin in layers.items()}
+    for n, lin in layers.items():
+        lin.bias = torch.nn.Parameter(b[n].to(W[n].dtype), requires_grad=False)
+    log_s = {g: s.log().requires_grad_() for g, s in si_init(block, stats, config.si_clamp).items()}
+    delta = {n: (stats[n].sum / stats[n].n).requires_grad_() for n in layers}  # the optimum for a fixed mask
+    abs_W = {n: (W[n].float().abs() ** p, torch.linalg.vector_norm(W[n].float(), p)) for n in layers}
+    opt = torch.optim.Adam([*log_s.values(), *delta.values()], lr=config.si_lr)
+    proxy, gen = "wanda" if method == "sparsegpt" else method, torch.Generator().manual_seed(0)
+    for _ in range(config.si_epochs):
+        with torch.no_grad():  # this epoch's masks, from the statistics alone
+            factors, removed = si_factors(block, {g: s.exp() for g, s in log_s.items()}), {}
+            for n, lin in layers.items():
+                P, _ = si_prune_layer(proxy, W[n], stats[n], sparsity, *factors[n], delta[n], config)
+                lin.weight.copy_(P)
+                removed[n] = W[n].float() - P  # (out, in): the weights the mask removes
+        for batch in torch.randperm(len(X), generator=gen).split(config.batch_size):
+            with torch.enable_grad():  # (prune_model runs without autograd)
+                biases = {f"{n}.bias": (b[n] + removed[n] @ delta[n]).to(W[n].dtype) for n in layers}
+                out = torch.func.functional_call(block, biases, (X[batch].to(device_of(block)),))
+                factors = si_factors(block, {g: s.exp() for g, s in log_s.items()})
+                loss = torch.nn.functional.mse_loss(out.float(), Y[batch].to(out.device).float()) + \
+                    config.si_lambda * norm_term(abs_W, factors, p, config.si_alpha)
+                opt.zero_grad(set_to_none=True)
+                loss.backward()
+            opt.step()
+    with torch.no_grad():
+        factors = si_factors(block, {g: s.exp() for g, s in log_s.items()})
+        for n, lin in layers.items():
+            P, shift = si_prune_layer(method, W[n], stats[n], sparsity, *factors[n], delta[n].detach(), config)
+            lin.weight.copy_(P)
+            lin.bias.copy_(b[n] + shift)
 
 
 # -----------------------------------------------------------------------------

@@ -9,6 +9,7 @@ import re
 import shutil
 import sys
 import time
+import types
 
 import pytest
 import torch
@@ -639,6 +640,153 @@ def test_sslc_runs_through_main_and_exports_a_model_peft_loads(tiny, tmp_path):
         idx = torch.randint(0, 512, (2, 24))
         with torch.no_grad():
             assert (ref(idx).logits - ours(idx)).abs().max() <= 1e-4
+
+
+# -----------------------------------------------------------------------------
+# Sparsity Induction
+
+
+def scaled_copy(block, scales):
+    """The block with SI's scales put into its weights, biases and norms: the transform as the paper absorbs it."""
+    block = copy.deepcopy(block)
+    with torch.no_grad():
+        for module, (row, col) in prune.si_factors(block, scales).items():
+            m = block.get_submodule(module)
+            m.weight.mul_(row.view(-1, 1) * col if m.weight.dim() == 2 else row)
+            if getattr(m, "bias", None) is not None:
+                m.bias.mul_(row)
+    return block
+
+
+SI_PAIRS = {"llama_gqa": {"attn_in", "q_k", "v_o", "mlp_in", "up_down"}, "smollm": {"attn_in", "q_k", "v_o", "mlp_in",
+                                                                                   "up_down"},
+            "qwen2": {"attn_in", "q_k", "v_o", "mlp_in", "up_down"}, "qwen3": {"attn_in", "v_o", "mlp_in", "up_down"},
+            "opt_pre": {"attn_in", "q_k", "v_o", "mlp_in", "fc1_fc2"}, "opt_post": {"q_k", "v_o", "fc1_fc2"},
+            "opt_gelu": {"attn_in", "q_k", "v_o", "mlp_in"}}
+
+
+@needs_transformers
+@pytest.mark.parametrize("kind", list(SI_PAIRS))
+def test_si_scales_leave_every_block_unchanged(tmp_path, kind):
+    """Every pair's scales put into the weights (GQA-shared, tied within RoPE pairs, through ReLU, with Qwen2's
+    q/k/v biases) leave the unpruned block's outputs as they were (fp32); pairs that would not (Qwen3's q/k
+    norms, a post-LN block's norms, GELU) are absent."""
+    hf_tiny("opt_pre" if kind == "opt_gelu" else kind, **({"activation_function": "gelu"} if kind == "opt_gelu"
+                                                          else {})).save_pretrained(tmp_path)
+    block = M.load_model(str(tmp_path)).blocks[0]
+    pairs = block.scale_pairs()
+    assert set(pairs) == SI_PAIRS[kind]
+    gen = torch.Generator().manual_seed(0)
+    scales = {name: torch.exp(torch.randn(size, generator=gen)) for name, (size, _) in pairs.items()}
+    x = torch.randn(2, 12, block.linears()["self_attn.q_proj"].in_features, generator=gen)
+    scaled = scaled_copy(block, scales)
+    assert not torch.allclose(scaled.self_attn.v_proj.weight, block.self_attn.v_proj.weight)
+    torch.testing.assert_close(scaled(x), block(x), rtol=1e-4, atol=1e-5)
+
+
+def si_layer(seed=0):
+    """A layer with a bias, inputs of nonzero mean and their statistics, positive row and column factors."""
+    W, X = correlated_layer(seed, n_in=32, n_out=24, tokens=512)
+    gen = torch.Generator().manual_seed(seed)
+    X = X + torch.randn(32, generator=gen)
+    stats = prune.InputStats(32, True, "cpu")
+    stats.add(X)
+    row, col = torch.exp(torch.randn(24, generator=gen)), torch.exp(torch.randn(32, generator=gen))
+    return W, torch.randn(24, generator=gen), X, stats, row, col, torch.randn(32, generator=gen)
+
+
+@pytest.mark.parametrize("method,sparsity", [("magnitude", 0.5), ("wanda", 0.5), ("sparsegpt", 0.5),
+                                             ("ria", (2, 4)), ("eggs", (2, 4))])
+def test_si_folding_back_is_exact(method, sparsity):
+    """The layer pruned in SI's basis, W^ (x - delta) / col + row (b + W delta), equals row times the folded
+    layer P x + b + (W - P) delta, and P keeps W^'s pattern."""
+    W, b, X, stats, row, col, delta = si_layer()
+    config = prune.PruneConfig()
+    P, shift = prune.si_prune_layer(method, W, stats, sparsity, row, col, delta, config)
+    Wt = prune.prune_layer(method, types.SimpleNamespace(weight=W * row.view(-1, 1) * col),
+                           prune.centred_stats(stats, delta, col), sparsity, config).weight  # W^ in SI's basis
+    in_basis = ((X - delta) / col) @ Wt.t() + row * (b + W @ delta)
+    torch.testing.assert_close(in_basis, row * (X @ P.t() + b + shift), rtol=1e-4, atol=1e-4)
+    assert torch.equal(P != 0, Wt != 0)
+
+
+def test_si_statistics_are_those_of_the_centred_scaled_inputs():
+    """centred_stats gives Wanda's norm and SparseGPT's H of x~ = (x - delta) / col from the sums of x."""
+    W, b, X, stats, row, col, delta = si_layer()
+    direct = prune.InputStats(32, True, "cpu")
+    direct.add((X - delta) / col)
+    centred = prune.centred_stats(stats, delta, col)
+    torch.testing.assert_close(centred.act_norm, direct.act_norm, rtol=1e-4, atol=1e-4)
+    torch.testing.assert_close(centred.H, direct.H, rtol=1e-4, atol=1e-3)
+
+
+def test_si_without_a_shift_gives_wandas_masks_exactly():
+    """With delta = 0 the scales cancel from Wanda's score (powers of two: exactly, in floating point too), so
+    wanda+si keeps Wanda's weights, at 50 % and at 2:4; a shift centres the inputs and changes them."""
+    W, b, X, stats, row, col, delta = si_layer()
+    row, col = 2.0 ** torch.randint(-6, 7, (24,)), 2.0 ** torch.randint(-6, 7, (32,))
+    for s in (0.5, (2, 4)):
+        P, shift = prune.si_prune_layer("wanda", W, stats, s, row, col, torch.zeros(32), prune.PruneConfig())
+        assert torch.equal(P, W * prune.wanda_mask(W, stats.act_norm, s)) and not shift.any()
+        P, _ = prune.si_prune_layer("wanda", W, stats, s, row, col, delta, prune.PruneConfig())
+        assert not torch.equal(P != 0, prune.wanda_mask(W, stats.act_norm, s))
+
+
+def block_error(block, X, Y):
+    return ((prune.run_block(block, X, "cpu", 8) - Y) ** 2).mean().item()
+
+
+@pytest.mark.parametrize("kind", ["llama", "opt"])
+def test_si_trained_shift_lowers_the_pruned_block_error(small, kind):
+    """On a trained model's second block at 50 %: the shift at the inputs' means gives a lower output error than
+    Wanda alone, and training it lowers it further."""
+    model, tok = epts.load(str(small / kind))
+    calib = data.calibration(str(small / "train.txt"), tok, 16, 64, 0)
+    X = model.blocks[0](model.embed(calib))  # (16, 64, C): the second block's inputs
+    stats = prune.new_stats(model.blocks[1], True, "cpu", sample_every=4)
+    Y = prune.run_block(model.blocks[1], X, "cpu", 8, stats)
+    errors = {}
+    for name, epochs in (("wanda", None), ("init", 0), ("trained", 4)):
+        block = copy.deepcopy(model.blocks[1])
+        if epochs is None:
+            for n, lin in block.linears().items():
+                prune.prune_layer("wanda", lin, stats[n], 0.5, prune.PruneConfig())
+        else:
+            with torch.no_grad():
+                prune.induce_and_prune(block, X, Y, stats, "wanda", 0.5, prune.PruneConfig(si_epochs=epochs))
+        assert all((lin.weight == 0).sum(1).eq(lin.in_features // 2).all() for lin in block.linears().values())
+        errors[name] = block_error(block, X, Y)
+    print(kind, errors)
+    assert errors["trained"] < errors["init"] < errors["wanda"]
+
+
+@needs_transformers
+@pytest.mark.parametrize("kind", ["llama_gqa", "mistral", "qwen2", "opt_pre"])
+def test_si_runs_through_main_and_exports_biases_transformers_loads(tiny, tmp_path, kind):
+    """wanda+si and magnitude+si through main: exact sparsity, finite perplexity, every layer with a bias; the
+    export declares them (LLaMA's attention_bias/mlp_bias, Mistral and Qwen2 written as llama) and transformers
+    loads it with our logits. Qwen3 (no MLP biases in transformers) is refused before any work."""
+    ckpt = tmp_path / kind
+    hf_tiny(kind, vocab_size=512).save_pretrained(ckpt)
+    shutil.copy(os.path.join(tiny["ckpt"], "vocab.json"), ckpt)
+    shutil.copy(os.path.join(tiny["ckpt"], "merges.txt"), ckpt)
+    exported = tmp_path / "exp"
+    report = main(**dict(tiny, ckpt=str(ckpt), methods=["magnitude+si"], sparsities=[(2, 4)]))
+    assert report["results"][0]["achieved_sparsity"] == 0.5
+    report = main(**dict(tiny, ckpt=str(ckpt), methods=["wanda+si"], sparsities=[0.5], export=str(exported)))
+    assert report["results"][0]["achieved_sparsity"] == 0.5 and math.isfinite(report["results"][0]["ppl"])
+    ours = M.load_model(str(exported))
+    assert all(lin.bias is not None and lin.bias.any() for lin in ours.blocks[0].linears().values())
+    ref = transformers.AutoModelForCausalLM.from_pretrained(str(exported)).eval()
+    idx = torch.randint(0, 512, (2, 24))
+    with torch.no_grad():
+        assert (ref(idx).logits - ours(idx)).abs().max() <= 1e-4
+    if kind == "qwen2":
+        hf_tiny("qwen3", vocab_size=512).save_pretrained(tmp_path / "q3")
+        shutil.copy(os.path.join(tiny["ckpt"], "vocab.json"), tmp_path / "q3")
+        shutil.copy(os.path.join(tiny["ckpt"], "merges.txt"), tmp_path / "q3")
+        with pytest.raises(UserError, match="Qwen3 has no biases"):
+            main(**dict(tiny, ckpt=str(tmp_path / "q3"), methods=["dense", "wanda+si"], export=str(tmp_path / "x")))
 
 
 def test_baseline_defaults_are_the_papers():
@@ -1287,6 +1435,9 @@ def test_main_refuses_missing_calibration_and_ambiguous_export(tmp_path):
     (["--lr", "-1"], "--lr -1.0 must be a number >= 0"),
     (["--rank-ratio", "1"], "--rank-ratio 1.0 must lie in [0, 1)"),
     (["--alternations", "0"], "--alternations be >= 1"),
+    (["--methods", "epts+si"], "it applies to magnitude, wanda, sparsegpt, ria, eggs, not epts"),
+    (["--si-lambda", "-1"], "--si-lambda -1.0: Sparsity Induction needs"),
+    (["--si-epochs", "0"], "--si-epochs 0: Sparsity Induction needs"),
     (["--ckpt", "/nonexistent/model"], "does not exist"),
     (["--ckpt", "{tmp}"], "no config.json"),
     (["--ckpt", "{bad_type}"], "model_type 'bert' is not supported"),
@@ -1381,14 +1532,15 @@ def test_default_model_default_builds_caches_and_loads(tmp_path, monkeypatch):
 
 # the CLI tier: every method at two shapes; SparseGPT's cost on 2 cores is the Cholesky factorisation of its
 # in x in Hessian (14336 and 18944 wide for the larger down_proj), so the other shapes run the rest
-REAL_SHAPES = {"llama-2-7b": "dense,wanda,sparsegpt,epts", "opt-1.3b": "dense,wanda,sparsegpt,epts",
+REAL_SHAPES = {"llama-2-7b": "dense,wanda,sparsegpt,wanda+si,epts", "opt-1.3b": "dense,wanda,sparsegpt,epts",
                "llama-3.1-8b": "dense,wanda,epts", "mistral-7b": "dense,wanda,epts", "qwen2.5-7b": "dense,wanda,epts"}
 
 
 @pytest.mark.parametrize("name", list(REAL_SHAPES))
 def test_real_shape_checkpoint_runs_every_method_through_the_cli(real_text, tmp_path, name):
-    """One block at a real model's exact shapes (bf16): dense, Wanda, SparseGPT, EPTS, then the elastic model
-    deployed at another sparsity, exported, and reloaded with every row of every layer exactly that sparse."""
+    """One block at a real model's exact shapes (bf16): dense, Wanda, SparseGPT, EPTS (and wanda+si at one shape),
+    then the elastic model deployed at another sparsity, exported, and reloaded with every row of every layer
+    exactly that sparse."""
     ckpt, run, exported = str(tmp_path / "ckpt"), str(tmp_path / "run"), str(tmp_path / "exp")
     raw = write_real_shape(real_text, name, ckpt)
     common = ["--ckpt", ckpt, "--dtype", "bfloat16", "--seqlen", "32", "--eval", str(real_text / "eval.txt")]
