@@ -23,5 +23,6 @@ bench:
 	$(PYTHON) bench/bench.py
 	$(PYTHON) bench/nm_bench.py
 	$(PYTHON) bench/sslc_bench.py
+	$(PYTHON) bench/si_bench.py
 	$(PYTHON) bench/gpu.py
 	$(PYTHON) bench/speed.py

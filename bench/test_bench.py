@@ -16,6 +16,7 @@ sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 import bench  # noqa: E402
 import memory_check  # noqa: E402
 import nm_bench  # noqa: E402
+import si_bench  # noqa: E402
 import sslc_bench  # noqa: E402
 
 
@@ -146,3 +147,23 @@ def test_sslc_bench_tables():
     assert "| opt | 0.5 | sslc | 0.25 | 20 | 11.00 | 1.50 | 49.9 % |" in table
     assert "| opt | 0.5 | wanda | — | — | 12.00 | 0.10 | 50.0 % |" in table
     assert "| x | 30.0 s (20 alternations) | 3.0 s | 10.0 |" in table
+
+
+def test_si_bench_mean_bias_and_tables():
+    """si_bench's Wanda with the mean bias alone: on the calibration windows the first pruned layer's outputs keep
+    the dense layer's mean; its table has one row per method and variant."""
+    import prune
+    calib = torch.randint(0, 64, (4, 16), generator=torch.Generator().manual_seed(0))
+    dense = tiny_llama()
+    corrected = si_bench.mean_corrected_wanda(epts.prunable_copy(dense), calib, 0.5)
+    x = dense.blocks[0].input_layernorm(dense.embed(calib))
+    q, q_pruned = dense.blocks[0].self_attn.q_proj, corrected.blocks[0].self_attn.q_proj
+    assert prune.achieved_sparsity(corrected) == 0.5
+    torch.testing.assert_close(q_pruned(x).mean((0, 1)), q(x).mean((0, 1)), rtol=1e-4, atol=1e-5)
+    rows = [{"method": "dense", "ppl": 10.0}, {"method": "epts (one run)", "block_s": 3.0}]
+    rows += [{"method": m + label, "sparsity": s, "block_s": 0.25, "ppl": 11.0}
+             for m in si_bench.BASES for label, _ in si_bench.VARIANTS for s in (0.5, 0.7, "2:4")]
+    rows += [{"method": "wanda, mean bias only", "sparsity": s, "block_s": 0, "ppl": 12.0} for s in (0.5, 0.7, "2:4")]
+    table = si_bench.tables({"fixtures": {"opt": rows}})
+    assert "| opt | sparsegpt+si shift only | 11.00 | 11.00 | 11.00 | 0.25 |" in table
+    assert "| opt | wanda, mean bias only (no SI) | 12.00 | 12.00 | 12.00 | |" in table
