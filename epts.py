@@ -616,7 +616,7 @@ class Request:
     tasks: list = ()  # zero-shot tasks (eval.TASKS), each read from tasks_dir/TASK.jsonl
     tasks_dir: str = None
     eval_batch_size: int = 4
-    pruning: prune.PruneConfig = prune.PruneConfig()  # the baselines' settings (SparseGPT, RIA, EGGS)
+    pruning: prune.PruneConfig = prune.PruneConfig()  # the baselines' settings (SparseGPT, RIA, EGGS, SSLC, SI)
 
 
 @dataclass

@@ -787,7 +787,7 @@ def declare_biases(model):
     Qwen2 model is written as the llama it then equals. Qwen3's q/k norms have no llama equivalent."""
     raw, block = dict(model.cfg.raw), model.blocks[0]
     if isinstance(model.cfg, OPTConfig):
-        return dict(raw, enable_bias=True) if block.fc1.bias is not None else raw
+        return dict(raw, enable_bias=True) if block.fc1.bias is not None and not model.cfg.enable_bias else raw
     if block.mlp.down_proj.bias is None or (model.cfg.attention_bias and model.cfg.mlp_bias):
         return raw
     check_bias_export(model.cfg)

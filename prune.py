@@ -1,6 +1,7 @@
 """
 Post-training pruning baselines in plain PyTorch: magnitude, Wanda, SparseGPT, RIA (unstructured and
-N:M), EGGS-PTP (N:M) and SSLC (sparse plus low-rank), driven block by block for LLaMA and OPT alike.
+N:M), EGGS-PTP (N:M), SSLC (sparse plus low-rank), and Sparsity Induction before any of the first five, driven
+block by block for LLaMA and OPT alike.
 
 A sparsity is either a fraction s in [0, 1) or an (n, m) pair: keep n of every
 m consecutive input weights of a row (2:4 and 4:8 are 50 %, 1:4 is 75 %).
