@@ -462,9 +462,10 @@ def prune_model(model, method, sparsity, calib=None, device="cpu", config=PruneC
     """
     home, bs = device_of(model), config.batch_size
     base, si = method.removesuffix("+si"), method.endswith("+si")
-    # the block's inputs and outputs (and SI's dense targets); the block, SparseGPT's Hessians and temporaries
+    # the block's inputs and outputs (and SI's dense targets) beside the block, SparseGPT's Hessians and
+    # temporaries (SI: also a copy of the weights, and |W|^p and the removed weights in fp32)
     X = None if method == "magnitude" else embed_calibration(model, calib, device, bs, n_streams=2 + si,
-                                                              reserve_bytes=4 * param_bytes(model.blocks[0]))
+                                                              reserve_bytes=(4 + 5 * si) * param_bytes(model.blocks[0]))
     progress = Progress(len(model.blocks), method)
     for block, s in zip(model.blocks, block_sparsities(sparsity, len(model.blocks))):
         block.to(device)

@@ -763,16 +763,18 @@ def test_si_trained_shift_lowers_the_pruned_block_error(small, kind):
 @needs_transformers
 @pytest.mark.parametrize("kind", ["llama_gqa", "mistral", "qwen2", "opt_pre"])
 def test_si_runs_through_main_and_exports_biases_transformers_loads(tiny, tmp_path, kind):
-    """wanda+si and magnitude+si through main: exact sparsity, finite perplexity, every layer with a bias; the
-    export declares them (LLaMA's attention_bias/mlp_bias, Mistral and Qwen2 written as llama) and transformers
-    loads it with our logits. Qwen3 (no MLP biases in transformers) is refused before any work."""
+    """magnitude+si, ria+si, eggs+si (2:4) and wanda+si through main: exact sparsity, finite perplexity, every
+    layer with a bias; the export declares them (LLaMA's attention_bias/mlp_bias, Mistral and Qwen2 written as
+    llama) and transformers loads it with our logits. Qwen3 (no MLP biases in transformers) is refused before
+    any work."""
     ckpt = tmp_path / kind
     hf_tiny(kind, vocab_size=512).save_pretrained(ckpt)
     shutil.copy(os.path.join(tiny["ckpt"], "vocab.json"), ckpt)
     shutil.copy(os.path.join(tiny["ckpt"], "merges.txt"), ckpt)
     exported = tmp_path / "exp"
-    report = main(**dict(tiny, ckpt=str(ckpt), methods=["magnitude+si"], sparsities=[(2, 4)]))
-    assert report["results"][0]["achieved_sparsity"] == 0.5
+    report = main(**dict(tiny, ckpt=str(ckpt), methods=["magnitude+si", "ria+si", "eggs+si"], sparsities=[(2, 4)]))
+    assert [r["method"] for r in report["results"]] == ["magnitude+si", "ria+si", "eggs+si"]
+    assert all(r["achieved_sparsity"] == 0.5 and math.isfinite(r["ppl"]) for r in report["results"])
     report = main(**dict(tiny, ckpt=str(ckpt), methods=["wanda+si"], sparsities=[0.5], export=str(exported)))
     assert report["results"][0]["achieved_sparsity"] == 0.5 and math.isfinite(report["results"][0]["ppl"])
     ours = M.load_model(str(exported))
