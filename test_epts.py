@@ -1580,6 +1580,21 @@ def test_eggs_and_ria_masks_at_llama_2_7b_down_proj_shape():
         assert torch.equal(prune.eggs_mask(score, 2, 4, 0), prune.nm_mask(score, 2, 4))
 
 
+def test_si_scales_at_llama_3_1_8b_block_shape():
+    """Real-shape tier: Sparsity Induction's scales on one LLaMA-3.1-8B block (32 query heads sharing 8 KV heads,
+    head_dim 128, 14336-wide MLP) leave its outputs unchanged (fp32)."""
+    with open(os.path.join(os.path.dirname(os.path.abspath(__file__)), "configs", "llama-3.1-8b.json")) as f:
+        cfg = M.config_from_dict(dict(json.load(f), num_hidden_layers=1))
+    torch.manual_seed(0)
+    block = M.LlamaBlock(cfg).eval().requires_grad_(False)
+    pairs = block.scale_pairs()
+    assert {name: size for name, (size, _) in pairs.items()} == \
+        {"attn_in": 4096, "v_o": 1024, "mlp_in": 4096, "up_down": 14336, "q_k": 512}
+    scales = {name: torch.exp(0.5 * torch.randn(size)) for name, (size, _) in pairs.items()}
+    x = torch.randn(1, 8, 4096)
+    torch.testing.assert_close(scaled_copy(block, scales)(x), block(x), rtol=1e-4, atol=1e-4)
+
+
 def test_sslc_at_llama_2_7b_gate_proj_shape():
     """Real-shape tier: SSLC on LLaMA-2-7B's gate_proj (11008 x 4096, bf16) at 0.5, 3 alternations: rank 373 and
     1536 weights per row fill the budget, the weighted error falls, the layer computes S x + U (V x)."""
