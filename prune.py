@@ -471,7 +471,8 @@ def prune_model(model, method, sparsity, calib=None, device="cpu", config=PruneC
         block.to(device)
         stats, Y = {}, None
         if X is not None:  # SI: every k-th token too, about 4096 in all, for its medians
-            stats = new_stats(block, base == "sparsegpt", device, si and max(1, X.shape[0] * X.shape[1] // 4096))
+            every = max(1, X.shape[0] * X.shape[1] // 4096) if si else 0
+            stats = new_stats(block, base == "sparsegpt", device, every)
             Y = run_block(block, X, device, bs, stats)  # the dense block's outputs
         if si:
             induce_and_prune(block, X, Y, stats, base, s, config)
@@ -519,24 +520,32 @@ def si_prune_layer(method, W, stats, sparsity, row, col, delta, config):
     return P, (W.float() - P) @ delta
 
 
-def si_factors(block, scales):
+def scale_pairs_on(block):
+    """block.scale_pairs() with its index tensors on the block's device, made once per block."""
+    device = device_of(block)
+    return {name: (size, [(module, dim, None if index is None else index.to(device), power)
+                          for module, dim, index, power in entries])
+            for name, (size, entries) in block.scale_pairs().items()}
+
+
+def si_factors(block, pairs, scales):
     """{module: [row, col]}: the product of the scales on each module's weight rows and columns."""
     factors = {}
-    for name, (size, entries) in block.scale_pairs().items():
+    for name, (size, entries) in pairs.items():
         for module, dim, index, power in entries:
             W = block.get_submodule(module).weight
             f = factors.setdefault(module, [torch.ones(W.shape[0], device=W.device),
                                             torch.ones(W.shape[-1], device=W.device)])
-            f[dim] = f[dim] * (scales[name] if index is None else scales[name][index.to(W.device)]) ** power
+            f[dim] = f[dim] * (scales[name] if index is None else scales[name][index]) ** power
     return factors
 
 
-def si_init(block, stats, clamp):
+def si_init(block, pairs, stats, clamp):
     """Eq. 5: the scale of channel i is (median_i - mean_i)^2 of the values it carries over the calibration
     tokens, divided by its median over the channels and clamped into [1 / clamp, clamp] (a scale shared by
     several channels, GQA's, takes their mean); 1 where no layer's input carries it (q_k)."""
     scales = {}
-    for name, (size, entries) in block.scale_pairs().items():
+    for name, (size, entries) in pairs.items():
         inputs = [(module, index) for module, dim, index, _ in entries if dim == 1]
         if not inputs:
             scales[name] = torch.ones(size, device=device_of(block))
@@ -545,7 +554,6 @@ def si_init(block, stats, clamp):
         x, st = torch.cat(stats[module].samples), stats[module]
         v = (x.median(0).values - st.sum / st.n) ** 2  # (in,)
         if index is not None:
-            index = index.to(v.device)
             v = v.new_zeros(size).index_add_(0, index, v) / v.new_zeros(size).index_add_(0, index, torch.ones_like(v))
         scales[name] = (v / v.median().clamp_min(1e-30)).clamp(1 / clamp, clamp)
     return scales
@@ -566,20 +574,20 @@ def induce_and_prune(block, X, Y, stats, method, sparsity, config):
     the inputs' means; for si_epochs the masks are refreshed from the statistics (SparseGPT's from Wanda's score,
     its saliency with a diagonal H), then the scales and shifts take Adam steps on the block's output MSE
     against the dense outputs Y plus si_lambda times the norm term. Leaves every Linear pruned, with a bias."""
-    layers, p = block.linears(), config.si_p
+    layers, pairs, p = block.linears(), scale_pairs_on(block), config.si_p
     W = {n: lin.weight.detach().clone() for n, lin in layers.items()}
     b = {n: torch.zeros(lin.out_features, device=W[n].device) if lin.bias is None else lin.bias.detach().float()
          for n, lin in layers.items()}
     for n, lin in layers.items():
         lin.bias = torch.nn.Parameter(b[n].to(W[n].dtype), requires_grad=False)
-    log_s = {g: s.log().requires_grad_() for g, s in si_init(block, stats, config.si_clamp).items()}
+    log_s = {g: s.log().requires_grad_() for g, s in si_init(block, pairs, stats, config.si_clamp).items()}
     delta = {n: (stats[n].sum / stats[n].n).requires_grad_() for n in layers}  # the optimum for a fixed mask
     abs_W = {n: (W[n].float().abs() ** p, torch.linalg.vector_norm(W[n].float(), p)) for n in layers}
     opt = torch.optim.Adam([*log_s.values(), *delta.values()], lr=config.si_lr)
     proxy, gen = "wanda" if method == "sparsegpt" else method, torch.Generator().manual_seed(0)
     for _ in range(config.si_epochs):
         with torch.no_grad():  # this epoch's masks, from the statistics alone
-            factors, removed = si_factors(block, {g: s.exp() for g, s in log_s.items()}), {}
+            factors, removed = si_factors(block, pairs, {g: s.exp() for g, s in log_s.items()}), {}
             for n, lin in layers.items():
                 P, _ = si_prune_layer(proxy, W[n], stats[n], sparsity, *factors[n], delta[n], config)
                 lin.weight.copy_(P)
@@ -588,14 +596,14 @@ def induce_and_prune(block, X, Y, stats, method, sparsity, config):
             with torch.enable_grad():  # (prune_model runs without autograd)
                 biases = {f"{n}.bias": (b[n] + removed[n] @ delta[n]).to(W[n].dtype) for n in layers}
                 out = torch.func.functional_call(block, biases, (X[batch].to(device_of(block)),))
-                factors = si_factors(block, {g: s.exp() for g, s in log_s.items()})
+                factors = si_factors(block, pairs, {g: s.exp() for g, s in log_s.items()})
                 loss = torch.nn.functional.mse_loss(out.float(), Y[batch].to(out.device).float()) + \
                     config.si_lambda * norm_term(abs_W, factors, p, config.si_alpha)
                 opt.zero_grad(set_to_none=True)
                 loss.backward()
             opt.step()
     with torch.no_grad():
-        factors = si_factors(block, {g: s.exp() for g, s in log_s.items()})
+        factors = si_factors(block, pairs, {g: s.exp() for g, s in log_s.items()})
         for n, lin in layers.items():
             P, shift = si_prune_layer(method, W[n], stats[n], sparsity, *factors[n], delta[n].detach(), config)
             lin.weight.copy_(P)

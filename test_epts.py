@@ -650,7 +650,7 @@ def scaled_copy(block, scales):
     """The block with SI's scales put into its weights, biases and norms: the transform as the paper absorbs it."""
     block = copy.deepcopy(block)
     with torch.no_grad():
-        for module, (row, col) in prune.si_factors(block, scales).items():
+        for module, (row, col) in prune.si_factors(block, block.scale_pairs(), scales).items():
             m = block.get_submodule(module)
             m.weight.mul_(row.view(-1, 1) * col if m.weight.dim() == 2 else row)
             if getattr(m, "bias", None) is not None:
