@@ -163,7 +163,10 @@ def test_si_bench_mean_bias_and_tables():
     rows = [{"method": "dense", "ppl": 10.0}, {"method": "epts (one run)", "block_s": 3.0}]
     rows += [{"method": m + label, "sparsity": s, "block_s": 0.25, "ppl": 11.0}
              for m in si_bench.BASES for label, _ in si_bench.VARIANTS for s in (0.5, 0.7, "2:4")]
-    rows += [{"method": "wanda, mean bias only", "sparsity": s, "block_s": 0, "ppl": 12.0} for s in (0.5, 0.7, "2:4")]
+    rows += [{"method": "wanda, mean bias only", "sparsity": s, "block_s": 0, "ppl": 12.0, "calib_ppl": 9.0,
+              "wanda_calib_ppl": 8.0} for s in (0.5, 0.7, "2:4")]
     table = si_bench.tables({"fixtures": {"opt": rows}})
     assert "| opt | sparsegpt+si shift only | 11.00 | 11.00 | 11.00 | 0.25 |" in table
     assert "| opt | wanda, mean bias only (no SI) | 12.00 | 12.00 | 12.00 | |" in table
+    assert "| opt | the same on the calibration windows: Wanda → mean bias | 8.00 → 9.00 | 8.00 → 9.00 | " \
+        "8.00 → 9.00 | |" in table
