@@ -301,8 +301,8 @@ class InputStats:
         self.sq += x.pow(2).sum(0)
         if self.XtX is not None:
             self.XtX += x.t() @ x
-        if self.sample_every:
-            self.samples.append(x[::self.sample_every])
+        if self.sample_every:  # a copy: a strided view would keep the whole batch alive
+            self.samples.append(x[::self.sample_every].clone())
         self.n += x.shape[0]
 
     @property
@@ -453,8 +453,9 @@ def prune_layer(method, lin, stats, sparsity, config):
 
 @torch.no_grad()
 def prune_model(model, method, sparsity, calib=None, device="cpu", config=PruneConfig()):
-    """Prune every Linear in every decoder block of `model` in place with `method` (one of BASELINES), at
-    `sparsity` (a fraction, an (n, m) N:M pattern, or a list: one fraction per block).
+    """Prune every Linear in every decoder block of `model` in place with `method` (one of BASELINES, or one of
+    SI_BASES + "+si": Sparsity Induction first, induce_and_prune), at `sparsity` (a fraction, an (n, m) N:M
+    pattern, or a list: one fraction per block).
 
     The statistics of block i come from inputs that went through the already-pruned blocks 0..i-1
     (as in Wanda and SparseGPT). One block at a time visits `device`, with the calibration streams where they

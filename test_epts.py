@@ -718,6 +718,10 @@ def test_si_statistics_are_those_of_the_centred_scaled_inputs():
     centred = prune.centred_stats(stats, delta, col)
     torch.testing.assert_close(centred.act_norm, direct.act_norm, rtol=1e-4, atol=1e-4)
     torch.testing.assert_close(centred.H, direct.H, rtol=1e-4, atol=1e-3)
+    sampled = prune.InputStats(32, False, "cpu", sample_every=8)
+    sampled.add(X)  # (512, 32): 64 tokens kept, as a copy that does not keep the batch alive
+    assert torch.equal(torch.cat(sampled.samples), X[::8])
+    assert sampled.samples[0].untyped_storage().nbytes() == 64 * 32 * 4
 
 
 def test_si_without_a_shift_gives_wandas_masks_exactly():
