@@ -272,6 +272,18 @@ def fixture_and_data(kind):
     return model, calib, lambda m: perplexity(m, ids, RUN["seqlen"], 8)
 
 
+def random_block(name, windows, seqlen):
+    """One decoder block of configs/NAME.json with random weights (float32), and `windows` x `seqlen` random
+    calibration ids: a real model's shapes for timing, where perplexity would mean nothing."""
+    with open(os.path.join(ROOT, "configs", f"{name}.json")) as f:
+        cfg = M.config_from_dict(dict(json.load(f), num_hidden_layers=1))
+    torch.manual_seed(0)
+    model = M.build_model(cfg).eval().requires_grad_(False)
+    for p in model.parameters():
+        p.normal_(0, 0.02)
+    return model, torch.randint(0, cfg.vocab_size, (windows, seqlen))
+
+
 def markers(name):
     """The lines between which a benchmark's tables stand in docs/methods.md."""
     return f"<!-- {name}:start -->", f"<!-- {name}:end -->"

@@ -8,7 +8,6 @@ and the tables of docs/methods.md.
 """
 
 import copy
-import json
 import os
 import sys
 import time
@@ -21,7 +20,6 @@ sys.path.insert(0, HERE)
 
 import bench  # noqa: E402
 import epts  # noqa: E402
-import model as M  # noqa: E402
 import prune  # noqa: E402
 
 PATTERNS = [(2, 4), (4, 8)]
@@ -64,13 +62,7 @@ def block_cost(name="llama-2-7b", repeat=3, windows=4, seqlen=128):
     """Seconds, best of `repeat`, for Wanda, RIA and EGGS 2:4 (and Wanda, RIA at 0.5) on one block of a real model's
     shape (random weights, float32): prune_model as a whole (its calibration pass of `windows` x `seqlen` tokens
     and the masks), and the masks of the block's layers alone (prune_layer, from the same statistics)."""
-    with open(os.path.join(bench.ROOT, "configs", f"{name}.json")) as f:
-        cfg = M.config_from_dict(dict(json.load(f), num_hidden_layers=1))
-    torch.manual_seed(0)
-    model = M.build_model(cfg).eval().requires_grad_(False)
-    for p in model.parameters():
-        p.normal_(0, 0.02)
-    calib = torch.randint(0, cfg.vocab_size, (windows, seqlen))
+    model, calib = bench.random_block(name, windows, seqlen)
     layers = model.blocks[0].linears()
     stats = {n: prune.InputStats(lin.in_features, False, "cpu") for n, lin in layers.items()}
     for s in stats.values():

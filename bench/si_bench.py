@@ -9,7 +9,6 @@ docs/methods.md.
     python bench/si_bench.py [--skip-7b]
 """
 
-import json
 import os
 import sys
 import tempfile
@@ -23,7 +22,6 @@ sys.path.insert(0, HERE)
 
 import bench  # noqa: E402
 import epts  # noqa: E402
-import model as M  # noqa: E402
 import prune  # noqa: E402
 from eval import perplexity  # noqa: E402
 
@@ -78,13 +76,7 @@ def fixture_rows(kind):
 def block_cost(name="llama-2-7b", windows=4, seqlen=128):
     """Seconds of prune_model on one block of a real model's shape (random weights, float32) at 0.5, for each base
     method alone and with +si (its calibration pass of `windows` x `seqlen` tokens included)."""
-    with open(os.path.join(bench.ROOT, "configs", f"{name}.json")) as f:
-        cfg = M.config_from_dict(dict(json.load(f), num_hidden_layers=1))
-    torch.manual_seed(0)
-    model = M.build_model(cfg).eval().requires_grad_(False)
-    for p in model.parameters():
-        p.normal_(0, 0.02)
-    calib = torch.randint(0, cfg.vocab_size, (windows, seqlen))
+    model, calib = bench.random_block(name, windows, seqlen)
     times = {"block": f"{name}, {windows} x {seqlen} tokens"}
     for method in [m + si for m in BASES for si in ("", "+si")]:
         pruned = epts.prunable_copy(model)
