@@ -1074,21 +1074,14 @@ def parse_args(argv):
     if any(t not in TASKS for t in tasks):
         p.error(f"--tasks: unknown task {', '.join(t for t in tasks if t not in TASKS)}; choose from "
                 f"{', '.join(sorted(TASKS))}")
-    if a.eggs_diagonals < 0 or not math.isfinite(a.ria_alpha):
-        p.error("--eggs-diagonals must be >= 0 and --ria-alpha a finite number")
-    if not 0 <= a.rank_ratio < 1 or a.alternations < 1:
-        p.error(f"--rank-ratio {a.rank_ratio} must lie in [0, 1) and --alternations be >= 1")
-    si_bad = [f"--si-{name} {v}" for name, v, ok in (
-        ("epochs", a.si_epochs, a.si_epochs >= 1), ("lr", a.si_lr, a.si_lr > 0),
-        ("lambda", a.si_lambda, a.si_lambda >= 0), ("alpha", a.si_alpha, a.si_alpha >= 0),
-        ("p", a.si_p, a.si_p > 0), ("clamp", a.si_clamp, a.si_clamp >= 1))
-        if not (ok and math.isfinite(v))]
-    if si_bad:
-        p.error(f"{si_bad[0]}: Sparsity Induction needs --si-epochs >= 1, --si-lr > 0, --si-lambda >= 0, "
-                "--si-alpha >= 0, --si-p > 0 and --si-clamp >= 1, all finite")
-    pruning = prune.PruneConfig(ria_alpha=a.ria_alpha, eggs_diagonals=a.eggs_diagonals, rank_ratio=a.rank_ratio,
-                                alternations=a.alternations, si_epochs=a.si_epochs, si_lr=a.si_lr,
-                                si_lambda=a.si_lambda, si_alpha=a.si_alpha, si_p=a.si_p, si_clamp=a.si_clamp)
+    if a.si_epochs < 1:  # the library's 0 keeps the transform as initialised: not the method the flag names
+        p.error(f"--si-epochs {a.si_epochs} must be an integer >= 1")
+    try:
+        pruning = prune.PruneConfig(ria_alpha=a.ria_alpha, eggs_diagonals=a.eggs_diagonals, rank_ratio=a.rank_ratio,
+                                    alternations=a.alternations, si_epochs=a.si_epochs, si_lr=a.si_lr,
+                                    si_lambda=a.si_lambda, si_alpha=a.si_alpha, si_p=a.si_p, si_clamp=a.si_clamp)
+    except ValueError as e:
+        p.error(str(e))
     given = {k: v for k, v in vars(a).items() if k in Request.__dataclass_fields__}
     return Request(**dict(given, sparsities=sparsities, methods=methods, evals=a.eval, tasks=tasks,
                           pruning=pruning)), config

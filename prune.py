@@ -422,6 +422,26 @@ class PruneConfig:
     si_clamp: float = 10.0  # Eq. 5's scales clamped into [1 / c, c] times their median (1: the shift alone)
     batch_size: int = 8  # calibration windows per forward pass
 
+    def __post_init__(self):
+        """Every setting in its range, or a ValueError naming it (as its command-line flag), before any work."""
+        checks = (("blocksize", self.blocksize >= 1, "an integer >= 1"),
+                  ("percdamp", self.percdamp >= 0, "a number >= 0"),
+                  ("ria_alpha", True, "a finite number"),
+                  ("eggs_diagonals", self.eggs_diagonals >= 0, "an integer >= 0"),
+                  ("rank_ratio", 0 <= self.rank_ratio < 1, "a number in [0, 1)"),
+                  ("alternations", self.alternations >= 1, "an integer >= 1"),
+                  ("si_epochs", self.si_epochs >= 0, "an integer >= 0"),  # 0: the transform as initialised
+                  ("si_lr", self.si_lr > 0, "a number > 0"),
+                  ("si_lambda", self.si_lambda >= 0, "a number >= 0"),
+                  ("si_alpha", self.si_alpha >= 0, "a number >= 0"),
+                  ("si_p", self.si_p > 0, "a number > 0"),
+                  ("si_clamp", self.si_clamp >= 1, "a number >= 1"),
+                  ("batch_size", self.batch_size >= 1, "an integer >= 1"))
+        for name, ok, rule in checks:
+            v = getattr(self, name)
+            if not (ok and math.isfinite(v) and (isinstance(v, int) or "integer" not in rule)):
+                raise ValueError(f"--{name.replace('_', '-')} {v!r} must be {rule}")
+
 
 BASELINES = ("magnitude", "wanda", "sparsegpt", "ria", "eggs", "sslc")
 SI_BASES = ("magnitude", "wanda", "sparsegpt", "ria", "eggs")  # "+si": Sparsity Induction before them

@@ -1433,17 +1433,32 @@ def test_main_refuses_missing_calibration_and_ambiguous_export(tmp_path):
         main(methods=["dense"], **dict(base, evals=[]))
 
 
+@pytest.mark.parametrize("setting,message", [
+    (dict(si_clamp=0.5), "--si-clamp 0.5 must be a number >= 1"),
+    (dict(si_lr=float("nan")), "--si-lr nan must be a number > 0"),
+    (dict(alternations=2.0), "--alternations 2.0 must be an integer >= 1"),
+    (dict(ria_alpha=float("inf")), "--ria-alpha inf must be a finite number"),
+    (dict(eggs_diagonals=-1), "--eggs-diagonals -1 must be an integer >= 0"),
+])
+def test_prune_config_refuses_a_setting_out_of_range(setting, message):
+    """A bad setting fails where PruneConfig is made, named as its flag, for the CLI and a library call alike."""
+    prune.PruneConfig()  # the defaults are in range
+    with pytest.raises(ValueError) as e:
+        prune.PruneConfig(**setting)
+    assert str(e.value) == message
+
+
 @pytest.mark.parametrize("args,message", [
     (["--bogus"], "unrecognized arguments: --bogus"),
     (["--methods", "dense,obs"], "unknown method obs"),
     (["--sparsities", "1.2"], "outside [0, 1)"),
     (["--sparsities", "3:2"], "0 < n < m"),
     (["--lr", "-1"], "--lr -1.0 must be a number >= 0"),
-    (["--rank-ratio", "1"], "--rank-ratio 1.0 must lie in [0, 1)"),
-    (["--alternations", "0"], "--alternations be >= 1"),
+    (["--rank-ratio", "1"], "--rank-ratio 1.0 must be a number in [0, 1)"),
+    (["--alternations", "0"], "--alternations 0 must be an integer >= 1"),
     (["--methods", "epts+si"], "it applies to magnitude, wanda, sparsegpt, ria, eggs, not epts"),
-    (["--si-lambda", "-1"], "--si-lambda -1.0: Sparsity Induction needs"),
-    (["--si-epochs", "0"], "--si-epochs 0: Sparsity Induction needs"),
+    (["--si-lambda", "-1"], "--si-lambda -1.0 must be a number >= 0"),
+    (["--si-epochs", "0"], "--si-epochs 0 must be an integer >= 1"),
     (["--ckpt", "/nonexistent/model"], "does not exist"),
     (["--ckpt", "{tmp}"], "no config.json"),
     (["--ckpt", "{bad_type}"], "model_type 'bert' is not supported"),
