@@ -423,7 +423,7 @@ class PruneConfig:
     batch_size: int = 8  # calibration windows per forward pass
 
     def __post_init__(self):
-        """Every setting in its range, or a ValueError naming it (as its command-line flag), before any work."""
+        """Every setting in its range, or a ValueError naming it (as its command-line flag where it has one)."""
         checks = (("blocksize", self.blocksize >= 1, "an integer >= 1"),
                   ("percdamp", self.percdamp >= 0, "a number >= 0"),
                   ("ria_alpha", True, "a finite number"),
@@ -440,7 +440,8 @@ class PruneConfig:
         for name, ok, rule in checks:
             v = getattr(self, name)
             if not (ok and math.isfinite(v) and (isinstance(v, int) or "integer" not in rule)):
-                raise ValueError(f"--{name.replace('_', '-')} {v!r} must be {rule}")
+                flagless = name in ("blocksize", "percdamp", "batch_size")
+                raise ValueError(f"{name if flagless else '--' + name.replace('_', '-')} {v!r} must be {rule}")
 
 
 BASELINES = ("magnitude", "wanda", "sparsegpt", "ria", "eggs", "sslc")

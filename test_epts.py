@@ -1439,6 +1439,7 @@ def test_main_refuses_missing_calibration_and_ambiguous_export(tmp_path):
     (dict(alternations=2.0), "--alternations 2.0 must be an integer >= 1"),
     (dict(ria_alpha=float("inf")), "--ria-alpha inf must be a finite number"),
     (dict(eggs_diagonals=-1), "--eggs-diagonals -1 must be an integer >= 0"),
+    (dict(batch_size=0), "batch_size 0 must be an integer >= 1"),  # no flag: --batch-size is EPTS's
 ])
 def test_prune_config_refuses_a_setting_out_of_range(setting, message):
     """A bad setting fails where PruneConfig is made, named as its flag, for the CLI and a library call alike."""
