@@ -1,7 +1,7 @@
 """
 Sparsity Induction on the bench fixtures: magnitude, Wanda and SparseGPT alone, with +si (defaults: Eq. 5's
-scales clamped to 10x their median, and the shift), and with the shift alone (--si-clamp 1), at 0.5, 0.7 and
-2:4, with the pruning time per block, Wanda with the mean bias correction alone, and one EPTS run's time on
+scales clamped to 10x their median, and the shift), with the scales clamped to 2x and 4x, and with the shift
+alone (--si-clamp 1), at 0.5, 0.7 and 2:4, with the pruning time per block, Wanda with the mean bias correction alone, and one EPTS run's time on
 the same calibration windows; then the time
 +si adds to one LLaMA-2-7B-shaped block (random weights, CPU). Writes bench/si_results.json and the tables of
 docs/methods.md.
@@ -27,7 +27,9 @@ from eval import perplexity  # noqa: E402
 
 SPARSITIES = [0.5, 0.7, (2, 4)]
 BASES = ["magnitude", "wanda", "sparsegpt"]
-VARIANTS = [("", prune.PruneConfig()), ("+si", prune.PruneConfig()), ("+si shift only", prune.PruneConfig(si_clamp=1))]
+VARIANTS = [("", prune.PruneConfig()), ("+si shift only", prune.PruneConfig(si_clamp=1)),  # clamp 1: no scales
+            ("+si clamp 2", prune.PruneConfig(si_clamp=2)), ("+si clamp 4", prune.PruneConfig(si_clamp=4)),
+            ("+si", prune.PruneConfig())]  # the defaults: clamp 10
 
 
 @torch.no_grad()
