@@ -306,6 +306,10 @@ class InputStats:
         self.n += x.shape[0]
 
     @property
+    def mean(self):
+        return self.sum / self.n  # E[X_j] over all calibration tokens
+
+    @property
     def act_norm(self):
         return self.sq.sqrt()  # ||X_j||_2 over all calibration tokens
 
@@ -573,8 +577,8 @@ def si_init(block, pairs, stats, clamp):
             scales[name] = torch.ones(size, device=device_of(block))
             continue
         module, index = inputs[0]
-        x, st = torch.cat(stats[module].samples), stats[module]
-        v = (x.median(0).values - st.sum / st.n) ** 2  # (in,)
+        x = torch.cat(stats[module].samples)  # (tokens / sample_every, in)
+        v = (x.median(0).values - stats[module].mean) ** 2  # (in,)
         if index is not None:
             v = v.new_zeros(size).index_add_(0, index, v) / v.new_zeros(size).index_add_(0, index, torch.ones_like(v))
         scales[name] = (v / v.median().clamp_min(1e-30)).clamp(1 / clamp, clamp)
@@ -603,7 +607,7 @@ def induce_and_prune(block, X, Y, stats, method, sparsity, config):
     for n, lin in layers.items():
         lin.bias = torch.nn.Parameter(b[n].to(W[n].dtype), requires_grad=False)
     log_s = {g: s.log().requires_grad_() for g, s in si_init(block, pairs, stats, config.si_clamp).items()}
-    delta = {n: (stats[n].sum / stats[n].n).requires_grad_() for n in layers}  # the optimum for a fixed mask
+    delta = {n: stats[n].mean.requires_grad_() for n in layers}  # the optimum for a fixed mask
     abs_W = {n: (W[n].float().abs() ** p, torch.linalg.vector_norm(W[n].float(), p)) for n in layers}
     opt = torch.optim.Adam([*log_s.values(), *delta.values()], lr=config.si_lr)
     proxy, gen = "wanda" if method == "sparsegpt" else method, torch.Generator().manual_seed(0)

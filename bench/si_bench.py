@@ -1,10 +1,9 @@
 """
 Sparsity Induction on the bench fixtures: magnitude, Wanda and SparseGPT alone, with +si (defaults: Eq. 5's
 scales clamped to 10x their median, and the shift), with the scales clamped to 2x and 4x, and with the shift
-alone (--si-clamp 1), at 0.5, 0.7 and 2:4, with the pruning time per block, Wanda with the mean bias correction alone, and one EPTS run's time on
-the same calibration windows; then the time
-+si adds to one LLaMA-2-7B-shaped block (random weights, CPU). Writes bench/si_results.json and the tables of
-docs/methods.md.
+alone (--si-clamp 1), at 0.5, 0.7 and 2:4, with the pruning time per block; Wanda with the mean bias correction
+alone; one EPTS run's time on the same calibration windows; then the time +si adds to one LLaMA-2-7B-shaped
+block (random weights, CPU). Writes bench/si_results.json and the tables of docs/methods.md.
 
     python bench/si_bench.py [--skip-7b]
 """
@@ -44,7 +43,7 @@ def mean_corrected_wanda(model, calib, s):
             W = lin.weight.clone()
             prune.prune_layer("wanda", lin, stats[n], s, prune.PruneConfig())
             b = torch.zeros(lin.out_features) if lin.bias is None else lin.bias
-            lin.bias = torch.nn.Parameter(b + (W - lin.weight) @ (stats[n].sum / stats[n].n), requires_grad=False)
+            lin.bias = torch.nn.Parameter(b + (W - lin.weight) @ stats[n].mean, requires_grad=False)
         X = prune.run_block(block, X, "cpu", 8)
     return model
 
