@@ -284,6 +284,14 @@ def random_block(name, windows, seqlen):
     return model, torch.randint(0, cfg.vocab_size, (windows, seqlen))
 
 
+
+def prune_seconds(model, method, sparsity, calib):
+    """Seconds of prune_model(method) on a copy of `model`, its calibration pass over `calib` included."""
+    pruned = epts.prunable_copy(model)
+    t0 = time.time()
+    prune.prune_model(pruned, method, sparsity, calib)
+    return time.time() - t0
+
 def markers(name):
     """The lines between which a benchmark's tables stand in docs/methods.md."""
     return f"<!-- {name}:start -->", f"<!-- {name}:end -->"

@@ -71,10 +71,7 @@ def block_cost(name="llama-2-7b", repeat=3, windows=4, seqlen=128):
     for method, s in (("wanda", (2, 4)), ("ria", (2, 4)), ("eggs", (2, 4)), ("wanda", 0.5), ("ria", 0.5)):
         whole = masks = float("inf")
         for _ in range(repeat):
-            pruned = epts.prunable_copy(model)
-            t0 = time.time()
-            prune.prune_model(pruned, method, s, calib)
-            whole = min(whole, time.time() - t0)
+            whole = min(whole, bench.prune_seconds(model, method, s, calib))
             copies = {n: copy.deepcopy(lin) for n, lin in layers.items()}
             t0 = time.time()
             with torch.no_grad():

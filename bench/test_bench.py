@@ -143,10 +143,12 @@ def test_sslc_bench_tables():
             {"method": "wanda", "sparsity": 0.5, "rank_ratio": None, "alternations": None, "block_s": 0.1,
              "kept": 0.5, "ppl": 12.0}]
     table = sslc_bench.tables({"fixtures": {"opt": rows},
-                               "real_shape": {"layer": "x", "sslc_s": 30.0, "alternations": 20, "sparsegpt_s": 3.0}})
+                               "real_shape": {"layer": "x", "sslc_s": 30.0, "alternations": 20, "sparsegpt_s": 3.0,
+                                              "one_block": {"block": "b", "sslc": 60.0, "sparsegpt": 12.0}}})
     assert "| opt | 0.5 | sslc | 0.25 | 20 | 11.00 | 1.50 | 49.9 % |" in table
     assert "| opt | 0.5 | wanda | — | — | 12.00 | 0.10 | 50.0 % |" in table
     assert "| x | 30.0 s (20 alternations) | 3.0 s | 10.0 |" in table
+    assert "| one b block (calibration pass included) | 60.0 s | 12.0 s | 5.0 |" in table
 
 
 def test_si_bench_mean_bias_and_tables():
