@@ -174,6 +174,8 @@ def sparsegpt_prune(W, H, sparsity, blocksize=128, percdamp=0.01):
     W[:, dead] = 0
     Hinv = damped_hinv_chol(H, percdamp)  # (in, in), upper triangular
     nm = sparsity if isinstance(sparsity, tuple) else None
+    if nm is not None:  # whole runs of m inputs in every lazy batch (2:12 would split 128 columns into 10 2/3 runs)
+        blocksize = max(1, blocksize // nm[1]) * nm[1]
 
     for i1 in range(0, in_f, blocksize):
         i2 = min(i1 + blocksize, in_f)

@@ -854,6 +854,18 @@ def test_sparsegpt_sparsity_and_identity_at_zero():
     assert ((nm != 0).view(32, 16, 4).sum(-1) == 2).all()
 
 
+def test_sparsegpt_nm_whose_m_does_not_divide_the_lazy_batch():
+    """2:12 and 2:24 with a lazy batch of 16 columns (16 is no multiple of 12 and less than 24): every run of m
+    inputs keeps exactly n, and the result is the one-batch result (the lazy update is exact, whatever the width)."""
+    W, X = correlated_layer(1, n_in=72)  # runs of 12 and of 24
+    stats = prune.InputStats(72, True, "cpu")
+    stats.add(X)
+    for n, m in ((2, 12), (2, 24)):
+        nm = prune.sparsegpt_prune(W, stats.H, (n, m), blocksize=16)
+        assert ((nm != 0).view(32, 72 // m, m).sum(-1) == n).all()
+        torch.testing.assert_close(nm, prune.sparsegpt_prune(W, stats.H, (n, m), blocksize=72), rtol=1e-4, atol=1e-5)
+
+
 def test_hessian_accumulates_over_batches_like_one_shot():
     """H from several batches equals 2/n X^T X computed at once."""
     X = torch.randn(3, 50, 16)
