@@ -456,8 +456,9 @@ def block_record(layers, use_adapter0, act_norms, losses):
 
 
 def restore_layers(block, rec, n_groups, rank):
-    layers = elastic_layers(block, {n: a.to(prune.device_of(block)) for n, a in rec["act_norm"].items()}, n_groups,
-                            rank)
+    act_norms = {n: a.to(prune.device_of(block)) for n, a in rec["act_norm"].items()}
+    # a generator of its own for the initial draws the record overwrites: deploy leaves torch's global one alone
+    layers = elastic_layers(block, act_norms, n_groups, rank, generator=torch.Generator())
     for name, layer in layers.items():
         layer.A.data.copy_(rec["A"][name])
         layer.B.data.copy_(rec["B"][name])

@@ -1268,6 +1268,10 @@ def test_deploy_honours_the_low_group_flag(tmp_path):
                  for block, dep, norm in zip(model.blocks, deployed.blocks, norms)
                  for name, lin in block.linears().items()]
         assert all(plain) if not flag else not any(plain)
+    fresh = tiny_llama()
+    state = torch.get_rng_state()  # and deploying draws nothing from torch's global generator
+    epts.deploy(fresh, elastic, 0.5)
+    assert torch.equal(torch.get_rng_state(), state)
 
 
 def interrupt_after_first_block(monkeypatch, blocks=1):
