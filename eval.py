@@ -10,6 +10,45 @@ import torch
 import torch.nn.functional as F
 
 
+def runs_on(model, device):
+    """Whether the model's weights are on `device`; if not (--offload: in CPU memory), its blocks visit `device`."""
+    return next(model.parameters()).device == torch.empty(0, device=device).device
+
+
+@torch.no_grad()
+def final_states(model, batches, device, state_bytes=2**33):
+    """model.hidden(x) (B, T, C) for each batch of ids x, in order, on `device`.
+
+    A model that lives elsewhere (in CPU memory, --offload) never moves to `device` whole: the batches' states wait
+    in CPU memory (at most `state_bytes` at a time) and each block visits `device` once for all of them, as in
+    pruning; the embeddings and head (small) stay on `device` meanwhile, for the caller's model.head.
+    """
+    if runs_on(model, device):
+        yield from (model.hidden(x.to(device)) for x in batches)
+        return
+    home = next(model.parameters()).device
+    token_bytes = model.cfg.hidden_size * next(model.parameters()).element_size()
+    try:
+        for name, child in model.named_children():
+            if name != "blocks":
+                child.to(device)
+        group, size = [], 0
+        for i, x in enumerate(batches):
+            group.append(x)
+            size += x.numel() * token_bytes
+            if size >= state_bytes or i == len(batches) - 1:
+                states = [model.embed(x.to(device)).to(home) for x in group]  # each (B, T, C)
+                for block in model.blocks:
+                    block.to(device)
+                    for j, h in enumerate(states):
+                        states[j] = block(h.to(device)).to(home)
+                    block.to(home)
+                yield from (h.to(device) for h in states)
+                group, size = [], 0
+    finally:
+        model.to(home)
+
+
 @torch.no_grad()
 def perplexity(model, ids, seqlen, batch_size=4, device="cpu", logit_bytes=2**28):
     """exp(mean NLL) over every predicted token of the non-overlapping `seqlen` windows of `ids` (1-D).
@@ -19,14 +58,12 @@ def perplexity(model, ids, seqlen, batch_size=4, device="cpu", logit_bytes=2**28
     float32): with a 128k vocabulary the whole batch's logits would take 4 GiB at B=4, T=2048.
     """
     n = len(ids) // seqlen
-    windows = ids[: n * seqlen].view(n, seqlen)  # (n, T)
+    batches = ids[: n * seqlen].view(n, seqlen).split(batch_size)  # each (B, T)
     chunk = max(1, logit_bytes // (4 * model.lm_head.weight.shape[0]))  # tokens per slice of logits
     nll, count = torch.zeros((), dtype=torch.float64), 0
-    for i in range(0, n, batch_size):
-        x = windows[i:i + batch_size].to(device)  # (B, T)
-        h = model.hidden(x)
+    for h, x in zip(final_states(model, batches, device), batches):  # final_states first: zip runs it to its end
         h = h[:, :-1].reshape(-1, h.shape[-1])  # (B*(T-1), C): every position that predicts a token
-        targets = x[:, 1:].reshape(-1)  # (B*(T-1),)
+        targets = x[:, 1:].reshape(-1).to(device)  # (B*(T-1),)
         for j in range(0, len(targets), chunk):
             logits = model.head(h[j:j + chunk]).float()  # (chunk, V)
             nll += F.cross_entropy(logits, targets[j:j + chunk], reduction="sum").double().cpu()
@@ -157,16 +194,18 @@ def loglikelihoods(model, pairs, tok, device="cpu", batch_size=8, max_len=None):
     max_len = max_len or min(2048, model.cfg.max_position_embeddings)
     encoded = [encode_pair(tok, c, x) for c, x in pairs]
     order = sorted(range(len(pairs)), key=lambda i: -sum(map(len, encoded[i])))
-    out = [0.0] * len(pairs)
+    batches, inputs = [], []  # per batch: (pair indices, token rows, each continuation's start); ids (B, T)
     for b in range(0, len(order), batch_size):
         batch = order[b:b + batch_size]
         rows = [(encoded[i][0] + encoded[i][1])[-(max_len + 1):] for i in batch]
         starts = [max(1, len(row) - len(encoded[i][1])) for row, i in zip(rows, batch)]  # continuation's first
-        T = max(len(row) for row in rows) - 1
-        idx = torch.zeros(len(rows), T, dtype=torch.long)
+        idx = torch.zeros(len(rows), max(len(row) for row in rows) - 1, dtype=torch.long)
         for j, row in enumerate(rows):
             idx[j, :len(row) - 1] = torch.tensor(row[:-1])
-        h = model.hidden(idx.to(device))
+        batches.append((batch, rows, starts))
+        inputs.append(idx)
+    out = [0.0] * len(pairs)
+    for h, (batch, rows, starts) in zip(final_states(model, inputs, device), batches):
         for j, (row, start) in enumerate(zip(rows, starts)):
             logp = model.head(h[j, start - 1:len(row) - 1]).float().log_softmax(-1)  # (n_cont, V)
             target = torch.tensor(row[start:], device=logp.device)
