@@ -12,6 +12,7 @@ import json
 import os
 import random
 import sys
+import unicodedata
 
 import torch
 
@@ -230,7 +231,11 @@ class BPETokenizer:
         self.bos_id = bos_id
         self.vocab_size = max(vocab.values()) + 1  # ids run to here; the model must have as many rows
 
+    normal_form = None  # tokenizer.json's Unicode normalizer (Qwen's: "NFC"), applied before the regex split
+
     def encode(self, text, bos=True):
+        if self.normal_form:
+            text = unicodedata.normalize(self.normal_form, text)
         data = text.encode("utf-8", "surrogatepass")
         if self.missing and len(data.translate(None, self.missing)) < len(data):
             ranks = self.encode_around_missing(text)
@@ -280,6 +285,19 @@ def find_split_pattern(pre):
     return None
 
 
+def normal_form(normalizer, name):
+    """The Unicode form of a tokenizer.json normalizer: None for none, "NFC" etc.; any other normalizer would change
+    the text in ways we do not reproduce, so it is refused rather than encoded differently from the model's."""
+    steps = [] if normalizer is None else [normalizer]
+    if isinstance(normalizer, dict) and normalizer.get("type") == "Sequence":
+        steps = normalizer.get("normalizers") or []
+    forms = [step.get("type") if isinstance(step, dict) else step for step in steps]
+    if len(forms) > 1 or any(f not in ("NFC", "NFKC", "NFD", "NFKD") for f in forms):
+        raise DataError(f"{name}: its normalizer {normalizer!r} is not supported here (supported: none, or one of "
+                        "NFC, NFKC, NFD, NFKD).")
+    return forms[0] if forms else None
+
+
 def load_tokenizer(ckpt_dir, bos_id):
     """The tokenizer in `ckpt_dir`: tokenizer.model, tokenizer.json (BPE), or vocab.json + merges.txt."""
     path = lambda name: os.path.join(ckpt_dir, name)  # noqa: E731
@@ -308,8 +326,11 @@ def load_tokenizer(ckpt_dir, bos_id):
         except (KeyError, TypeError, ValueError, AssertionError) as e:
             raise DataError(f"{path('tokenizer.json')}: its BPE model is malformed ({type(e).__name__}: {e}); "
                             "re-download the file.") from None
-        return BPETokenizer(vocab, merges, find_split_pattern(tj.get("pre_tokenizer")) or GPT2_PATTERN,
-                            bos_id, name=path("tokenizer.json"), unk=(m.get("unk_token"), bool(m.get("fuse_unk"))))
+        form = normal_form(tj.get("normalizer"), path("tokenizer.json"))
+        tok = BPETokenizer(vocab, merges, find_split_pattern(tj.get("pre_tokenizer")) or GPT2_PATTERN,
+                           bos_id, name=path("tokenizer.json"), unk=(m.get("unk_token"), bool(m.get("fuse_unk"))))
+        tok.normal_form = form
+        return tok
     if os.path.isfile(path("vocab.json")) and os.path.isfile(path("merges.txt")):
         files = f"{path('vocab.json')} + merges.txt"
         try:

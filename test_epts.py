@@ -191,6 +191,25 @@ def test_tokenizer_json_bpe_matches(tmp_path):
     assert ours.decode(ours.encode(TEXT)) == TEXT
 
 
+@pytest.mark.parametrize("normalizer", [{"type": "NFC"}, {"type": "Sequence", "normalizers": [{"type": "NFKC"}]}])
+def test_tokenizer_json_unicode_normalizer_is_applied(tmp_path, normalizer):
+    """Qwen's tokenizer.json normalises text to NFC before splitting it: decomposed accents and ligatures get the
+    library's ids; a normalizer we do not reproduce is refused, naming it."""
+    tokenizers = pytest.importorskip("tokenizers")
+    train_family_bpe(tmp_path, QWEN2_PATTERN, vocab_size=400, texts=[TEXT, "café Ångström ﬁne"] * 5)
+    tj = json.loads((tmp_path / "tokenizer.json").read_text())
+    tj["normalizer"] = normalizer
+    (tmp_path / "tokenizer.json").write_text(json.dumps(tj))
+    ref, ours = tokenizers.Tokenizer.from_file(str(tmp_path / "tokenizer.json")), data.load_tokenizer(str(tmp_path), 0)
+    text = "cafe\u0301 A\u030angstro\u0308m \ufb01ne, " + TEXT  # decomposed é, Å, ö and the ligature fi
+    assert ours.encode(text, bos=False) == ref.encode(text).ids
+    ours.normal_form = None  # the same text unnormalised: other ids, so the check above has something to check
+    assert ours.encode(text, bos=False) != ref.encode(text).ids
+    tj["normalizer"] = {"type": "Lowercase"}
+    (tmp_path / "tokenizer.json").write_text(json.dumps(tj))
+    with pytest.raises(data.DataError, match="normalizer .*Lowercase.* is not supported"):
+        data.load_tokenizer(str(tmp_path), 0)
+
 # text with bytes that a tokenizer trained without them has no token for: control bytes, and characters
 # whose UTF-8 needs lead bytes (0xF1, 0xF2, 0xF5-0xFF never occur in valid UTF-8) the training text lacked
 RARE = "tab\x04le \x06x\x13\x14y \x16\x1dz ab\x04cd !!\x04!! \U00040000 \U00080000 é ü"
