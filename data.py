@@ -141,8 +141,7 @@ def calibration(path, tok, nsamples, seqlen, seed):
 
 
 # -----------------------------------------------------------------------------
-# tokenizers: encode(text) -> ids (with the model's BOS, if it has one: Qwen2/3 configs say bos_token_id null),
-# decode(ids) -> text
+# tokenizers: encode(text) -> ids (with a BOS where the model's own tokenizer puts one), decode(ids) -> text
 
 # the pre-tokenisation regex of GPT-2's byte-level BPE (OPT uses it too)
 GPT2_PATTERN = r"""'s|'t|'re|'ve|'m|'ll|'d| ?\p{L}+| ?\p{N}+| ?[^\s\p{L}\p{N}]+|\s+(?!\S)|\s+"""
@@ -298,8 +297,21 @@ def normal_form(normalizer, name):
     return forms[0] if forms else None
 
 
+def template_bos(post_processor):
+    """The id a tokenizer.json's post-processor puts before every text, as transformers applies it: the leading
+    special token of its TemplateProcessing (LLaMA-3's <|begin_of_text|>), or None (Qwen2/3 and SmolLM have none)."""
+    steps = [post_processor] if isinstance(post_processor, dict) else []
+    if steps and post_processor.get("type") == "Sequence":
+        steps = post_processor["processors"]
+    for step in steps:
+        if step.get("type") == "TemplateProcessing" and "SpecialToken" in step["single"][0]:
+            return step["special_tokens"][step["single"][0]["SpecialToken"]["id"]]["ids"][0]
+    return None
+
+
 def load_tokenizer(ckpt_dir, bos_id):
-    """The tokenizer in `ckpt_dir`: tokenizer.model, tokenizer.json (BPE), or vocab.json + merges.txt."""
+    """The tokenizer in `ckpt_dir`: tokenizer.model, tokenizer.json (BPE), or vocab.json + merges.txt. The first
+    and last prepend `bos_id` (the config's; None: nothing), tokenizer.json what its own post-processor puts."""
     path = lambda name: os.path.join(ckpt_dir, name)  # noqa: E731
     if os.path.isfile(path("tokenizer.model")):
         return SentencePieceTokenizer(path("tokenizer.model"), bos_id)
@@ -323,7 +335,8 @@ def load_tokenizer(ckpt_dir, bos_id):
                 "every merge must be two strings"
             assert vocab and all(isinstance(i, int) and not isinstance(i, bool) and i >= 0 for i in vocab.values()), \
                 "the vocabulary must map tokens to ids >= 0, and hold at least one"
-        except (KeyError, TypeError, ValueError, AssertionError) as e:
+            bos_id = template_bos(tj.get("post_processor"))
+        except (KeyError, TypeError, ValueError, AssertionError, AttributeError, IndexError) as e:
             raise DataError(f"{path('tokenizer.json')}: its BPE model is malformed ({type(e).__name__}: {e}); "
                             "re-download the file.") from None
         form = normal_form(tj.get("normalizer"), path("tokenizer.json"))

@@ -191,6 +191,29 @@ def test_tokenizer_json_bpe_matches(tmp_path):
     assert ours.decode(ours.encode(TEXT)) == TEXT
 
 
+@needs_transformers
+@pytest.mark.parametrize("template", [True, False])
+def test_tokenizer_json_bos_is_what_its_post_processor_puts(tmp_path, template):
+    """A tokenizer.json prepends the special token its post-processor's template puts first (LLaMA-3's
+    <|begin_of_text|>), and nothing without one (Qwen2/3, SmolLM, whose configs still name a bos_token_id):
+    transformers' ids either way, never the config's id."""
+    train_family_bpe(tmp_path, LLAMA3_PATTERN, special=("<|begin_of_text|>", "<|end_of_text|>"))
+    tj = json.loads((tmp_path / "tokenizer.json").read_text())
+    bos = tj["model"]["vocab"]["<|begin_of_text|>"]
+    first = {"SpecialToken": {"id": "<|begin_of_text|>", "type_id": 0}}
+    tj["post_processor"] = {"type": "Sequence", "processors": [
+        {"type": "ByteLevel", "add_prefix_space": False, "trim_offsets": False, "use_regex": False},
+        {"type": "TemplateProcessing", "single": [first, {"Sequence": {"id": "A", "type_id": 0}}],
+         "pair": [first, {"Sequence": {"id": "A", "type_id": 0}}, {"Sequence": {"id": "B", "type_id": 1}}],
+         "special_tokens": {"<|begin_of_text|>": {"id": "<|begin_of_text|>", "ids": [bos],
+                                                  "tokens": ["<|begin_of_text|>"]}}},
+    ][:2 if template else 1]}
+    (tmp_path / "tokenizer.json").write_text(json.dumps(tj))
+    ref = transformers.PreTrainedTokenizerFast(tokenizer_file=str(tmp_path / "tokenizer.json"))
+    ours = data.load_tokenizer(str(tmp_path), bos_id=bos + 1)  # the config's id, which tokenizer.json overrides
+    assert ours.encode(TEXT) == ref(TEXT)["input_ids"]
+    assert ours.bos_id == (bos if template else None)
+
 @pytest.mark.parametrize("normalizer", [{"type": "NFC"}, {"type": "Sequence", "normalizers": [{"type": "NFKC"}]}])
 def test_tokenizer_json_unicode_normalizer_is_applied(tmp_path, normalizer):
     """Qwen's tokenizer.json normalises text to NFC before splitting it: decomposed accents and ligatures get the
