@@ -173,6 +173,7 @@ class LlamaConfig:
     qkv_bias: bool = False  # biases on q, k, v only (Qwen2)
     qk_norm: bool = False  # RMSNorm over each head of q and k before RoPE (Qwen3)
     mlp_bias: bool = False
+    hidden_act: str = "silu"  # SwiGLU's gate; every supported release has silu
     tie_word_embeddings: bool = False
     bos_token_id: int = 1
     eos_token_id: int = 2
@@ -190,6 +191,8 @@ class LlamaConfig:
         check_positive("rms_norm_eps", self.rms_norm_eps)
         check_rope_scaling(self.rope_scaling)
         check_token_ids(self)
+        if self.hidden_act != "silu":
+            raise UserError(f"config.json: hidden_act {self.hidden_act!r} is not supported (supported: silu).")
         if self.num_attention_heads % self.num_key_value_heads:
             raise UserError(f"config.json: num_attention_heads={self.num_attention_heads} is not a multiple of "
                             f"num_key_value_heads={self.num_key_value_heads}; the checkpoint's config is inconsistent.")
@@ -829,7 +832,8 @@ def default_dtype(cfg, device):
 
 
 def check_seqlen(cfg, seqlen):
-    """At least two tokens per window (one to predict); OPT has no positions past its table, LLaMA extrapolates."""
+    """At least two tokens per window (one to predict); OPT has no positions past its table, LLaMA extrapolates;
+    a sliding attention window (not implemented) shorter than seqlen is warned about."""
     if seqlen < 2:
         raise UserError(f"--seqlen {seqlen} leaves no token to predict; use at least 2 (2048 is the convention).")
     if seqlen > cfg.max_position_embeddings:
@@ -838,6 +842,11 @@ def check_seqlen(cfg, seqlen):
                             f"positions; use --seqlen {cfg.max_position_embeddings} or less.")
         print(f"warning: --seqlen {seqlen} is longer than the model's max_position_embeddings "
               f"({cfg.max_position_embeddings}); RoPE extrapolates beyond what the model was trained on",
+              file=sys.stderr)
+    window = cfg.raw.get("sliding_window")  # Mistral-7B-v0.1's 4096; Qwen2/3's only with use_sliding_window
+    if window and seqlen > window and (cfg.raw.get("model_type") == "mistral" or cfg.raw.get("use_sliding_window")):
+        print(f"warning: --seqlen {seqlen} is longer than the model's sliding attention window ({window} tokens), "
+              "which is not implemented here: tokens past it attend to the whole window, unlike the reference",
               file=sys.stderr)
 
 

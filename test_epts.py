@@ -1878,6 +1878,14 @@ def test_warnings_and_rows_the_user_must_see(tiny, tmp_path, capsys):
     assert main(**dict(tiny, methods=["dense"], seqlen=None))["seqlen"] == 8  # min(2048, positions)
     with pytest.raises(UserError, match="longer than OPT's 8 learned positions"):
         M.check_seqlen(M.config_from_dict(dict(SMALL["opt"], max_position_embeddings=8)), 16)
+    for raw, warned in ((dict(cfg, model_type="mistral", sliding_window=8), True),
+                        (dict(cfg, model_type="qwen2", sliding_window=8, use_sliding_window=False), False),
+                        (dict(cfg, model_type="qwen2", sliding_window=8, use_sliding_window=True), True),
+                        (dict(cfg, model_type="mistral", sliding_window=None), False),
+                        (dict(cfg, model_type="mistral", sliding_window=16), False)):  # a window as long as seqlen
+        M.check_seqlen(M.config_from_dict(dict(raw, max_position_embeddings=64)), 16)
+        err = capsys.readouterr().err
+        assert ("sliding attention window" in err) == warned and (not warned or "(8 tokens)" in err), raw
 
 
 @needs_transformers
@@ -1894,7 +1902,8 @@ def test_malformed_inputs_are_clear_errors(tiny, tmp_path):
                           "rope_scaling.low_freq_factor=None must be a positive number"),
                          (dict(rope_scaling={"rope_type": "yarn", "factor": 4.0}), "is not supported"),
                          (dict(bos_token_id=512), "bos_token_id=512 is not a token id below vocab_size=512"),
-                         (dict(eos_token_id=-1), "eos_token_id=-1 is not a token id")):
+                         (dict(eos_token_id=-1), "eos_token_id=-1 is not a token id"),
+                         (dict(hidden_act="gelu"), "hidden_act 'gelu' is not supported (supported: silu)")):
         with pytest.raises(UserError, match=re.escape(message)):
             M.config_from_dict(dict(base, **bad))
     path = str(tmp_path / "x.safetensors")
