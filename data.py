@@ -145,6 +145,10 @@ def calibration(path, tok, nsamples, seqlen, seed):
 
 # the pre-tokenisation regex of GPT-2's byte-level BPE (OPT uses it too)
 GPT2_PATTERN = r"""'s|'t|'re|'ve|'m|'ll|'d| ?\p{L}+| ?\p{N}+| ?[^\s\p{L}\p{N}]+|\s+(?!\S)|\s+"""
+# the same after a Digits step (SmolLM) cut the text at every digit (or run of digits): a digit takes no space
+# before it, and spaces before a digit end their piece as at the end of the text
+DIGITS_PATTERNS = {individual: GPT2_PATTERN.replace(r" ?\p{N}+", r"\p{N}" if individual else r"\p{N}+")
+                   .replace(r"\s+(?!\S)", r"\s+(?![^\s\p{N}])") for individual in (True, False)}
 
 
 def bytes_to_unicode():
@@ -271,17 +275,23 @@ class BPETokenizer:
         return self.enc.decode(ranks)
 
 
-def find_split_pattern(pre):
-    """The regex of a tokenizer.json `Split` pre-tokenizer (LLaMA-3 uses its own), if any."""
-    if not isinstance(pre, dict):
-        return None
-    if pre.get("type") == "Split":
-        return pre.get("pattern", {}).get("Regex")
-    for p in pre.get("pretokenizers", []):
-        found = find_split_pattern(p)
-        if found:
-            return found
-    return None
+def split_pattern(pre, name):
+    """The regex that cuts text into pieces before BPE, from a tokenizer.json pre_tokenizer: its Split's regex
+    before a ByteLevel without its own (LLaMA-3, Qwen), GPT-2's for a ByteLevel alone, or GPT-2's adapted to a
+    Digits step before it (SmolLM). Any other pre-tokenizer would cut text in a way we do not reproduce: refused."""
+    steps = pre.get("pretokenizers") if isinstance(pre, dict) and pre.get("type") == "Sequence" else [pre]
+    kinds = tuple(step.get("type") if isinstance(step, dict) else None for step in steps or [])
+    byte_level = steps[-1] if kinds[-1:] == ("ByteLevel",) and not steps[-1].get("add_prefix_space") else None
+    own_regex = byte_level is not None and byte_level.get("use_regex", True)
+    if kinds == ("ByteLevel",) and own_regex:
+        return GPT2_PATTERN
+    if kinds == ("Digits", "ByteLevel") and own_regex:
+        return DIGITS_PATTERNS[bool(steps[0].get("individual_digits"))]
+    if kinds == ("Split", "ByteLevel") and byte_level and not own_regex and steps[0].get("behavior") == "Isolated" \
+            and not steps[0].get("invert") and "Regex" in steps[0].get("pattern", {}):
+        return steps[0]["pattern"]["Regex"]
+    raise DataError(f"{name}: its pre_tokenizer {pre!r} is not supported here (supported: a byte-level BPE's "
+                    "ByteLevel, alone or after a Split regex or a Digits step, without add_prefix_space).")
 
 
 def normal_form(normalizer, name):
@@ -340,8 +350,9 @@ def load_tokenizer(ckpt_dir, bos_id):
             raise DataError(f"{path('tokenizer.json')}: its BPE model is malformed ({type(e).__name__}: {e}); "
                             "re-download the file.") from None
         form = normal_form(tj.get("normalizer"), path("tokenizer.json"))
-        tok = BPETokenizer(vocab, merges, find_split_pattern(tj.get("pre_tokenizer")) or GPT2_PATTERN,
-                           bos_id, name=path("tokenizer.json"), unk=(m.get("unk_token"), bool(m.get("fuse_unk"))))
+        pattern = split_pattern(tj.get("pre_tokenizer"), path("tokenizer.json"))
+        tok = BPETokenizer(vocab, merges, pattern, bos_id, name=path("tokenizer.json"),
+                           unk=(m.get("unk_token"), bool(m.get("fuse_unk"))))
         tok.normal_form = form
         return tok
     if os.path.isfile(path("vocab.json")) and os.path.isfile(path("merges.txt")):

@@ -191,6 +191,32 @@ def test_tokenizer_json_bpe_matches(tmp_path):
     assert ours.decode(ours.encode(TEXT)) == TEXT
 
 
+@pytest.mark.parametrize("individual", [True, False])
+def test_tokenizer_json_digits_step_splits_as_smollms_does(tmp_path, individual):
+    """SmolLM's pre-tokenizer cuts the text at every digit before GPT-2's regex runs on each piece: digits take no
+    space before them and spaces before a digit stay one piece. The library's ids, on text where that matters;
+    a pre-tokenizer we do not reproduce is refused, naming it."""
+    tokenizers = pytest.importorskip("tokenizers")
+    pre = tokenizers.pre_tokenizers
+    tok = tokenizers.Tokenizer(tokenizers.models.BPE())
+    tok.pre_tokenizer = pre.ByteLevel(add_prefix_space=False)  # trained without the step: merges such as Ġ2, 20
+    texts = [TEXT, "in  2023 and   1999,  12 345 x1y22  7.5%  a  b"] * 5
+    tok.train_from_iterator(texts, tokenizers.trainers.BpeTrainer(vocab_size=400,
+                                                                  initial_alphabet=pre.ByteLevel.alphabet()))
+    tok.pre_tokenizer = pre.Sequence([pre.Digits(individual_digits=individual), pre.ByteLevel(add_prefix_space=False)])
+    tok.save(str(tmp_path / "tokenizer.json"))
+    ours = data.load_tokenizer(str(tmp_path), None)
+    text = "Year  2023, then   1999 x1y22  7.5%  12 345 in  a row.\n 42\n\n  7 " + TEXT
+    assert ours.encode(text) == tok.encode(text).ids
+    tj = json.loads((tmp_path / "tokenizer.json").read_text())
+    merges = [tuple(m) if isinstance(m, list) else tuple(m.split(" ")) for m in tj["model"]["merges"]]
+    gpt2 = data.BPETokenizer(tj["model"]["vocab"], merges, data.GPT2_PATTERN, None)
+    assert gpt2.encode(text) != tok.encode(text).ids  # GPT-2's regex alone cuts this text otherwise
+    tj["pre_tokenizer"]["pretokenizers"][0] = {"type": "Punctuation", "behavior": "Isolated"}
+    (tmp_path / "tokenizer.json").write_text(json.dumps(tj))
+    with pytest.raises(data.DataError, match="pre_tokenizer .*Punctuation.* is not supported"):
+        data.load_tokenizer(str(tmp_path), None)
+
 @needs_transformers
 @pytest.mark.parametrize("template", [True, False])
 def test_tokenizer_json_bos_is_what_its_post_processor_puts(tmp_path, template):
