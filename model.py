@@ -846,7 +846,7 @@ def check_seqlen(cfg, seqlen):
     window = cfg.raw.get("sliding_window")  # Mistral-7B-v0.1's 4096; Qwen2/3's only with use_sliding_window
     if window and seqlen > window and (cfg.raw.get("model_type") == "mistral" or cfg.raw.get("use_sliding_window")):
         print(f"warning: --seqlen {seqlen} is longer than the model's sliding attention window ({window} tokens), "
-              "which is not implemented here: tokens past it attend to the whole window, unlike the reference",
+              "which is not implemented here: tokens past it attend to every earlier token, unlike the reference",
               file=sys.stderr)
 
 
