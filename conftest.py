@@ -205,6 +205,18 @@ def write_real_shape(real_text, name, out_dir, n_blocks=1):
         shutil.copy(real_text / "sp" / "tokenizer.model", out_dir)
     else:
         train_family_bpe(out_dir, None if kind == "gpt2" else kind, texts=[(real_text / "corpus.txt").read_text()])
+    if kind not in ("sentencepiece", "gpt2"):  # what the releases' tokenizer.json add: Qwen's NFC, LLaMA-3's BOS
+        with open(os.path.join(out_dir, "tokenizer.json")) as f:
+            tj = json.load(f)
+        bos = {"SpecialToken": {"id": "<|begin_of_text|>", "type_id": 0}}
+        if name.startswith("qwen"):
+            tj["normalizer"] = {"type": "NFC"}
+        else:
+            tj["post_processor"] = {"type": "TemplateProcessing",
+                                    "single": [bos, {"Sequence": {"id": "A", "type_id": 0}}],
+                                    "special_tokens": {"<|begin_of_text|>": {"ids": [raw["bos_token_id"]]}}}
+        with open(os.path.join(out_dir, "tokenizer.json"), "w") as f:
+            json.dump(tj, f)
     return raw
 
 

@@ -1679,6 +1679,8 @@ def test_real_shape_checkpoint_runs_every_method_through_the_cli(real_text, tmp_
     exactly that sparse."""
     ckpt, run, exported = str(tmp_path / "ckpt"), str(tmp_path / "run"), str(tmp_path / "exp")
     raw = write_real_shape(real_text, name, ckpt)
+    tok = data.load_tokenizer(ckpt, raw["bos_token_id"])  # the family's BOS: Qwen's tokenizer adds none
+    assert tok.encode("x") == ([] if name.startswith("qwen") else [raw["bos_token_id"]]) + tok.encode("x", bos=False)
     common = ["--ckpt", ckpt, "--dtype", "bfloat16", "--seqlen", "32", "--eval", str(real_text / "eval.txt")]
     methods = REAL_SHAPES[name].split(",")
     r = cli(*common, "--methods", ",".join(methods), "--sparsities", "0.5", "--calib",
