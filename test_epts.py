@@ -217,6 +217,7 @@ def test_tokenizer_json_digits_step_splits_as_smollms_does(tmp_path, individual)
     with pytest.raises(data.DataError, match="pre_tokenizer .*Punctuation.* is not supported"):
         data.load_tokenizer(str(tmp_path), None)
 
+
 @needs_transformers
 @pytest.mark.parametrize("template", [True, False])
 def test_tokenizer_json_bos_is_what_its_post_processor_puts(tmp_path, template):
@@ -240,6 +241,7 @@ def test_tokenizer_json_bos_is_what_its_post_processor_puts(tmp_path, template):
     assert ours.encode(TEXT) == ref(TEXT)["input_ids"]
     assert ours.bos_id == (bos if template else None)
 
+
 @pytest.mark.parametrize("normalizer", [{"type": "NFC"}, {"type": "Sequence", "normalizers": [{"type": "NFKC"}]}])
 def test_tokenizer_json_unicode_normalizer_is_applied(tmp_path, normalizer):
     """Qwen's tokenizer.json normalises text to NFC before splitting it: decomposed accents and ligatures get the
@@ -258,6 +260,7 @@ def test_tokenizer_json_unicode_normalizer_is_applied(tmp_path, normalizer):
     (tmp_path / "tokenizer.json").write_text(json.dumps(tj))
     with pytest.raises(data.DataError, match="normalizer .*Lowercase.* is not supported"):
         data.load_tokenizer(str(tmp_path), 0)
+
 
 # text with bytes that a tokenizer trained without them has no token for: control bytes, and characters
 # whose UTF-8 needs lead bytes (0xF1, 0xF2, 0xF5-0xFF never occur in valid UTF-8) the training text lacked
@@ -1618,6 +1621,7 @@ def test_evaluation_of_a_model_elsewhere_runs_block_by_block(monkeypatch):
     states = list(eval_module.final_states(model, batches, "cpu", state_bytes=1))  # every batch its own group
     assert [m for m in moves if m in model.blocks] == [b for b in model.blocks for _ in range(2)] * 3
     assert all(torch.equal(h, model.hidden(x)) for h, x in zip(states, batches))
+
 
 def test_calibration_streams_go_to_cpu_when_they_would_not_fit(tmp_path, monkeypatch, capsys):
     """The placement rule, and that both drivers ask it with the right sizes and get the same embeddings."""
