@@ -503,7 +503,7 @@ def prune_model(model, method, sparsity, calib=None, device="cpu", config=PruneC
             stats = new_stats(block, base == "sparsegpt", device, every)
             Y = run_block(block, X, device, bs, stats)  # the dense block's outputs
         if si:
-            induce_and_prune(block, X, Y, stats, base, s, config)
+            induce_and_prune(block, (X, Y), stats, base, s, config)
         else:
             for name, lin in block.linears().items():
                 pruned = prune_layer(method, lin, stats.get(name), s, config)
@@ -540,8 +540,10 @@ def centred_stats(stats, delta, col):
     return SimpleNamespace(act_norm=sq.clamp_min(0).sqrt() / col, H=H)
 
 
-def si_prune_layer(method, W, stats, sparsity, row, col, delta, config):
-    """W (out, in) pruned by `method` in SI's basis and folded back: P (out, in) and the bias change (W - P) delta."""
+def si_prune_layer(method, W, stats, sparsity, basis, config):
+    """W (out, in) pruned by `method` in SI's basis = (row (out,), col (in,), delta (in,)) and folded back: P (out,
+    in) and the bias change (W - P) delta."""
+    row, col, delta = basis
     Wt = W.float() * row.view(-1, 1) * col
     Wt = prune_layer(method, SimpleNamespace(weight=Wt), centred_stats(stats, delta, col), sparsity, config).weight
     P = Wt / row.view(-1, 1) / col
@@ -597,12 +599,13 @@ def norm_term(abs_W, factors, p, alpha):
     return torch.exp(-alpha * total)
 
 
-def induce_and_prune(block, X, Y, stats, method, sparsity, config):
+def induce_and_prune(block, streams, stats, method, sparsity, config):
     """Sparsity Induction on one block, then `method` in its basis: the scales start at Eq. 5 and the shifts at
     the inputs' means; for si_epochs the masks are refreshed from the statistics (SparseGPT's from Wanda's score,
     its saliency with a diagonal H), then the scales and shifts take Adam steps on the block's output MSE
-    against the dense outputs Y plus si_lambda times the norm term. Leaves every Linear pruned, with a bias."""
-    layers, pairs, p = block.linears(), scale_pairs_on(block), config.si_p
+    against the dense outputs Y plus si_lambda times the norm term. streams = (X, Y): the block's inputs and the
+    dense block's outputs (N, T, C). Leaves every Linear pruned, with a bias."""
+    (X, Y), layers, pairs, p = streams, block.linears(), scale_pairs_on(block), config.si_p
     W = {n: lin.weight.detach().clone() for n, lin in layers.items()}
     b = {n: torch.zeros(lin.out_features, device=W[n].device) if lin.bias is None else lin.bias.detach().float()
          for n, lin in layers.items()}
@@ -617,7 +620,7 @@ def induce_and_prune(block, X, Y, stats, method, sparsity, config):
         with torch.no_grad():  # this epoch's masks, from the statistics alone
             factors, removed = si_factors(block, pairs, {g: s.exp() for g, s in log_s.items()}), {}
             for n, lin in layers.items():
-                P, _ = si_prune_layer(proxy, W[n], stats[n], sparsity, *factors[n], delta[n], config)
+                P, _ = si_prune_layer(proxy, W[n], stats[n], sparsity, (*factors[n], delta[n]), config)
                 lin.weight.copy_(P)
                 removed[n] = W[n].float() - P  # (out, in): the weights the mask removes
         for batch in torch.randperm(len(X), generator=gen).split(config.batch_size):
@@ -633,7 +636,7 @@ def induce_and_prune(block, X, Y, stats, method, sparsity, config):
     with torch.no_grad():
         factors = si_factors(block, pairs, {g: s.exp() for g, s in log_s.items()})
         for n, lin in layers.items():
-            P, shift = si_prune_layer(method, W[n], stats[n], sparsity, *factors[n], delta[n].detach(), config)
+            P, shift = si_prune_layer(method, W[n], stats[n], sparsity, (*factors[n], delta[n].detach()), config)
             lin.weight.copy_(P)
             lin.bias.copy_(b[n] + shift)
 

@@ -773,7 +773,7 @@ def test_si_folding_back_is_exact(method, sparsity):
     layer P x + b + (W - P) delta, and P keeps W^'s pattern."""
     W, b, X, stats, row, col, delta = si_layer()
     config = prune.PruneConfig()
-    P, shift = prune.si_prune_layer(method, W, stats, sparsity, row, col, delta, config)
+    P, shift = prune.si_prune_layer(method, W, stats, sparsity, (row, col, delta), config)
     Wt = prune.prune_layer(method, types.SimpleNamespace(weight=W * row.view(-1, 1) * col),
                            prune.centred_stats(stats, delta, col), sparsity, config).weight  # W^ in SI's basis
     in_basis = ((X - delta) / col) @ Wt.t() + row * (b + W @ delta)
@@ -801,9 +801,9 @@ def test_si_without_a_shift_gives_wandas_masks_exactly():
     W, b, X, stats, row, col, delta = si_layer()
     row, col = 2.0 ** torch.randint(-6, 7, (24,)), 2.0 ** torch.randint(-6, 7, (32,))
     for s in (0.5, (2, 4)):
-        P, shift = prune.si_prune_layer("wanda", W, stats, s, row, col, torch.zeros(32), prune.PruneConfig())
+        P, shift = prune.si_prune_layer("wanda", W, stats, s, (row, col, torch.zeros(32)), prune.PruneConfig())
         assert torch.equal(P, W * prune.wanda_mask(W, stats.act_norm, s)) and not shift.any()
-        P, _ = prune.si_prune_layer("wanda", W, stats, s, row, col, delta, prune.PruneConfig())
+        P, _ = prune.si_prune_layer("wanda", W, stats, s, (row, col, delta), prune.PruneConfig())
         assert not torch.equal(P != 0, prune.wanda_mask(W, stats.act_norm, s))
 
 
@@ -828,7 +828,7 @@ def test_si_trained_shift_lowers_the_pruned_block_error(small, kind):
                 prune.prune_layer("wanda", lin, stats[n], 0.5, prune.PruneConfig())
         else:
             with torch.no_grad():
-                prune.induce_and_prune(block, X, Y, stats, "wanda", 0.5, prune.PruneConfig(si_epochs=epochs))
+                prune.induce_and_prune(block, (X, Y), stats, "wanda", 0.5, prune.PruneConfig(si_epochs=epochs))
         assert all((lin.weight == 0).sum(1).eq(lin.in_features // 2).all() for lin in block.linears().values())
         errors[name] = block_error(block, X, Y)
     print(kind, errors)

@@ -55,12 +55,13 @@ def matmul_tflops(T, C, F, device, dtype):
     return 2 * T * C * F * n / (time.perf_counter() - t0) / 1e12
 
 
-def profile_steps(block, layers, X, Y, config, device, steps, rows=25):
-    """The operators of `steps` training steps (batch 1, one epoch) by their own time on the device (the CPU's
-    where it runs) — the table that shows where a step's time goes beside the matrix products — and how often
-    the CPU waited for the GPU (CUDA *Synchronize calls; one is the epoch's loss, read at its end)."""
+def profile_steps(block, layers, streams, config, steps, rows=25):
+    """The operators of `steps` training steps (batch 1, one epoch) by their own time on the block's device (the
+    CPU's where it runs) — the table that shows where a step's time goes beside the matrix products — and how
+    often the CPU waited for the GPU (CUDA *Synchronize calls; one is the epoch's loss, read at its end).
+    streams = (X, Y) as train_block's."""
     from torch.profiler import ProfilerActivity, profile
-    cuda = str(device).startswith("cuda")
+    (X, Y), cuda = streams, prune.device_of(block).type == "cuda"
     activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if cuda else [])
     one_epoch = dataclasses.replace(config, epochs=1, batch_size=1)
     with profile(activities=activities) as prof:  # the loss read at the epoch's end waits for every step
@@ -114,7 +115,7 @@ def measure(raw, args):
     step = (time.perf_counter() - t0) / steps
     tflops = matmul_tflops(T, cfg.hidden_size, cfg.intermediate_size, device, dtype)
     bound = 6 * T * P * G / (tflops * 1e12)
-    table, syncs = profile_steps(block, layers, X, Y, config, device, args.profile) if args.profile else (None, None)
+    table, syncs = profile_steps(block, layers, (X, Y), config, args.profile) if args.profile else (None, None)
     per_block = run_seconds / args.blocks
     # the full run: 10 epochs x 128 windows of training steps per block; the no-gradient passes scale with the
     # windows (128 / nsamples), and there are num_hidden_layers blocks
