@@ -1219,6 +1219,18 @@ def test_the_copyable_core_uses_no_process_group():
         assert used <= {"row_order", "mask_from_order", "row_mask", "wanda_score"}, (obj.__name__, used)
 
 
+def test_no_function_of_the_library_takes_more_than_six_parameters():
+    """Issue 23's bound, kept as methods are added: a function that needs more takes a config or a tuple of what
+    belongs together (SI's basis, the streams (X, Y))."""
+    import ast
+    here = os.path.dirname(os.path.abspath(__file__))
+    for name in ("epts", "prune", "model", "data", "eval", "default_model", "parallel"):
+        with open(os.path.join(here, f"{name}.py")) as f:
+            tree = ast.parse(f.read())
+        for fn in (n for n in ast.walk(tree) if isinstance(n, ast.FunctionDef)):
+            params = [a.arg for a in fn.args.posonlyargs + fn.args.args + fn.args.kwonlyargs if a.arg != "self"]
+            assert len(params) <= 6, (name, fn.name, params)
+
 def test_group_loss_and_its_use_in_training(monkeypatch):
     """loss_0 = MSE(out_0, Y); loss_g = 0.5 MSE(out_g, Y) + 0.5 MSE(out_g, out_0.detach()), every group, every step."""
     out, y, out0 = torch.randn(2, 5, 8), torch.randn(2, 5, 8), torch.randn(2, 5, 8)
