@@ -284,13 +284,24 @@ def random_block(name, windows, seqlen):
     return model, torch.randint(0, cfg.vocab_size, (windows, seqlen))
 
 
-
 def prune_seconds(model, method, sparsity, calib):
     """Seconds of prune_model(method) on a copy of `model`, its calibration pass over `calib` included."""
     pruned = epts.prunable_copy(model)
     t0 = time.time()
     prune.prune_model(pruned, method, sparsity, calib)
     return time.time() - t0
+
+
+def block_seconds(methods, name="llama-2-7b", windows=4, seqlen=128):
+    """Seconds of prune_model at 0.5 for each of `methods` on one block of configs/NAME.json (random_block), each
+    with its calibration pass of `windows` x `seqlen` tokens."""
+    model, calib = random_block(name, windows, seqlen)
+    times = {"block": f"{name}, {windows} x {seqlen} tokens"}
+    for method in methods:
+        times[method] = prune_seconds(model, method, 0.5, calib)
+        log(f"{name} block: {method} {times[method]:.1f}s")
+    return times
+
 
 def markers(name):
     """The lines between which a benchmark's tables stand in docs/methods.md."""

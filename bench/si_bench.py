@@ -77,12 +77,7 @@ def fixture_rows(kind):
 def block_cost(name="llama-2-7b", windows=4, seqlen=128):
     """Seconds of prune_model on one block of a real model's shape (random weights, float32) at 0.5, for each base
     method alone and with +si (its calibration pass of `windows` x `seqlen` tokens included)."""
-    model, calib = bench.random_block(name, windows, seqlen)
-    times = {"block": f"{name}, {windows} x {seqlen} tokens"}
-    for method in [m + si for m in BASES for si in ("", "+si")]:
-        times[method] = bench.prune_seconds(model, method, 0.5, calib)
-        bench.log(f"{name} block: {method} {times[method]:.1f}s")
-    return times
+    return bench.block_seconds([m + si for m in BASES for si in ("", "+si")], name, windows, seqlen)
 
 
 def tables(results):

@@ -66,12 +66,7 @@ def block_cost(name="llama-2-7b", windows=4, seqlen=128):
     """Seconds of prune_model with SSLC (defaults) and with SparseGPT on one block of a real model's shape at 0.5
     (random weights, float32), each with its calibration pass of `windows` x `seqlen` tokens: the time per block
     that issue 26's 10x is about (SparseGPT's down_proj, 11008 inputs, costs it far more than a gate_proj)."""
-    model, calib = bench.random_block(name, windows, seqlen)
-    times = {"block": f"{name}, {windows} x {seqlen} tokens"}
-    for method in ("sparsegpt", "sslc"):
-        times[method] = bench.prune_seconds(model, method, 0.5, calib)
-        bench.log(f"{name} block: {method} {times[method]:.1f}s")
-    return times
+    return bench.block_seconds(("sparsegpt", "sslc"), name, windows, seqlen)
 
 
 def real_shape():
