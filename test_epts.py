@@ -1604,21 +1604,14 @@ def test_offload_moves_each_block_to_the_device_and_back(tmp_path, monkeypatch):
     assert len(moves) == 2 * len(model.blocks)
 
 
-class ByteTokenizer:
-    """Bytes as token ids (mod 64): enough of a tokenizer for loglikelihoods on the tiny models."""
-    bos_id = 1
-
-    def encode(self, text, bos=True):
-        return [b % 64 for b in text.encode()]
-
-
 def test_evaluation_of_a_model_elsewhere_runs_block_by_block(monkeypatch):
     """A model that is not on the evaluation's device (--offload) is evaluated block by block, each block visiting
     the device once per group of batches, with the same perplexity and log-likelihoods as batch by batch."""
-    model, ids = tiny_llama(), torch.randint(0, 64, (7 * 16 + 5,), generator=torch.Generator().manual_seed(0))
+    model = tiny_llama(vocab_size=257)  # CharTokenizer's ids
+    ids = torch.randint(0, 257, (7 * 16 + 5,), generator=torch.Generator().manual_seed(0))
     pairs = [("Question: a list?", " a sequence"), ("Hi", " there"), ("x", " y and z, with more words")]
     ppl = perplexity(model, ids, 16, batch_size=3)
-    ll = eval_module.loglikelihoods(model, pairs, ByteTokenizer(), "cpu", 2)
+    ll = eval_module.loglikelihoods(model, pairs, CharTokenizer(), "cpu", 2)
     assert eval_module.runs_on(model, "cpu")
     with torch.device("meta"):
         assert not eval_module.runs_on(tiny_llama(), "cpu")
@@ -1627,7 +1620,7 @@ def test_evaluation_of_a_model_elsewhere_runs_block_by_block(monkeypatch):
     monkeypatch.setattr(eval_module, "runs_on", lambda model, device: False)  # as if the device were a GPU
     assert perplexity(model, ids, 16, batch_size=3) == ppl
     assert [m for m in moves if m in model.blocks] == [b for b in model.blocks for _ in range(2)]  # there, home
-    assert eval_module.loglikelihoods(model, pairs, ByteTokenizer(), "cpu", 2) == ll
+    assert eval_module.loglikelihoods(model, pairs, CharTokenizer(), "cpu", 2) == ll
     moves.clear()
     batches = [torch.randint(0, 64, (2, 5)) for _ in range(3)]
     states = list(eval_module.final_states(model, batches, "cpu", state_bytes=1))  # every batch its own group
