@@ -75,13 +75,13 @@ def read_documents(path):
     return kind, docs
 
 
-def wikitext_join(text):
-    """The Wanda/SparseGPT evaluation string: the dataset's rows joined with "\\n\\n".
+def wikitext_join(text, sep):
+    """WikiText's rows joined as Wanda and SparseGPT join them: with "\\n\\n" to evaluate, with " " to calibrate.
 
     Hugging Face's WikiText rows are the file's lines, blank ones as "" and the others keeping their newline.
     """
     rows = [line if line.strip() else "" for line in text.splitlines(keepends=True)]
-    return "\n\n".join(rows)
+    return sep.join(rows)
 
 
 def eval_tokens(path, tok, seqlen):
@@ -92,7 +92,7 @@ def eval_tokens(path, tok, seqlen):
         # C4 validation: the first 1100 documents joined with " ", the first 256 windows
         ids = tok.encode(" ".join(docs[:1100]))[: 256 * seqlen]
     elif kind == "wikitext":
-        ids = tok.encode(wikitext_join(docs[0]))
+        ids = tok.encode(wikitext_join(docs[0], "\n\n"))
     else:
         ids = tok.encode(docs[0])
     if len(ids) < seqlen + 1:
@@ -102,17 +102,26 @@ def eval_tokens(path, tok, seqlen):
 
 
 def calibration(path, tok, nsamples, seqlen, seed):
-    """`nsamples` windows (nsamples, seqlen) of token ids, reproducible for a seed.
+    """`nsamples` windows (nsamples, seqlen) of token ids, drawn as Wanda and SparseGPT draw them for a seed.
 
-    C4-style data: each window from a random document longer than seqlen, at a random offset (the loop of
-    SparseGPT and Wanda). One long text: random offsets into it. The RNG is local, never the global one.
+    C4-style data: each window from a random document longer than seqlen, at a random offset. One long text
+    (WikiText's rows joined with " "): random offsets into it. The RNG is local, never the global one.
     """
     has_train = os.path.isdir(path) and any("train" in name for name in os.listdir(path))
     path = resolve(path, "train" if has_train else "valid")
     kind, docs = read_documents(path)
-    rng = random.Random(seed)
+    rng = random.Random(seed)  # the draws of random.seed(seed) and random.randint, in the references' order
     if kind != "c4":
-        docs = [wikitext_join(docs[0]) if kind == "wikitext" else docs[0]]
+        ids = tok.encode(wikitext_join(docs[0], " ") if kind == "wikitext" else docs[0])
+        if len(ids) <= seqlen:
+            raise DataError(f"{path!r} gives {len(ids)} tokens, too few for a calibration window of seqlen={seqlen}; "
+                            "use a longer text or a smaller --seqlen.")
+        if nsamples > len(ids) // seqlen:
+            print(f"warning: {path!r} holds {len(ids)} tokens, {len(ids) // seqlen} windows of {seqlen} without "
+                  f"overlap; the {nsamples} calibration windows overlap and repeat text. Use a longer text or fewer "
+                  "--nsamples.", file=sys.stderr)
+        starts = [rng.randint(0, len(ids) - seqlen - 1) for _ in range(nsamples)]
+        return torch.tensor([ids[j:j + seqlen] for j in starts], dtype=torch.long)
     cache, rows, sources, tries = {}, [], [], 0  # sources: the document of each window
     while len(rows) < nsamples:
         i = rng.randint(0, len(docs) - 1)
@@ -129,14 +138,10 @@ def calibration(path, tok, nsamples, seqlen, seed):
         j = rng.randint(0, len(ids) - seqlen - 1)
         rows.append(ids[j:j + seqlen])
         sources.append(i)
-    if kind == "c4" and len(set(sources)) < nsamples:
+    if len(set(sources)) < nsamples:
         print(f"warning: the {nsamples} calibration windows come from only {len(set(sources))} documents of "
               f"{path!r} (a document drawn twice gives two windows that may overlap); the file holds too few "
               f"documents longer than seqlen={seqlen}: use a larger shard or fewer --nsamples.", file=sys.stderr)
-    if kind != "c4" and nsamples > len(cache[0]) // seqlen:
-        print(f"warning: {path!r} holds {len(cache[0])} tokens, {len(cache[0]) // seqlen} windows of {seqlen} "
-              f"without overlap; the {nsamples} calibration windows overlap and repeat text. Use a longer text or "
-              "fewer --nsamples.", file=sys.stderr)
     return torch.tensor(rows, dtype=torch.long)
 
 
