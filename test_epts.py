@@ -470,7 +470,8 @@ def test_calibration_leaves_the_global_random_state_alone(tmp_path):
 
 
 def test_c4_json_gz_documents_and_windows(tmp_path):
-    """A C4 shard (.json.gz) is read back; windows come from documents longer than seqlen only."""
+    """A C4 shard (.json.gz) is read back; the windows are the references' for the seed, from documents longer
+    than seqlen only."""
     docs = [{"text": "short"}] * 5 + [{"text": f"long document {i} " * 40, "url": "x"} for i in range(5)]
     path = tmp_path / "c4-train.00000-of-01024.json.gz"
     with gzip.open(path, "wt") as f:
@@ -480,6 +481,18 @@ def test_c4_json_gz_documents_and_windows(tmp_path):
     w = data.calibration(str(path), CharTokenizer(), 6, 100, seed=0)
     texts = ["".join(chr(i - 1) for i in row.tolist()) for row in w]
     assert all("long document" in t for t in texts)
+    import random
+    random.seed(0)  # Wanda's and SparseGPT's get_c4, as written there
+    expected = []
+    for _ in range(6):
+        while True:
+            i = random.randint(0, len(docs) - 1)
+            trainenc = CharTokenizer().encode(docs[i]["text"])
+            if len(trainenc) > 100:
+                break
+        i = random.randint(0, len(trainenc) - 100 - 1)
+        expected.append(trainenc[i:i + 100])
+    assert w.tolist() == expected
     with pytest.raises(data.DataError, match="longest has 6"):
         data.calibration(str(path), CharTokenizer(), 2, 1000, seed=0)
 
@@ -496,16 +509,34 @@ def test_c4_validation_stream_convention(tmp_path):
 def test_wikitext_join_matches_the_datasets_rows(tmp_path):
     """WikiText rows (blank lines as '', others with their newline) joined with two newlines, tokenized once."""
     raw = " \n = Title = \n \n Body text @-@ here . \n"
-    assert data.wikitext_join(raw) == "\n\n = Title = \n" + "\n\n" + "\n\n" + " Body text @-@ here . \n"
+    assert data.wikitext_join(raw, "\n\n") == "\n\n = Title = \n" + "\n\n" + "\n\n" + " Body text @-@ here . \n"
     folder = tmp_path / "wikitext-2-raw"
     folder.mkdir()
     (folder / "wiki.test.raw").write_text(raw * 20)
     ids = data.eval_tokens(str(folder), CharTokenizer(), 8)
-    assert ids.tolist() == CharTokenizer().encode(data.wikitext_join(raw * 20))
+    assert ids.tolist() == CharTokenizer().encode(data.wikitext_join(raw * 20, "\n\n"))
+
+
+def test_wikitext_calibration_windows_are_the_references(tmp_path):
+    """WikiText calibration as Wanda's and SparseGPT's get_wikitext2 builds it: the train rows joined with " ",
+    tokenized once, then for each window random.randint(0, len - seqlen - 1) after random.seed(seed), and no
+    other draw between them."""
+    import random
+    rows = ["", " = Title = \n", ""] + [f" Sentence {i} of the body , with words @-@ here . \n" for i in range(60)]
+    (tmp_path / "wiki.train.raw").write_text("".join(row or " \n" for row in rows))  # a blank line is " \n"
+    tok, seqlen = CharTokenizer(), 64
+    random.seed(3)  # the reference, as written there
+    trainenc = tok.encode(" ".join(rows))
+    expected = []
+    for _ in range(10):
+        i = random.randint(0, len(trainenc) - seqlen - 1)
+        expected.append(trainenc[i:i + seqlen])
+    assert data.calibration(str(tmp_path), tok, 10, seqlen, seed=3).tolist() == expected
 
 
 def test_data_errors_name_the_problem(tmp_path):
-    """Missing, empty and unknown-format files, and a too-short evaluation text, each say what is wrong."""
+    """Missing, empty and unknown-format files, and a too-short evaluation or calibration text, each say what is
+    wrong."""
     with pytest.raises(data.DataError, match="does not exist"):
         data.eval_tokens(str(tmp_path / "none.txt"), CharTokenizer(), 8)
     (tmp_path / "empty.txt").write_text("  \n")
@@ -517,6 +548,8 @@ def test_data_errors_name_the_problem(tmp_path):
     (tmp_path / "short.txt").write_text("abc")
     with pytest.raises(data.DataError, match="fewer than one window"):
         data.eval_tokens(str(tmp_path / "short.txt"), CharTokenizer(), 8)
+    with pytest.raises(data.DataError, match="too few for a calibration window of seqlen=8"):
+        data.calibration(str(tmp_path / "short.txt"), CharTokenizer(), 2, 8, seed=0)
 
 
 # -----------------------------------------------------------------------------
