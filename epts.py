@@ -523,9 +523,18 @@ def exclusive(out_dir):
         yield
 
 
-def resume_records(partial, settings):
-    """The finished blocks of an interrupted run with the same settings, in order; none for a new run."""
-    meta = os.path.join(partial, "run.json")
+def earlier_run(out_dir, settings):
+    """The finished elastic model in out_dir, or None; an earlier run there, finished or interrupted, with other
+    settings is refused (never overwritten or mixed with this one)."""
+    final, meta = os.path.join(out_dir, "elastic.pt"), os.path.join(out_dir, "partial", "run.json")
+    if os.path.isfile(final):
+        elastic = load_elastic(final)
+        changed = changed_settings(elastic, settings)
+        if changed:
+            raise UserError(f"{out_dir!r} already holds a finished EPTS run with other settings "
+                            f"({', '.join(changed)}); it is not overwritten: pass another --out, or delete "
+                            f"{final} to train again there.")
+        return elastic
     if os.path.isfile(meta):
         try:
             with open(meta) as f:
@@ -533,12 +542,18 @@ def resume_records(partial, settings):
             assert isinstance(previous, dict)
         except (json.JSONDecodeError, UnicodeDecodeError, AssertionError):
             raise UserError(f"{meta!r} is damaged, so the unfinished run's settings are unknown; delete "
-                            f"{partial!r} to start over.") from None
+                            f"{os.path.dirname(meta)!r} to start over.") from None
         if previous != settings:
-            raise UserError(f"{os.path.dirname(partial)!r} holds an unfinished EPTS run with other settings "
+            raise UserError(f"{out_dir!r} holds an unfinished EPTS run with other settings "
                             f"({', '.join(changed_settings(previous, settings))}); rerun with the same settings "
                             "to resume it, or pass another --out.")
-    else:
+    return None
+
+
+def resume_records(partial, settings):
+    """The finished blocks of an interrupted run (earlier_run has checked its settings), in order; none for a new
+    run, whose settings are written first."""
+    if not os.path.isfile(meta := os.path.join(partial, "run.json")):
         os.makedirs(partial, exist_ok=True)
         M.save_json(settings, meta)
     records = []
@@ -546,6 +561,13 @@ def resume_records(partial, settings):
         records.append(load_checked(path, f"block {len(records)}", f"delete it and run the same command again to "
                                     f"train block {len(records)} anew and resume from there."))
     return records
+
+
+def run_settings(model, calib_ids, config):
+    """What an EPTS run depends on, saved with it: an earlier run in the same folder is reused only if they agree."""
+    return {**asdict(config), "edges": [float(e) for e in config.edges], "nsamples": calib_ids.shape[0],
+            "seqlen": calib_ids.shape[1], "fingerprint": M.fingerprint(model),
+            "calib_sha256": hashlib.sha256(calib_ids.numpy().tobytes()).hexdigest()[:16]}
 
 
 def run_epts(model, calib_ids, out_dir, config=EPTSConfig(), device="cpu", procs=SOLO):
@@ -559,19 +581,12 @@ def run_epts(model, calib_ids, out_dir, config=EPTSConfig(), device="cpu", procs
         if procs.share(None) == "finished":
             return None
         return train_blocks(model, calib_ids, config, device, (None, procs.share(None)), procs)
-    settings = {**asdict(config), "edges": [float(e) for e in config.edges], "nsamples": calib_ids.shape[0],
-                "seqlen": calib_ids.shape[1], "fingerprint": M.fingerprint(model),
-                "calib_sha256": hashlib.sha256(calib_ids.numpy().tobytes()).hexdigest()[:16]}
+    settings = run_settings(model, calib_ids, config)
     os.makedirs(out_dir, exist_ok=True)
     final, partial = os.path.join(out_dir, "elastic.pt"), os.path.join(out_dir, "partial")
     with exclusive(out_dir):
-        if os.path.isfile(final):
-            elastic = load_elastic(final)
-            changed = changed_settings(elastic, settings)
-            if changed:
-                raise UserError(f"{out_dir!r} already holds a finished EPTS run with other settings "
-                                f"({', '.join(changed)}); it is not overwritten: pass another --out, or delete "
-                                f"{final} to train again there.")
+        elastic = earlier_run(out_dir, settings)
+        if elastic is not None:
             print(f"epts: {final} already holds a finished run with these settings; reusing it", file=sys.stderr)
             procs.share("finished")
             return elastic
@@ -975,6 +990,8 @@ def main(request=Request(), config=EPTSConfig()):
         elastic = train_elastic(model, calib_ids, p, procs, results.report)
         if procs.index > 0:
             return None
+    if p.out_dir and procs.size == 1:  # an earlier run in --out with other settings: refused before the baselines
+        earlier_run(p.out_dir, run_settings(model, calib_ids, p.config))
     allocate = Allocation(p.allocation, model, calib_ids, r.device)
     results.print_row({name: name for name in results.widths})
     for method, s in p.rows:

@@ -1847,14 +1847,22 @@ def test_sigterm_during_export_leaves_no_temporary_folder(tiny, tmp_path, monkey
 
 
 @needs_transformers
-def test_finished_run_with_other_settings_is_refused_and_one_run_per_folder(tiny):
-    """A finished --out is reused with the same settings, refused (naming the setting) with others; a second
-    process working in the same --out is refused while the first holds it."""
+def test_finished_run_with_other_settings_is_refused_and_one_run_per_folder(tiny, tmp_path, capsys):
+    """A finished --out is reused with the same settings, refused (naming the setting) with others, and so is an
+    unfinished one, before any other method runs; a second process working in the same --out is refused while the
+    first holds it."""
     main(**dict(tiny, methods=["epts"], sparsities=[0.5]))
     before = open(os.path.join(tiny["out"], "elastic.pt"), "rb").read()
+    capsys.readouterr()
     with pytest.raises(UserError, match=r"other settings \(epochs\)"):
-        main(**dict(tiny, methods=["epts"], sparsities=[0.5], epochs=2))
+        main(**dict(tiny, methods=["wanda", "epts"], sparsities=[0.5], epochs=2))
+    assert "wanda" not in capsys.readouterr().out  # refused before Wanda ran, not after it
     assert open(os.path.join(tiny["out"], "elastic.pt"), "rb").read() == before
+    os.makedirs(tmp_path / "unfinished" / "partial")
+    (tmp_path / "unfinished" / "partial" / "run.json").write_text(json.dumps({"epochs": 99}))
+    with pytest.raises(UserError, match="unfinished EPTS run with other settings"):
+        main(**dict(tiny, methods=["wanda", "epts"], sparsities=[0.5], out=str(tmp_path / "unfinished")))
+    assert "wanda" not in capsys.readouterr().out
     with epts.exclusive(tiny["out"]):  # as if another process were training there
         with pytest.raises(UserError, match="another EPTS run .* is working in"):
             main(**dict(tiny, methods=["epts"], sparsities=[0.5]))
