@@ -1888,7 +1888,7 @@ def test_damaged_files_are_errors_not_results(tiny, tmp_path):
     partial.mkdir(parents=True)
     (partial / "run.json").write_text('{"edges": [0, 0.4')
     with pytest.raises(UserError, match="run.json' is damaged"):
-        epts.resume_records(str(partial), {})
+        epts.earlier_run(str(tmp_path / "p"), {})
     (partial / "run.json").write_text("{}")
     (partial / "block_000.pt").write_bytes(b"PK\x03\x04 cut short")
     with pytest.raises(UserError, match=r"block_000.pt' is damaged.*delete it and run the same command again"):
