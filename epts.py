@@ -531,8 +531,10 @@ def earlier_run(out_dir, settings):
         elastic = load_elastic(final)
         changed = changed_settings(elastic, settings)
         if changed:
+            why = (" (calib_sha256: other calibration windows, from another --calib, or from a version of this program "
+                   "that drew them differently)") if "calib_sha256" in changed else ""
             raise UserError(f"{out_dir!r} already holds a finished EPTS run with other settings "
-                            f"({', '.join(changed)}); it is not overwritten: pass another --out, or delete "
+                            f"({', '.join(changed)}){why}; it is not overwritten: pass another --out, or delete "
                             f"{final} to train again there.")
         return elastic
     if os.path.isfile(meta):

@@ -1858,6 +1858,10 @@ def test_finished_run_with_other_settings_is_refused_and_one_run_per_folder(tiny
         main(**dict(tiny, methods=["wanda", "epts"], sparsities=[0.5], epochs=2))
     assert "wanda" not in capsys.readouterr().out  # refused before Wanda ran, not after it
     assert open(os.path.join(tiny["out"], "elastic.pt"), "rb").read() == before
+    other = tmp_path / "other-calib.txt"
+    other.write_text(open(tiny["calib"]).read()[::-1])
+    with pytest.raises(UserError, match=r"other settings \(calib_sha256\) \(calib_sha256: other calibration windows"):
+        main(**dict(tiny, methods=["epts"], sparsities=[0.5], calib=str(other)))
     os.makedirs(tmp_path / "unfinished" / "partial")
     (tmp_path / "unfinished" / "partial" / "run.json").write_text(json.dumps({"epochs": 99}))
     with pytest.raises(UserError, match="unfinished EPTS run with other settings"):
