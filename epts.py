@@ -501,8 +501,11 @@ def load_elastic(path):
 
 
 def changed_settings(previous, settings):
-    """Names of the settings in which an earlier run (its saved dict) differs from this one."""
-    return sorted(k for k in settings if previous.get(k) != settings[k])
+    """The settings in which an earlier run (its saved dict) differs from this one, named for a refusal; "" if none."""
+    changed = sorted(k for k in settings if previous.get(k) != settings[k])
+    why = (" (calib_sha256: other calibration windows, from another --calib, or from a version of this program that "
+           "drew them differently)") if "calib_sha256" in changed else ""
+    return f"({', '.join(changed)}){why}" if changed else ""
 
 
 @contextlib.contextmanager
@@ -531,11 +534,8 @@ def earlier_run(out_dir, settings):
         elastic = load_elastic(final)
         changed = changed_settings(elastic, settings)
         if changed:
-            why = (" (calib_sha256: other calibration windows, from another --calib, or from a version of this program "
-                   "that drew them differently)") if "calib_sha256" in changed else ""
-            raise UserError(f"{out_dir!r} already holds a finished EPTS run with other settings "
-                            f"({', '.join(changed)}){why}; it is not overwritten: pass another --out, or delete "
-                            f"{final} to train again there.")
+            raise UserError(f"{out_dir!r} already holds a finished EPTS run with other settings {changed}; it is not "
+                            f"overwritten: pass another --out, or delete {final} to train again there.")
         return elastic
     if os.path.isfile(meta):
         try:
@@ -547,8 +547,8 @@ def earlier_run(out_dir, settings):
                             f"{os.path.dirname(meta)!r} to start over.") from None
         if previous != settings:
             raise UserError(f"{out_dir!r} holds an unfinished EPTS run with other settings "
-                            f"({', '.join(changed_settings(previous, settings))}); rerun with the same settings "
-                            "to resume it, or pass another --out.")
+                            f"{changed_settings(previous, settings) or '(fields this version does not write)'}; rerun "
+                            "with the same settings to resume it, or pass another --out.")
     return None
 
 

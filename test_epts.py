@@ -1867,6 +1867,14 @@ def test_finished_run_with_other_settings_is_refused_and_one_run_per_folder(tiny
     with pytest.raises(UserError, match="unfinished EPTS run with other settings"):
         main(**dict(tiny, methods=["wanda", "epts"], sparsities=[0.5], out=str(tmp_path / "unfinished")))
     assert "wanda" not in capsys.readouterr().out
+    settings = torch.load(os.path.join(tiny["out"], "elastic.pt"), weights_only=True)  # this run's own settings
+    settings = {k: v for k, v in settings.items() if k not in ("format", "model_type", "blocks", "sha256")}
+    (tmp_path / "unfinished" / "partial" / "run.json").write_text(json.dumps({**settings, "calib_sha256": "0"}))
+    with pytest.raises(UserError, match=r"unfinished EPTS run with other settings \(calib_sha256\) \(calib_sha256: "):
+        main(**dict(tiny, methods=["epts"], sparsities=[0.5], out=str(tmp_path / "unfinished")))
+    (tmp_path / "unfinished" / "partial" / "run.json").write_text(json.dumps({**settings, "retired_field": 1}))
+    with pytest.raises(UserError, match=r"other settings \(fields this version does not write\)"):
+        main(**dict(tiny, methods=["epts"], sparsities=[0.5], out=str(tmp_path / "unfinished")))
     with epts.exclusive(tiny["out"]):  # as if another process were training there
         with pytest.raises(UserError, match="another EPTS run .* is working in"):
             main(**dict(tiny, methods=["epts"], sparsities=[0.5]))
