@@ -221,7 +221,7 @@ def zero_shot(model, tok, name, docs, device="cpu", batch_size=8):
     acc = acc_norm = 0
     for pairs, gold in items:
         ll = [next(scores) for _ in pairs]
-        chars = [len(x.lstrip(" ")) for _, x in pairs]  # acc_norm: by the choice's length in characters
+        chars = [len(x) - 1 for _, x in pairs]  # acc_norm: per character of the choice, without the delimiter
         acc += max(range(len(ll)), key=ll.__getitem__) == gold
         acc_norm += max(range(len(ll)), key=lambda k: ll[k] / chars[k]) == gold
     result = {"acc": acc / len(items)}

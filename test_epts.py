@@ -2422,6 +2422,12 @@ def test_acc_and_acc_norm_follow_the_definitions(monkeypatch):
     assert eval_module.zero_shot(None, None, "piqa", docs) == {"acc": 0.5, "acc_norm": 1.0}
     scores = iter([-1.0, -2.0])
     assert eval_module.zero_shot(None, None, "boolq", [TASK_EXAMPLES["boolq"][0]]) == {"acc": 0.0}
+    # lm-eval divides by len(choice), its delimiter not counted: a HellaSwag ending that starts with a [..] marker
+    # cleans to " Ab." (4 characters, its space counted) and wins -3.5/4 > -4.5/5 ("Abcd.")
+    doc = dict(TASK_EXAMPLES["hellaswag"][0], endings=["[step] Ab.", "Abcd."])
+    assert [x for _, x in eval_module.TASKS["hellaswag"][1](doc)[0]] == ["  Ab.", " Abcd."]
+    scores = iter([-3.5, -4.5])
+    assert eval_module.zero_shot(None, None, "hellaswag", [doc]) == {"acc": 1.0, "acc_norm": 1.0}
 
 
 @needs_transformers
