@@ -912,19 +912,77 @@ class Allocation:
         return prune.allocate("owl", s, self.ratios[source], hi, method)
 
 
+def report_settings(p, model, calib_ids):
+    """What every row depends on besides its method and sparsity: the request's files and flags, the EPTS
+    settings, the checkpoint's fingerprint, the calibration windows and this program's code. Rows of an earlier
+    --json are reused only if all of these agree."""
+    code = hashlib.sha256()
+    for module in ("__main__" if __name__ == "__main__" else __name__, "data", "default_model", "eval", "model",
+                   "parallel", "prune"):
+        with open(sys.modules[module].__file__, "rb") as f:
+            code.update(f.read())
+    request = {k: v for k, v in asdict(p.request).items() if k not in ("methods", "sparsities", "json", "export")}
+    settings = {**request, "allocation": p.allocation, "seqlen": p.seqlen, "nsamples": p.nsamples, "dtype": p.dtype,
+                "epts": asdict(p.config), "fingerprint": M.fingerprint(model), "code_sha256": code.hexdigest()[:16],
+                "calib_sha256": None if calib_ids is None else hashlib.sha256(calib_ids.numpy().tobytes()).hexdigest()}
+    return json.loads(json.dumps(settings))  # as --json stores it (tuples become lists)
+
+
+def earlier_report(path, settings):
+    """The results file at `path` if an earlier run with the same settings wrote it (an interrupted run resumes
+    from its rows), else {}: a file of other settings is replaced."""
+    if not path or not is_report(path):
+        return {}
+    with open(path) as f:
+        earlier = json.load(f)
+    if earlier.get("settings") != settings:
+        print(f"note: --json {path!r} holds results of other settings (or of other code); they are replaced",
+              file=sys.stderr)
+        return {}
+    return earlier
+
+
 class Results:
-    """One row per (method, sparsity, evaluation) on stdout and in the report; --json rewritten after every
-    row, --export written from the one pruned model."""
+    """One row per (method, sparsity, evaluation) on stdout and in the report; --export written from the one
+    pruned model, then --json rewritten after every row. Rows an interrupted run with the same settings wrote
+    to --json are reused."""
 
     def __init__(self, p, measures):
-        self.p, self.measures = p, measures
+        self.p, self.measures, self.earlier = p, measures, {}
         self.report = {"ckpt": p.request.ckpt, "seqlen": p.seqlen, "nsamples": p.nsamples, "seed": p.config.seed,
-                       "dtype": p.dtype, "allocation": p.request.allocation, "results": []}
+                       "dtype": p.dtype, "allocation": p.request.allocation, "settings": None, "results": []}
         self.widths = {"method": 13, "sparsity": 9, "eval": max(14, *map(len, measures)) + 1, "ppl": 11,
                        "seconds": 9}
 
     def print_row(self, cells):
         print(" ".join(f"{str(cells[name]):<{w}}" for name, w in self.widths.items()), flush=True)
+
+    def keep(self, row):
+        """One evaluation's row: into the report, and printed."""
+        self.report["results"].append(row)
+        value = f"{row['ppl']:.3f}" if "ppl" in row else f"acc {row['acc']:.4f}"
+        self.print_row(dict(row, ppl=value, seconds=f"{row['seconds']:.1f}"))
+
+    def resume(self, settings):
+        """Record the run's settings; the rows an earlier run with the same ones wrote to --json are reused."""
+        self.report["settings"] = settings
+        earlier = earlier_report(self.p.request.json, settings)
+        for row in earlier.get("results", []):
+            self.earlier.setdefault((row["method"], row["sparsity"]), []).append(row)
+        if "epts" in earlier:  # the EPTS run's time and size, if its rows are reused
+            self.report["epts"] = earlier["epts"]
+        found = sum((m, prune.format_sparsity(s)) in self.earlier for m, s in self.p.rows)
+        if found:
+            print(f"note: --json {self.p.request.json!r} holds {found} of this run's {len(self.p.rows)} (method, "
+                  "sparsity) rows, finished with these settings; they are reused, not measured again (delete the "
+                  "file to measure them again)", file=sys.stderr)
+
+    def reuse(self, method, sparsity):
+        """Keep the rows of (method, sparsity) an earlier run with these settings measured; False if it has none."""
+        rows = self.earlier.get((method, prune.format_sparsity(sparsity)), [])
+        for row in rows:
+            self.keep(row)
+        return bool(rows)
 
     def add(self, method, sparsity, model, seconds, deployed=None):
         r, tasks = self.p.request, self.p.task_docs
@@ -942,16 +1000,13 @@ class Results:
                 raise UserError(f"{method} at sparsity {prune.format_sparsity(sparsity)} gives perplexity "
                                 f"{metrics['ppl']} on {name}: the model's outputs are not finite (a damaged "
                                 "checkpoint, or float16 overflow: try --dtype bfloat16 or float32).")
-            row = {"method": method, "sparsity": prune.format_sparsity(sparsity), "eval": name, **metrics,
-                   "seconds": round(seconds, 3), **sparse}
-            self.report["results"].append(row)
-            value = f"{metrics['ppl']:.3f}" if "ppl" in metrics else f"acc {metrics['acc']:.4f}"
-            self.print_row(dict(row, ppl=value, seconds=f"{seconds:.1f}"))
-        if r.json:
-            M.save_json(self.report, r.json)
-        if r.export and method != "dense":
+            self.keep({"method": method, "sparsity": prune.format_sparsity(sparsity), "eval": name, **metrics,
+                       "seconds": round(seconds, 3), **sparse})
+        if r.export and method != "dense":  # before --json: a row there is finished, its export included
             M.save_model(model, r.export, tokenizer_dir=r.ckpt)
             print(f"exported {method} at {prune.format_sparsity(sparsity)} to {r.export}", file=sys.stderr)
+        if r.json:
+            M.save_json(self.report, r.json)
 
 
 def train_elastic(model, calib_ids, p, procs, report):
@@ -994,9 +1049,12 @@ def main(request=Request(), config=EPTSConfig()):
             return None
     if p.out_dir and procs.size == 1:  # an earlier run in --out with other settings: refused before the baselines
         earlier_run(p.out_dir, run_settings(model, calib_ids, p.config))
+    results.resume(report_settings(p, model, calib_ids))
     allocate = Allocation(p.allocation, model, calib_ids, r.device)
     results.print_row({name: name for name in results.widths})
     for method, s in p.rows:
+        if results.reuse(method, s):
+            continue
         if method == "dense":
             results.add("dense", 0.0, model, 0.0)
             continue

@@ -1838,12 +1838,16 @@ def test_sigterm_during_export_leaves_no_temporary_folder(tiny, tmp_path, monkey
 
     monkeypatch.setattr(M, "save_safetensors", write_then_terminated)
     previous = signal.signal(signal.SIGTERM, epts.interrupt)
+    args = dict(tiny, methods=["magnitude"], sparsities=[0.5], export=str(tmp_path / "exp"), json=str(tmp_path / "r"))
     try:
         with pytest.raises(KeyboardInterrupt):
-            main(**dict(tiny, methods=["magnitude"], sparsities=[0.5], export=str(tmp_path / "exp")))
+            main(**args)
     finally:
         signal.signal(signal.SIGTERM, previous)
     assert not os.path.exists(tmp_path / "exp") and leftovers(tmp_path) == []
+    monkeypatch.undo()  # the same command again: the row is not in --json (unfinished), so it runs and exports
+    main(**args)
+    assert os.path.isfile(tmp_path / "exp" / "model.safetensors")
 
 
 @needs_transformers
@@ -2043,7 +2047,51 @@ def test_outputs_never_replace_an_input_or_a_users_file(tiny, tmp_path, monkeypa
     assert (run / "lock").read_text() == "do not touch"
     monkeypatch.undo()
     main(**dict(tiny, methods=["dense"], json=str(tmp_path / "r.json")))
-    main(**dict(tiny, methods=["dense"], json=str(tmp_path / "r.json")))  # an earlier results JSON: replaced
+    main(**dict(tiny, methods=["dense"], json=str(tmp_path / "r.json")))  # an earlier results JSON: accepted
+
+
+def test_interrupted_run_reuses_the_rows_its_json_holds(tiny, tmp_path, monkeypatch, capsys):
+    """A run stopped during a method and started again with the same command measures only the rows its --json
+    lacks, and ends with the uninterrupted run's report; other settings, or other code, measure every row again."""
+    args = dict(tiny, methods=["dense", "magnitude", "wanda", "sparsegpt", "epts"], sparsities=[0.5, 0.7],
+                json=str(tmp_path / "r.json"))
+    full = main(**dict(args, json=str(tmp_path / "full.json")))
+    real, pruned = epts.prune.prune_model, []
+
+    def prune_model(model, method, *a):
+        if method == "sparsegpt" and "go on" not in pruned:
+            raise KeyboardInterrupt  # Ctrl-C during SparseGPT at 0.5
+        pruned.append(method)
+        return real(model, method, *a)
+
+    monkeypatch.setattr(epts.prune, "prune_model", prune_model)
+    with pytest.raises(KeyboardInterrupt):
+        main(**args)
+    assert [(row["method"], row["sparsity"]) for row in json.loads((tmp_path / "r.json").read_text())["results"]] \
+        == [("dense", 0.0), ("magnitude", 0.5), ("magnitude", 0.7), ("wanda", 0.5), ("wanda", 0.7)]
+    pruned[:] = ["go on"]
+    capsys.readouterr()
+    resumed = main(**args)
+    assert pruned == ["go on", "sparsegpt", "sparsegpt"]
+    assert "holds 5 of this run's 9 (method, sparsity) rows, finished with these settings; they are reused" in capsys.readouterr().err
+    strip = lambda report: [{k: v for k, v in row.items() if k != "seconds"} for row in report["results"]]  # noqa
+    assert strip(resumed) == strip(full) and resumed["settings"] == full["settings"]
+    assert json.loads((tmp_path / "r.json").read_text()) == resumed
+    again = main(**args)
+    assert pruned == ["go on", "sparsegpt", "sparsegpt"]  # a finished run's every row reused, EPTS's time kept
+    assert again["results"] == resumed["results"] and again["epts"] == resumed["epts"]
+    edited = tmp_path / "prune.py"
+    edited.write_text(open(epts.prune.__file__).read() + "# edited\n")
+    other_pruning = epts.prune.PruneConfig(percdamp=0.02)
+    for change in (dict(nsamples=3, out=str(tmp_path / "run3")), dict(pruning=other_pruning), "code"):
+        pruned[:] = ["go on"]
+        if change == "code":  # this program's code changed since the file was written
+            monkeypatch.setattr(epts.prune, "__file__", str(edited))
+        main(**dict(args, **({} if change == "code" else change)))
+        assert pruned.count("sparsegpt") == 2 and pruned.count("wanda") == 2, change
+        assert "holds results of other settings" in capsys.readouterr().err
+        monkeypatch.setattr(epts.prune, "__file__", real.__code__.co_filename)
+        main(**args)  # back to the first settings, for the next change
 
 
 def test_elastic_file_settings_and_block_order_are_checksummed(tmp_path):
