@@ -928,20 +928,6 @@ def report_settings(p, model, calib_ids):
     return json.loads(json.dumps(settings))  # as --json stores it (tuples become lists)
 
 
-def earlier_report(path, settings):
-    """The results file at `path` if an earlier run with the same settings wrote it (an interrupted run resumes
-    from its rows), else {}: a file of other settings is replaced."""
-    if not path or not is_report(path):
-        return {}
-    with open(path) as f:
-        earlier = json.load(f)
-    if earlier.get("settings") != settings:
-        print(f"note: --json {path!r} holds results of other settings (or of other code); they are replaced",
-              file=sys.stderr)
-        return {}
-    return earlier
-
-
 class Results:
     """One row per (method, sparsity, evaluation) on stdout and in the report; --export written from the one
     pruned model, then --json rewritten after every row. Rows an interrupted run with the same settings wrote
@@ -964,16 +950,23 @@ class Results:
         self.print_row(dict(row, ppl=value, seconds=f"{row['seconds']:.1f}"))
 
     def resume(self, settings):
-        """Record the run's settings; the rows an earlier run with the same ones wrote to --json are reused."""
-        self.report["settings"] = settings
-        earlier = earlier_report(self.p.request.json, settings)
+        """Record the run's settings, and reuse the rows an earlier run with the same ones wrote to --json (an
+        interrupted run resumes from them); a file of other settings is replaced."""
+        self.report["settings"], path, earlier = settings, self.p.request.json, {}
+        if path and is_report(path):
+            with open(path) as f:
+                earlier = json.load(f)
+            if earlier.get("settings") != settings:
+                print(f"note: --json {path!r} holds results of other settings (or of other code); they are replaced",
+                      file=sys.stderr)
+                earlier = {}
         for row in earlier.get("results", []):
             self.earlier.setdefault((row["method"], row["sparsity"]), []).append(row)
         if "epts" in earlier:  # the EPTS run's time and size, if its rows are reused
             self.report["epts"] = earlier["epts"]
         found = sum((m, prune.format_sparsity(s)) in self.earlier for m, s in self.p.rows)
         if found:
-            print(f"note: --json {self.p.request.json!r} holds {found} of this run's {len(self.p.rows)} (method, "
+            print(f"note: --json {path!r} holds {found} of this run's {len(self.p.rows)} (method, "
                   "sparsity) rows, finished with these settings; they are reused, not measured again (delete the "
                   "file to measure them again)", file=sys.stderr)
 
