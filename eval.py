@@ -190,8 +190,8 @@ def encode_pair(tok, context, continuation):
 def loglikelihoods(model, pairs, tok, device="cpu", batch_size=8, max_len=None):
     """log P(continuation | context) summed over the continuation's tokens, for every (context, continuation)
     pair. Batches of similar length, right-padded (causal attention never looks right); a window longer than
-    max_len (default: 2048 or the model's positions, if fewer) keeps its last max_len tokens."""
-    max_len = max_len or min(2048, model.cfg.max_position_embeddings)
+    max_len (default: the model's positions, lm-eval's max_length) keeps its last max_len tokens."""
+    max_len = max_len or model.cfg.max_position_embeddings
     encoded = [encode_pair(tok, c, x) for c, x in pairs]
     order = sorted(range(len(pairs)), key=lambda i: -sum(map(len, encoded[i])))
     batches, inputs = [], []  # per batch: (pair indices, token rows, each continuation's start); ids (B, T)

@@ -2459,6 +2459,11 @@ def test_loglikelihoods_batched_equal_one_at_a_time(tiny):
     logp = model(ids[None, :-1])[0].log_softmax(-1)
     expected = sum(logp[8 - len(cont) + k, t].item() for k, t in enumerate(cont))
     assert eval_module.loglikelihoods(model, [pairs[2]], tok, max_len=8)[0] == pytest.approx(expected, abs=1e-4)
+    # by default a window is cut at the model's positions, as lm-eval's max_length (not at 2048 tokens)
+    model.cfg.max_position_embeddings, long = 4096, ("lists and tuples " * 400, "and sets.")
+    assert len(sum(eval_module.encode_pair(tok, *long), [])) > 2049
+    assert eval_module.loglikelihoods(model, [long], tok) == \
+        eval_module.loglikelihoods(model, [long], tok, max_len=4096)
 
 
 def test_acc_and_acc_norm_follow_the_definitions(monkeypatch):
