@@ -914,8 +914,8 @@ class Allocation:
 
 def report_settings(p, model, calib_ids):
     """What every row depends on besides its method and sparsity: the request's files and flags, the EPTS
-    settings, the checkpoint's fingerprint, the calibration windows and this program's code. Rows of an earlier
-    --json are reused only if all of these agree."""
+    settings (or --elastic's model), the checkpoint's fingerprint, the calibration windows and this program's
+    code. Rows of an earlier --json are reused only if all of these agree."""
     code = hashlib.sha256()
     for module in ("__main__" if __name__ == "__main__" else __name__, "data", "default_model", "eval", "model",
                    "parallel", "prune"):
@@ -923,7 +923,8 @@ def report_settings(p, model, calib_ids):
             code.update(f.read())
     request = {k: v for k, v in asdict(p.request).items() if k not in ("methods", "sparsities", "json", "export")}
     settings = {**request, "allocation": p.allocation, "seqlen": p.seqlen, "nsamples": p.nsamples, "dtype": p.dtype,
-                "epts": asdict(p.config), "fingerprint": M.fingerprint(model), "code_sha256": code.hexdigest()[:16],
+                "epts": asdict(p.config), "elastic_sha256": p.elastic and file_checksum(p.elastic),
+                "fingerprint": M.fingerprint(model), "code_sha256": code.hexdigest()[:16],
                 "calib_sha256": None if calib_ids is None else hashlib.sha256(calib_ids.numpy().tobytes()).hexdigest()}
     return json.loads(json.dumps(settings))  # as --json stores it (tuples become lists)
 

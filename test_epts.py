@@ -2092,6 +2092,13 @@ def test_interrupted_run_reuses_the_rows_its_json_holds(tiny, tmp_path, monkeypa
         assert "holds results of other settings" in capsys.readouterr().err
         monkeypatch.setattr(epts.prune, "__file__", real.__code__.co_filename)
         main(**args)  # back to the first settings, for the next change
+    deploy = dict(tiny, methods=["epts"], sparsities=[0.5], calib=None, elastic=tiny["out"], json=args["json"])
+    main(**deploy)
+    shutil.rmtree(tiny["out"])  # another elastic model in the same folder: its rows are measured again
+    main(**dict(tiny, methods=["epts"], sparsities=[0.5], epochs=2))
+    capsys.readouterr()
+    main(**deploy)
+    assert "holds results of other settings" in capsys.readouterr().err
 
 
 def test_elastic_file_settings_and_block_order_are_checksummed(tmp_path):
