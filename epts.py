@@ -912,19 +912,30 @@ class Allocation:
         return prune.allocate("owl", s, self.ratios[source], hi, method)
 
 
+def files_sha256(paths):
+    """sha256 of the files' bytes, in order (the first 16 hex digits)."""
+    h = hashlib.sha256()
+    for path in paths:
+        with open(path, "rb") as f:
+            h.update(f.read())
+    return h.hexdigest()[:16]
+
+
 def report_settings(p, model, calib_ids):
-    """What every row depends on besides its method and sparsity: the request's files and flags, the EPTS
-    settings (or --elastic's model), the checkpoint's fingerprint, the calibration windows and this program's
-    code. Rows of an earlier --json are reused only if all of these agree."""
-    code = hashlib.sha256()
-    for module in ("__main__" if __name__ == "__main__" else __name__, "data", "default_model", "eval", "model",
-                   "parallel", "prune"):
-        with open(sys.modules[module].__file__, "rb") as f:
-            code.update(f.read())
-    request = {k: v for k, v in asdict(p.request).items() if k not in ("methods", "sparsities", "json", "export")}
+    """What every row depends on besides its method and sparsity: the request's flags, the EPTS settings (or
+    --elastic's model), the checkpoint's fingerprint, the bytes of the tokenizer, evaluation texts and task files,
+    the calibration windows and this program's code. Rows of an earlier --json are reused only if all agree."""
+    r = p.request
+    modules = ("__main__" if __name__ == "__main__" else __name__, "data", "default_model", "eval", "model",
+               "parallel", "prune")
+    tokenizer = [os.path.join(r.ckpt, n) for n in ("tokenizer.model", "tokenizer.json", "vocab.json", "merges.txt")]
+    inputs = [path for path in tokenizer if os.path.isfile(path)] + [data.resolve(path, "test") for path in r.evals] + \
+        [os.path.join(r.tasks_dir, f"{task}.jsonl") for task in r.tasks]
+    request = {k: v for k, v in asdict(r).items() if k not in ("methods", "sparsities", "json", "export")}
     settings = {**request, "allocation": p.allocation, "seqlen": p.seqlen, "nsamples": p.nsamples, "dtype": p.dtype,
                 "epts": asdict(p.config), "elastic_sha256": p.elastic and file_checksum(p.elastic),
-                "fingerprint": M.fingerprint(model), "code_sha256": code.hexdigest()[:16],
+                "fingerprint": M.fingerprint(model), "inputs_sha256": files_sha256(inputs),
+                "code_sha256": files_sha256(sys.modules[m].__file__ for m in modules),
                 "calib_sha256": None if calib_ids is None else hashlib.sha256(calib_ids.numpy().tobytes()).hexdigest()}
     return json.loads(json.dumps(settings))  # as --json stores it (tuples become lists)
 
