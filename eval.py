@@ -5,6 +5,8 @@ import json
 import math
 import os
 import re
+import sys
+import time
 
 import torch
 import torch.nn.functional as F
@@ -13,6 +15,23 @@ import torch.nn.functional as F
 def runs_on(model, device):
     """Whether the model's weights are on `device`; if not (--offload: in CPU memory), its blocks visit `device`."""
     return next(model.parameters()).device == torch.empty(0, device=device).device
+
+
+PROGRESS_EVERY = 30.0  # seconds between progress lines: a short evaluation prints none
+
+
+def with_progress(batches, what):
+    """Yield the batches; at most every PROGRESS_EVERY seconds say on stderr how many are done and about how long
+    the rest takes (thousands of zero-shot requests, or a large model on the CPU, take long)."""
+    t0 = last = time.time()
+    for i, batch in enumerate(batches, 1):
+        yield batch
+        now = time.time()
+        if now - last >= PROGRESS_EVERY:
+            left = (now - t0) / i * (len(batches) - i)
+            print(f"{what}: batch {i}/{len(batches)}, {now - t0:.0f}s elapsed, ~{left:.0f}s left", file=sys.stderr,
+                  flush=True)
+            last = now
 
 
 @torch.no_grad()
@@ -61,7 +80,8 @@ def perplexity(model, ids, seqlen, batch_size=4, device="cpu", logit_bytes=2**28
     batches = ids[: n * seqlen].view(n, seqlen).split(batch_size)  # each (B, T)
     chunk = max(1, logit_bytes // (4 * model.lm_head.weight.shape[0]))  # tokens per slice of logits
     nll, count = torch.zeros((), dtype=torch.float64), 0
-    for h, x in zip(final_states(model, batches, device), batches):  # final_states first: zip runs it to its end
+    # final_states first: zip runs it to its end
+    for h, x in zip(final_states(model, batches, device), with_progress(batches, "perplexity")):
         h = h[:, :-1].reshape(-1, h.shape[-1])  # (B*(T-1), C): every position that predicts a token
         targets = x[:, 1:].reshape(-1).to(device)  # (B*(T-1),)
         for j in range(0, len(targets), chunk):
@@ -205,7 +225,7 @@ def loglikelihoods(model, pairs, tok, device="cpu", batch_size=8, max_len=None):
         batches.append((batch, rows, starts))
         inputs.append(idx)
     out = [0.0] * len(pairs)
-    for h, (batch, rows, starts) in zip(final_states(model, inputs, device), batches):
+    for h, (batch, rows, starts) in zip(final_states(model, inputs, device), with_progress(batches, "zero-shot")):
         for j, (row, start) in enumerate(zip(rows, starts)):
             logp = model.head(h[j, start - 1:len(row) - 1]).float().log_softmax(-1)  # (n_cont, V)
             target = torch.tensor(row[start:], device=logp.device)

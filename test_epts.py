@@ -437,6 +437,22 @@ def test_perplexity_equals_transformers_loss(tmp_path):
     assert abs(perplexity(ours, ids, 32, batch_size=2, logit_bytes=7 * 4 * 101) / math.exp(loss.item()) - 1) <= 1e-5
 
 
+def test_long_evaluation_shows_progress(monkeypatch, capsys):
+    """Perplexity and zero-shot scoring say on stderr how many batches are done and about how long the rest takes,
+    at most every PROGRESS_EVERY seconds (none for a short evaluation)."""
+    model = tiny_llama(vocab_size=300)
+    ids = torch.randint(0, 300, (5 * 32,), generator=torch.Generator().manual_seed(0))
+    quiet = perplexity(model, ids, 32, batch_size=2)
+    assert capsys.readouterr().err == ""
+    monkeypatch.setattr(eval_module, "PROGRESS_EVERY", 0.0)
+    assert perplexity(model, ids, 32, batch_size=2) == quiet
+    lines = capsys.readouterr().err.splitlines()
+    assert [line.split(",")[0] for line in lines] == ["perplexity: batch 1/3", "perplexity: batch 2/3"]
+    assert all(re.fullmatch(r"perplexity: batch \d/3, \d+s elapsed, ~\d+s left", line) for line in lines)
+    eval_module.loglikelihoods(model, [("a b", " c")] * 3, CharTokenizer(), batch_size=1)
+    assert capsys.readouterr().err.count("zero-shot: batch") == 2
+
+
 class CharTokenizer:
     bos_id, eos_id = 0, 0
 
