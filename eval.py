@@ -168,6 +168,8 @@ def item_problem(name, doc):
         return f"the item cannot be scored ({type(e).__name__}: {e})"
     if len(pairs) < 2 or not 0 <= gold < len(pairs):
         return f"its answer (choice {gold}) is not one of its {len(pairs)} choices"
+    if not all(x.strip() for _, x in pairs):  # acc_norm would divide by its length, 0
+        return "one of its choices (or the text after WinoGrande's blank) is empty"
     return None
 
 

@@ -2089,7 +2089,8 @@ def test_interrupted_run_reuses_the_rows_its_json_holds(tiny, tmp_path, monkeypa
     capsys.readouterr()
     resumed = main(**args)
     assert pruned == ["go on", "sparsegpt", "sparsegpt"]
-    assert "holds 5 of this run's 9 (method, sparsity) rows, finished with these settings; they are reused" in capsys.readouterr().err
+    assert "holds 5 of this run's 9 (method, sparsity) rows, finished with these settings; they are reused" \
+        in capsys.readouterr().err
     strip = lambda report: [{k: v for k, v in row.items() if k != "seconds"} for row in report["results"]]  # noqa
     assert strip(resumed) == strip(full) and resumed["settings"] == full["settings"]
     assert json.loads((tmp_path / "r.json").read_text()) == resumed
@@ -2142,12 +2143,14 @@ def test_elastic_file_settings_and_block_order_are_checksummed(tmp_path):
 def test_task_items_are_checked_when_read(tmp_path):
     """A malformed zero-shot item is a TaskError naming file, line and problem when the file is read: a label
     outside the choices, null or a number for a sentence, boolq's label 'yes', a WinoGrande sentence without '_',
-    an ARC answer key not among its labels, HellaSwag without endings."""
+    an ARC answer key not among its labels, HellaSwag without endings, an empty ARC choice."""
     good = {name: doc for name, (doc, _, _) in TASK_EXAMPLES.items()}
     cases = [("boolq", dict(label="yes"), "cannot be scored"), ("boolq", dict(passage=None), "'passage' is None"),
              ("rte", dict(label=2), "not one of its 2 choices"), ("piqa", dict(goal=5), "'goal' is 5"),
              ("winogrande", dict(sentence="No blank here."), "cannot be scored"),
-             ("arc_easy", dict(answerKey="Z"), "cannot be scored"), ("hellaswag", dict(endings=[]), "not one of")]
+             ("arc_easy", dict(answerKey="Z"), "cannot be scored"), ("hellaswag", dict(endings=[]), "not one of"),
+             ("arc_easy", dict(choices={"text": ["frozen water", " "], "label": ["A", "B"]}), "choices (or the text "
+              "after WinoGrande's blank) is empty")]
     for name, change, message in cases:
         (tmp_path / f"{name}.jsonl").write_text(json.dumps(good[name]) + "\n" + json.dumps({**good[name], **change}))
         with pytest.raises(eval_module.TaskError, match=f"line 2: .*{re.escape(message)}"):
