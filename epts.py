@@ -1015,18 +1015,20 @@ class Results:
 
 
 def train_elastic(model, calib_ids, p, procs, report):
-    """run_epts for the plan, its time and the elastic file's size reported (process 0)."""
+    """run_epts for the plan, its time (None: an earlier run's model reused) and the elastic file's size reported
+    (process 0)."""
+    reused = os.path.isfile(os.path.join(p.out_dir, "elastic.pt"))  # finished with these settings, or refused
     t0 = time.time()
     elastic = run_epts(model, calib_ids, p.out_dir, p.config, p.request.device, procs)
-    seconds = time.time() - t0
+    seconds = None if reused else round(time.time() - t0, 3)
     if procs.index > 0:
         return elastic
     size = os.path.getsize(os.path.join(p.out_dir, "elastic.pt"))
     model_bytes = prune.param_bytes(model)  # a tied head once
-    print(f"epts: one optimisation took {seconds:.1f}s; elastic model {p.out_dir}/elastic.pt is "
-          f"{size / 2**20:.2f} MiB ({100 * size / model_bytes:.1f}% of the model's "
-          f"{model_bytes / 2**20:.1f} MiB)", file=sys.stderr)
-    report["epts"] = {"out": p.out_dir, "train_seconds": round(seconds, 3), "elastic_bytes": size,
+    took = "was an earlier run's" if reused else f"took {seconds:.1f}s"
+    print(f"epts: the one optimisation {took}; elastic model {p.out_dir}/elastic.pt is {size / 2**20:.2f} MiB "
+          f"({100 * size / model_bytes:.1f}% of the model's {model_bytes / 2**20:.1f} MiB)", file=sys.stderr)
+    report["epts"] = {"out": p.out_dir, "train_seconds": seconds, "elastic_bytes": size,
                       "model_bytes": model_bytes, "edges": list(p.config.edges), "processes": procs.size}
     return elastic
 

@@ -2093,6 +2093,7 @@ def test_interrupted_run_reuses_the_rows_its_json_holds(tiny, tmp_path, monkeypa
         in capsys.readouterr().err
     strip = lambda report: [{k: v for k, v in row.items() if k != "seconds"} for row in report["results"]]  # noqa
     assert strip(resumed) == strip(full) and resumed["settings"] == full["settings"]
+    assert full["epts"]["train_seconds"] > 0 and resumed["epts"]["train_seconds"] is None  # its elastic.pt reused
     assert json.loads((tmp_path / "r.json").read_text()) == resumed
     again = main(**args)
     assert pruned == ["go on", "sparsegpt", "sparsegpt"]  # a finished run's every row reused, EPTS's time kept
