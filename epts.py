@@ -1099,7 +1099,7 @@ def parse_args(argv):
     p.add_argument("--out", help="EPTS run folder (elastic.pt; resumable); default runs/epts-<ckpt name>")
     p.add_argument("--elastic", help="deploy an earlier EPTS run (its --out folder or elastic.pt), no training")
     p.add_argument("--export", help="write the one pruned model as a Hugging Face-format folder")
-    p.add_argument("--json", help="write the results as JSON")
+    p.add_argument("--json", help="write the results as JSON (a rerun with the same settings reuses its rows)")
     p.add_argument("--allocation", default="uniform", help="per-block sparsities: uniform, owl (from Wanda "
                    "scores' outliers; EPTS: from the elastic file, no calibration), or a JSON file's list")
     p.add_argument("--groups", default=",".join(f"{e:g}" for e in defaults.edges), help="EPTS group edges")
