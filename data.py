@@ -11,6 +11,7 @@ import gzip
 import json
 import os
 import random
+import re
 import sys
 import unicodedata
 
@@ -240,16 +241,28 @@ class BPETokenizer:
         self.vocab_size = max(vocab.values()) + 1  # ids run to here; the model must have as many rows
 
     normal_form = None  # tokenizer.json's Unicode normalizer (Qwen's: "NFC"), applied before the regex split
+    added = {}  # tokenizer.json's added tokens {text: id} (<|begin_of_text|>, ...): cut out of the text first
 
     def encode(self, text, bos=True):
         if self.normal_form:
             text = unicodedata.normalize(self.normal_form, text)
+        ids = [self.bos_id] * (bos and self.bos_id is not None)
+        if not self.added:
+            return ids + self.encode_ordinary(text)
+        # [text, token, text, ...]: the leftmost, then longest, added token first, as tokenizers matches them
+        longest_first = sorted(self.added, key=len, reverse=True)
+        for i, piece in enumerate(re.split(f"({'|'.join(map(re.escape, longest_first))})", text)):
+            ids += [self.added[piece]] if i % 2 else self.encode_ordinary(piece)
+        return ids
+
+    def encode_ordinary(self, text):
+        """The ids of text that holds no added token."""
         data = text.encode("utf-8", "surrogatepass")
         if self.missing and len(data.translate(None, self.missing)) < len(data):
             ranks = self.encode_around_missing(text)
         else:
             ranks = self.enc.encode_ordinary(text)
-        return [self.bos_id] * (bos and self.bos_id is not None) + self.rank_to_id[ranks].tolist()
+        return self.rank_to_id[ranks].tolist()
 
     def encode_around_missing(self, text):
         """tokenizers' behaviour for bytes without a token: after the regex split, each piece loses them (or
@@ -358,7 +371,7 @@ def load_tokenizer(ckpt_dir, bos_id):
         pattern = split_pattern(tj.get("pre_tokenizer"), path("tokenizer.json"))
         tok = BPETokenizer(vocab, merges, pattern, bos_id, name=path("tokenizer.json"),
                            unk=(m.get("unk_token"), bool(m.get("fuse_unk"))))
-        tok.normal_form = form
+        tok.normal_form, tok.added = form, {t["content"]: t["id"] for t in tj.get("added_tokens", [])}
         return tok
     if os.path.isfile(path("vocab.json")) and os.path.isfile(path("merges.txt")):
         files = f"{path('vocab.json')} + merges.txt"

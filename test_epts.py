@@ -182,13 +182,20 @@ def test_bpe_tokenizer_matches_tokenizers_library(tmp_path):
 
 
 def test_tokenizer_json_bpe_matches(tmp_path):
-    """A BPE tokenizer.json (the LLaMA-3 layout) gives the same ids as the library."""
+    """A BPE tokenizer.json (the LLaMA-3 layout) gives the same ids as the library, its added tokens (special or
+    not) found in the text as the library finds them, the longest first where two start at the same place."""
     ref = train_bpe(tmp_path)
+    ref.add_tokens(["<|tool|>"])
+    ref.add_special_tokens(["<|eot|>", "<|eot|><|eot|>"])
+    ref.save(str(tmp_path / "tokenizer.json"))
     for name in ("vocab.json", "merges.txt"):
         os.remove(tmp_path / name)
     ours = data.load_tokenizer(str(tmp_path), bos_id=0)
     assert ours.encode(TEXT, bos=False) == ref.encode(TEXT).ids
     assert ours.decode(ours.encode(TEXT)) == TEXT
+    text = "a</s>b <unk> c<|eot|><|eot|><|eot|> <|tool|>d<s>" + TEXT[:200]
+    assert ours.encode(text, bos=False) == ref.encode(text).ids and ours.decode(ours.encode(text)) == text
+    assert ours.encode("</s>", bos=False) == [2] and ours.encode("<|eot|><|eot|>", bos=False) == [402]
 
 
 @pytest.mark.parametrize("individual", [True, False])
