@@ -371,7 +371,7 @@ def load_tokenizer(ckpt_dir, bos_id):
         pattern = split_pattern(tj.get("pre_tokenizer"), path("tokenizer.json"))
         tok = BPETokenizer(vocab, merges, pattern, bos_id, name=path("tokenizer.json"),
                            unk=(m.get("unk_token"), bool(m.get("fuse_unk"))))
-        tok.normal_form, tok.added = form, {t["content"]: t["id"] for t in tj.get("added_tokens", [])}
+        tok.normal_form, tok.added = form, {t["content"]: t["id"] for t in tj.get("added_tokens", []) if t["content"]}
         return tok
     if os.path.isfile(path("vocab.json")) and os.path.isfile(path("merges.txt")):
         files = f"{path('vocab.json')} + merges.txt"
