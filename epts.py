@@ -565,11 +565,16 @@ def resume_records(partial, settings):
     return records
 
 
+def windows_sha256(calib_ids):
+    """sha256 of the calibration windows' ids (the first 16 hex digits)."""
+    return hashlib.sha256(calib_ids.numpy().tobytes()).hexdigest()[:16]
+
+
 def run_settings(model, calib_ids, config):
     """What an EPTS run depends on, saved with it: an earlier run in the same folder is reused only if they agree."""
     return {**asdict(config), "edges": [float(e) for e in config.edges], "nsamples": calib_ids.shape[0],
             "seqlen": calib_ids.shape[1], "fingerprint": M.fingerprint(model),
-            "calib_sha256": hashlib.sha256(calib_ids.numpy().tobytes()).hexdigest()[:16]}
+            "calib_sha256": windows_sha256(calib_ids)}
 
 
 def run_epts(model, calib_ids, out_dir, config=EPTSConfig(), device="cpu", procs=SOLO):
@@ -936,7 +941,7 @@ def report_settings(p, model, calib_ids):
                 "epts": asdict(p.config), "elastic_sha256": p.elastic and file_checksum(p.elastic),
                 "fingerprint": M.fingerprint(model), "inputs_sha256": files_sha256(inputs),
                 "code_sha256": files_sha256(sys.modules[m].__file__ for m in modules),
-                "calib_sha256": None if calib_ids is None else hashlib.sha256(calib_ids.numpy().tobytes()).hexdigest()}
+                "calib_sha256": None if calib_ids is None else windows_sha256(calib_ids)}
     return json.loads(json.dumps(settings))  # as --json stores it (tuples become lists)
 
 
