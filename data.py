@@ -289,8 +289,8 @@ class BPETokenizer:
         return ranks
 
     def decode(self, ids):
-        ranks = [self.id_to_rank[i] for i in ids if i != self.bos_id]
-        return self.enc.decode(ranks)
+        ids = ids[1:] if ids[:1] == [self.bos_id] else ids  # the BOS encode put; one inside the text stays
+        return self.enc.decode([self.id_to_rank[i] for i in ids])
 
 
 def split_pattern(pre, name):
@@ -335,6 +335,27 @@ def template_bos(post_processor):
         if step.get("type") == "TemplateProcessing" and "SpecialToken" in step["single"][0]:
             return step["special_tokens"][step["single"][0]["SpecialToken"]["id"]]["ids"][0]
     return None
+
+
+def named_special_tokens(ckpt_dir):
+    """The special tokens that transformers finds in the text for a vocab.json + merges.txt tokenizer: the strings
+    its special_tokens_map.json and tokenizer_config.json name (bos_token, ..., additional_special_tokens,
+    added_tokens_decoder)."""
+    found = set()
+    for name in ("special_tokens_map.json", "tokenizer_config.json"):
+        if not os.path.isfile(path := os.path.join(ckpt_dir, name)):
+            continue
+        try:
+            with open(path, encoding="utf-8") as f:
+                config = json.load(f)
+            tokens = [v for k, v in config.items() if k.endswith("_token")] + \
+                list(config.get("additional_special_tokens") or []) + \
+                list(config.get("added_tokens_decoder", {}).values())
+        except (json.JSONDecodeError, UnicodeDecodeError, AttributeError, TypeError) as e:
+            raise DataError(f"{path} is not a valid tokenizer configuration ({type(e).__name__}: {e}); re-download "
+                            "it.") from None
+        found.update(t.get("content") if isinstance(t, dict) else t for t in tokens)
+    return {t for t in found if isinstance(t, str) and t}
 
 
 def load_tokenizer(ckpt_dir, bos_id):
@@ -386,7 +407,9 @@ def load_tokenizer(ckpt_dir, bos_id):
         except (json.JSONDecodeError, UnicodeDecodeError, AssertionError) as e:
             raise DataError(f"{files} could not be read as a GPT-2-style BPE tokenizer ({type(e).__name__}: {e}); "
                             "re-download both files.") from None
-        return BPETokenizer(vocab, merges, GPT2_PATTERN, bos_id, name=files)
+        tok = BPETokenizer(vocab, merges, GPT2_PATTERN, bos_id, name=files)
+        tok.added = {t: vocab[t] for t in named_special_tokens(ckpt_dir) if t in vocab}  # OPT's </s> and <pad>
+        return tok
     raise DataError(f"{ckpt_dir!r} has no tokenizer: expected tokenizer.model (SentencePiece), tokenizer.json "
                     "(BPE) or vocab.json + merges.txt; copy the tokenizer files from the original model.")
 

@@ -181,6 +181,29 @@ def test_bpe_tokenizer_matches_tokenizers_library(tmp_path):
     assert ours.decode(ids) == TEXT
 
 
+@needs_transformers
+def test_vocab_json_special_tokens_are_found_as_transformers_finds_them(tmp_path):
+    """OPT's tokenizer files: the special tokens its special_tokens_map.json and tokenizer_config.json name (</s>,
+    <pad>) are found in the text as transformers finds them; other strings (<unk>, <s>) stay plain text. A damaged
+    map is an error naming the file."""
+    train_bpe(tmp_path)
+    os.remove(tmp_path / "tokenizer.json")
+    added = lambda text: {"__type": "AddedToken", "content": text, "lstrip": False, "normalized": True,  # noqa
+                          "rstrip": False, "single_word": False}
+    (tmp_path / "special_tokens_map.json").write_text(json.dumps(
+        {"bos_token": added("</s>"), "eos_token": added("</s>"), "unk_token": added("</s>"), "pad_token": "<pad>"}))
+    (tmp_path / "tokenizer_config.json").write_text(json.dumps(
+        {"tokenizer_class": "GPT2Tokenizer", "add_bos_token": True, "bos_token": added("</s>"), "errors": "replace"}))
+    ref = transformers.AutoTokenizer.from_pretrained(str(tmp_path))
+    ours = data.load_tokenizer(str(tmp_path), bos_id=2)
+    text = "a</s>b <pad> c<unk>d<s>" + TEXT[:300] + "</s></s>"
+    assert ours.encode(text) == ref(text)["input_ids"] and ours.decode(ours.encode(text)) == text
+    assert ours.encode("x</s>", bos=False)[-1] == 2 and 3 not in ours.encode("<unk>")
+    (tmp_path / "special_tokens_map.json").write_text("{")
+    with pytest.raises(data.DataError, match=r"special_tokens_map\.json is not a valid tokenizer configuration"):
+        data.load_tokenizer(str(tmp_path), bos_id=2)
+
+
 def test_tokenizer_json_bpe_matches(tmp_path):
     """A BPE tokenizer.json (the LLaMA-3 layout) gives the same ids as the library, its added tokens (special or
     not) found in the text as the library finds them, the longest first where two start at the same place."""
