@@ -2132,17 +2132,23 @@ def test_interrupted_run_reuses_the_rows_its_json_holds(tiny, tmp_path, monkeypa
     edited.write_text(open(epts.prune.__file__).read() + "# edited\n")
     other_pruning = epts.prune.PruneConfig(percdamp=0.02)
     text = open(tiny["evals"][0]).read()
-    for change in (dict(nsamples=3, out=str(tmp_path / "run3")), dict(pruning=other_pruning), "code", "text"):
+    special = os.path.join(tiny["ckpt"], "special_tokens_map.json")
+    for change in (dict(nsamples=3, out=str(tmp_path / "run3")), dict(pruning=other_pruning), "code", "text",
+                   "tokenizer"):
         pruned[:] = ["go on"]
         if change == "code":  # this program's code changed since the file was written
             monkeypatch.setattr(epts.prune, "__file__", str(edited))
         if change == "text":  # the evaluation text changed in place
             open(tiny["evals"][0], "w").write(text.replace("the", "The", 1))
+        if change == "tokenizer":  # a special token named for the tokenizer
+            open(special, "w").write(json.dumps({"pad_token": "<pad>"}))
         main(**dict(args, **({} if isinstance(change, str) else change)))
         assert pruned.count("sparsegpt") == 2 and pruned.count("wanda") == 2, change
         assert "holds results of other settings" in capsys.readouterr().err
         monkeypatch.setattr(epts.prune, "__file__", real.__code__.co_filename)
         open(tiny["evals"][0], "w").write(text)
+        if os.path.exists(special):
+            os.remove(special)
         main(**args)  # back to the first settings, for the next change
     deploy = dict(tiny, methods=["epts"], sparsities=[0.5], calib=None, elastic=tiny["out"], json=args["json"])
     main(**deploy)
