@@ -933,8 +933,7 @@ def report_settings(p, model, calib_ids):
     r = p.request
     modules = ("__main__" if __name__ == "__main__" else __name__, "data", "default_model", "eval", "model",
                "parallel", "prune")
-    tokenizer = [os.path.join(r.ckpt, n) for n in ("tokenizer.model", "tokenizer.json", "vocab.json", "merges.txt",
-                                                  "special_tokens_map.json", "tokenizer_config.json")]
+    tokenizer = [os.path.join(r.ckpt, name) for name in M.TOKENIZER_FILES]
     inputs = [path for path in tokenizer if os.path.isfile(path)] + [data.resolve(path, "test") for path in r.evals] + \
         [os.path.join(r.tasks_dir, f"{task}.jsonl") for task in r.tasks]
     request = {k: v for k, v in asdict(r).items() if k not in ("methods", "sparsities", "json", "export")}

@@ -754,6 +754,11 @@ def load_model(ckpt_dir, dtype=torch.float32):
     return model.eval().requires_grad_(False)  # pruning never trains the weights themselves
 
 
+# the files of a checkpoint's tokenizer (data.load_tokenizer reads them), copied with an exported model
+TOKENIZER_FILES = ("tokenizer.model", "tokenizer.json", "vocab.json", "merges.txt", "tokenizer_config.json",
+                   "special_tokens_map.json")
+
+
 def save_model(model, out_dir, tokenizer_dir=None):
     """Write `model` as a new Hugging Face-format folder (config.json, model.safetensors, tokenizer files, and
     lora/ for low-rank parts: save_lora).
@@ -771,8 +776,7 @@ def save_model(model, out_dir, tokenizer_dir=None):
         save_json(raw, os.path.join(tmp, "config.json"))
         save_lora(model, os.path.join(tmp, "lora"))
         if tokenizer_dir:
-            for name in ("tokenizer.model", "tokenizer.json", "vocab.json", "merges.txt", "tokenizer_config.json",
-                         "special_tokens_map.json"):
+            for name in TOKENIZER_FILES:
                 if os.path.isfile(os.path.join(tokenizer_dir, name)):
                     shutil.copy(os.path.join(tokenizer_dir, name), tmp)
 
