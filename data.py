@@ -241,17 +241,22 @@ class BPETokenizer:
         self.vocab_size = max(vocab.values()) + 1  # ids run to here; the model must have as many rows
 
     normal_form = None  # tokenizer.json's Unicode normalizer (Qwen's: "NFC"), applied before the regex split
-    added = {}  # tokenizer.json's added tokens {text: id} (<|begin_of_text|>, ...): cut out of the text first
+    added, added_split = {}, None  # tokens cut out of the text first {text: id}, and their regex (find_added)
+
+    def find_added(self, added):
+        """Cut these tokens {text: id} out of the text before the BPE (tokenizer.json's added tokens, OPT's named
+        special tokens): the leftmost first, then the longest, as tokenizers matches them."""
+        longest_first = sorted(added, key=len, reverse=True)
+        self.added = added
+        self.added_split = re.compile(f"({'|'.join(map(re.escape, longest_first))})") if added else None
 
     def encode(self, text, bos=True):
         if self.normal_form:
             text = unicodedata.normalize(self.normal_form, text)
         ids = [self.bos_id] * (bos and self.bos_id is not None)
-        if not self.added:
+        if self.added_split is None:
             return ids + self.encode_ordinary(text)
-        # [text, token, text, ...]: the leftmost, then longest, added token first, as tokenizers matches them
-        longest_first = sorted(self.added, key=len, reverse=True)
-        for i, piece in enumerate(re.split(f"({'|'.join(map(re.escape, longest_first))})", text)):
+        for i, piece in enumerate(self.added_split.split(text)):  # [text, token, text, ...]
             ids += [self.added[piece]] if i % 2 else self.encode_ordinary(piece)
         return ids
 
@@ -392,7 +397,8 @@ def load_tokenizer(ckpt_dir, bos_id):
         pattern = split_pattern(tj.get("pre_tokenizer"), path("tokenizer.json"))
         tok = BPETokenizer(vocab, merges, pattern, bos_id, name=path("tokenizer.json"),
                            unk=(m.get("unk_token"), bool(m.get("fuse_unk"))))
-        tok.normal_form, tok.added = form, {t["content"]: t["id"] for t in tj.get("added_tokens", []) if t["content"]}
+        tok.normal_form = form
+        tok.find_added({t["content"]: t["id"] for t in tj.get("added_tokens", []) if t["content"]})
         return tok
     if os.path.isfile(path("vocab.json")) and os.path.isfile(path("merges.txt")):
         files = f"{path('vocab.json')} + merges.txt"
@@ -408,7 +414,7 @@ def load_tokenizer(ckpt_dir, bos_id):
             raise DataError(f"{files} could not be read as a GPT-2-style BPE tokenizer ({type(e).__name__}: {e}); "
                             "re-download both files.") from None
         tok = BPETokenizer(vocab, merges, GPT2_PATTERN, bos_id, name=files)
-        tok.added = {t: vocab[t] for t in named_special_tokens(ckpt_dir) if t in vocab}  # OPT's </s> and <pad>
+        tok.find_added({t: vocab[t] for t in named_special_tokens(ckpt_dir) if t in vocab})  # OPT's </s>, <pad>
         return tok
     raise DataError(f"{ckpt_dir!r} has no tokenizer: expected tokenizer.model (SentencePiece), tokenizer.json "
                     "(BPE) or vocab.json + merges.txt; copy the tokenizer files from the original model.")
