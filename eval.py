@@ -197,14 +197,17 @@ def read_task(tasks_dir, name):
     return docs
 
 
-def encode_pair(tok, context, continuation):
+def encode_pair(tok, context, continuation, prefix_id):
     """lm-eval's tokens for one request: (context ids, continuation ids). The context's trailing spaces move
     to the continuation; the continuation's ids are those of context + continuation past the context's own
-    count. No BOS, as lm-eval (the tokenizer's BOS stands in for an empty context)."""
+    count. No BOS, as lm-eval; an empty context is [prefix_id] (lm-eval's BOS, else EOS), the continuation then
+    encoded alone."""
+    if context == "":
+        return [prefix_id], tok.encode(continuation, bos=False)
     n_spaces = len(context) - len(context.rstrip())
     if n_spaces:
         context, continuation = context[:-n_spaces], context[-n_spaces:] + continuation
-    ctx = tok.encode(context, bos=False) or [tok.bos_id]
+    ctx = tok.encode(context, bos=False)
     return ctx, tok.encode(context + continuation, bos=False)[len(ctx):]
 
 
@@ -214,7 +217,8 @@ def loglikelihoods(model, pairs, tok, device="cpu", batch_size=8, max_len=None):
     pair. Batches of similar length, right-padded (causal attention never looks right); a window longer than
     max_len (default: the model's positions, lm-eval's max_length) keeps its last max_len tokens."""
     max_len = max_len or model.cfg.max_position_embeddings
-    encoded = [encode_pair(tok, c, x) for c, x in pairs]
+    prefix_id = tok.bos_id if tok.bos_id is not None else model.cfg.eos_token_id
+    encoded = [encode_pair(tok, c, x, prefix_id) for c, x in pairs]
     order = sorted(range(len(pairs)), key=lambda i: -sum(map(len, encoded[i])))
     batches, inputs = [], []  # per batch: (pair indices, token rows, each continuation's start); ids (B, T)
     for b in range(0, len(order), batch_size):

@@ -2514,21 +2514,30 @@ def test_loglikelihoods_batched_equal_one_at_a_time(tiny):
              ("A longer context that goes on and on about lists and tuples ", "and sets."), ("x", " y")]
     got = eval_module.loglikelihoods(model, pairs, tok, batch_size=3)
     for (context, continuation), ll in zip(pairs, got):
-        ctx, cont = eval_module.encode_pair(tok, context, continuation)
+        ctx, cont = eval_module.encode_pair(tok, context, continuation, tok.bos_id)
         ids = torch.tensor(ctx + cont)
         logp = model(ids[None, :-1])[0].log_softmax(-1)
         expected = sum(logp[len(ctx) - 1 + k, t].item() for k, t in enumerate(cont))
         assert ll == pytest.approx(expected, abs=1e-4)
-    ctx, cont = eval_module.encode_pair(tok, "on and on ", "and sets.")
+    ctx, cont = eval_module.encode_pair(tok, "on and on ", "and sets.", tok.bos_id)
     assert tok.decode(ctx) == "on and on" and tok.decode(cont) == " and sets."
-    ctx, cont = eval_module.encode_pair(tok, *pairs[2])  # longer than max_len = 8: the last 8 + 1 tokens count
+    # an empty context: lm-eval's prefix token (BOS, else EOS) as context, every token of the continuation scored
+    bos_id = tok.bos_id
+    for tok.bos_id, prefix in ((5, 5), (None, model.cfg.eos_token_id)):
+        cont = tok.encode("lists and tuples", bos=False)
+        logp = model(torch.tensor([[prefix] + cont[:-1]]))[0].log_softmax(-1)
+        expected = sum(logp[k, t].item() for k, t in enumerate(cont))
+        got = eval_module.loglikelihoods(model, [("", "lists and tuples")], tok)[0]
+        assert got == pytest.approx(expected, abs=1e-4)
+    tok.bos_id = bos_id
+    ctx, cont = eval_module.encode_pair(tok, *pairs[2], tok.bos_id)  # longer than max_len = 8: the last 8 + 1 tokens count
     ids = torch.tensor((ctx + cont)[-9:])
     logp = model(ids[None, :-1])[0].log_softmax(-1)
     expected = sum(logp[8 - len(cont) + k, t].item() for k, t in enumerate(cont))
     assert eval_module.loglikelihoods(model, [pairs[2]], tok, max_len=8)[0] == pytest.approx(expected, abs=1e-4)
     # by default a window is cut at the model's positions, as lm-eval's max_length (not at 2048 tokens)
     model.cfg.max_position_embeddings, long = 4096, ("lists and tuples " * 400, "and sets.")
-    assert len(sum(eval_module.encode_pair(tok, *long), [])) > 2049
+    assert len(sum(eval_module.encode_pair(tok, *long, tok.bos_id), [])) > 2049
     assert eval_module.loglikelihoods(model, [long], tok) == \
         eval_module.loglikelihoods(model, [long], tok, max_len=4096)
 
