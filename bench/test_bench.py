@@ -116,6 +116,34 @@ def test_cloze_task_items_are_winogrande_items():
         assert f"{pairs[gold][0]} {rest}" in sentences and f"{pairs[1 - gold][0]} {rest}" not in sentences
 
 
+def test_lm_eval_check_builds_items_of_every_task():
+    """The lm-eval cross-check's items pass eval.read_task's checks for every task, and each gold choice is the
+    rest of its context's own sentence (the other choices are other sentences' rests)."""
+    import random
+
+    import eval as eval_module
+    import lm_eval_check
+    sentences = [f"sentence {i} opens " + " ".join(f"w{i}x{k}" for k in range(12)) + f" ends {i}." for i in range(600)]
+    items = lm_eval_check.task_items(list(sentences), 20, random.Random(0))
+    assert set(items) == set(eval_module.TASKS) and all(len(docs) == 20 for docs in items.values())
+    assert all(eval_module.item_problem(task, doc) is None for task, docs in items.items() for doc in docs)
+    for task, docs in items.items():
+        for doc in docs:
+            if task in ("arc_easy", "arc_challenge", "openbookqa"):
+                opening, choices = doc.get("question", doc.get("question_stem")), doc["choices"]["text"]
+                gold = "ABCD".index(doc["answerKey"])
+            elif task == "piqa":
+                opening, choices, gold = doc["goal"], [doc["sol1"], doc["sol2"]], doc["label"]
+            elif task == "winogrande":
+                rest, gold = doc["sentence"].removeprefix("_ "), int(doc["answer"]) - 1
+                options = [doc["option1"], doc["option2"]]
+                assert [f"{o} {rest}" in sentences for o in options] == [k == gold for k in range(2)]
+                continue
+            else:
+                continue
+            assert [f"{opening} {c}" in sentences for c in choices] == [k == gold for k in range(len(choices))]
+
+
 def test_nm_bench_counts_inputs_cut_off_and_writes_its_tables(tmp_path):
     """nm_bench's connectivity measure: 0 for EGGS (every input keeps a weight in every tile), above 0 for Wanda
     2:4 on a random model; its tables replace only their own section of a page."""
