@@ -144,6 +144,15 @@ def test_lm_eval_check_builds_items_of_every_task():
             assert [f"{opening} {c}" in sentences for c in choices] == [k == gold for k in range(len(choices))]
 
 
+def test_reference_check_runs_the_reference_at_our_count():
+    """SparseGPT's reference prunes int(numel * s) + 1 weights of each lazy batch: reference_check runs it at the
+    sparsity where that count is ours, int(numel * s)."""
+    import reference_check
+    for numel in (96 * 128, 512 * 128, 4096 * 128):
+        for s in (0.3, 0.5, 0.7, 0.123, 0.99):
+            assert int(numel * reference_check.reference_sparsity(s, numel)) + 1 == int(numel * s)
+
+
 def test_nm_bench_counts_inputs_cut_off_and_writes_its_tables(tmp_path):
     """nm_bench's connectivity measure: 0 for EGGS (every input keeps a weight in every tile), above 0 for Wanda
     2:4 on a random model; its tables replace only their own section of a page."""
