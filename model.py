@@ -507,6 +507,11 @@ def config_from_dict(raw, path="config.json"):
     else:
         raise UserError(f"{path}: model_type {kind!r} is not supported; supported model types: "
                         f"{', '.join(sorted(LLAMA_TYPES | {'opt'}))}.")
+    quant = raw.get("quantization_config")  # GPTQ, AWQ, bitsandbytes, FP8 releases: packed integers or scales
+    if quant is not None:
+        method = quant.get("quant_method", "?") if isinstance(quant, dict) else quant
+        raise UserError(f"{path}: the checkpoint is quantized ({method}); pruning needs its full-precision weights: "
+                        "pass the unquantized release of the model.")
     kw = {k: v for k, v in raw.items() if k in fields and k not in ("raw", "qkv_bias", "qk_norm")}
     if kind == "qwen2":
         kw["qkv_bias"] = True

@@ -1642,6 +1642,7 @@ def test_prune_config_refuses_a_setting_out_of_range(setting, message):
     (["--ckpt", "{tmp}"], "no config.json"),
     (["--ckpt", "{bad_type}"], "model_type 'bert' is not supported"),
     (["--ckpt", "{bad_json}"], "not a valid JSON"),
+    (["--ckpt", "{quantized}"], "the checkpoint is quantized (gptq); pruning needs its full-precision weights"),
     (["--ckpt", "{tmp}", "--device", "cuda"], "no CUDA GPU"),
 ])
 def test_cli_user_errors(tmp_path, args, message):
@@ -1650,7 +1651,9 @@ def test_cli_user_errors(tmp_path, args, message):
         write_config(tmp_path / "bad_type", model_type="bert")
         (tmp_path / "bad_json").mkdir()
         (tmp_path / "bad_json" / "config.json").write_text("{")
-        args = [a.format(tmp=tmp_path, bad_type=tmp_path / "bad_type", bad_json=tmp_path / "bad_json") for a in args]
+        write_config(tmp_path / "quantized", model_type="llama", quantization_config={"quant_method": "gptq", "bits": 4})
+        args = [a.format(tmp=tmp_path, bad_type=tmp_path / "bad_type", bad_json=tmp_path / "bad_json",
+                         quantized=tmp_path / "quantized") for a in args]
         r = cli(*args)
         assert r.returncode == 2, r.stderr
         assert message in r.stderr and "Traceback" not in r.stderr
