@@ -1,20 +1,24 @@
 """
-Our Wanda and SparseGPT layers against the reference algorithms' code, as llm-compressor carries it (a port of
-the authors' repositories: the same statistics, masks and OBS updates).
+Our Wanda and SparseGPT against the reference algorithms' code, as llm-compressor carries it (ports of the
+authors' repositories: the same statistics, masks and OBS updates, and the same block-by-block pipeline).
 
-llm-compressor is not a dependency of this project, and its own dependencies would replace transformers: install
-it alone beside the project, e.g. `python -m venv --system-site-packages /tmp/llmc && /tmp/llmc/bin/pip install
---no-deps llmcompressor==0.14.0.1 loguru`, then
+llm-compressor is not a dependency of this project, and it pins its own transformers: install it in a virtual
+environment of its own, e.g. `python -m venv --system-site-packages /tmp/llmc && /tmp/llmc/bin/pip install
+llmcompressor==0.14.0.1` (our code does not use transformers), then
 
     /tmp/llmc/bin/python bench/reference_check.py [OUT.json]
 
-Only its two files wanda_sparsify.py and sgpt_sparsify.py are loaded (not the package). Each layer gets the same
-calibration batches: theirs accumulate the reference's statistics (||X_j||^2 and H averaged per sample), ours
-prune.InputStats (per token); both scalings cancel in the masks and updates. One deliberate difference: the
-reference's SparseGPT prunes int(count * s) + 1 weights per lazy batch (a `<=` on the threshold), ours exactly
-int(count * s); so the reference runs at the sparsity at which it prunes our count. Printed per case: the share
-of weights whose kept/pruned state differs, and the largest difference between the pruned weights, each method
-from its own statistics and SparseGPT also from the reference's H.
+Layers: its files wanda_sparsify.py and sgpt_sparsify.py on the same calibration batches as prune.prune_layer.
+Theirs accumulate the reference's statistics (||X_j||^2 and H averaged per sample), ours prune.InputStats (per
+token); both scalings cancel in the masks and updates. One deliberate difference: the reference's SparseGPT
+prunes int(count * s) + 1 weights per lazy batch (a `<=` on the threshold), ours exactly int(count * s); so the
+reference runs at the sparsity at which it prunes our count.
+
+Whole model: its `oneshot` (sequential pipeline: each block calibrated on the outputs of the blocks already
+pruned) on a random 3-block transformers LLaMA, against prune.prune_model on the same checkpoint and windows.
+
+Printed per case: the share of weights whose kept/pruned state differs, and the largest difference between the
+pruned weights.
 """
 
 import importlib.util
@@ -88,8 +92,49 @@ def differ(a, b):
     return ((a == 0) != (b == 0)).float().mean().item(), (a - b).abs().max().item()
 
 
+def pipeline(method, sparsity, root):
+    """(mask mismatch, max weight difference) over every block Linear: llm-compressor's oneshot on a random
+    transformers LLaMA of 3 blocks against prune.prune_model on the same checkpoint and 8 windows of 32 tokens."""
+    import datasets
+    import tokenizers
+    import transformers
+    from llmcompressor import oneshot
+    from llmcompressor.modifiers.pruning import SparseGPTModifier, WandaPruningModifier
+
+    import model as M
+    torch.manual_seed(0)
+    cfg = transformers.LlamaConfig(vocab_size=256, hidden_size=64, intermediate_size=128, num_hidden_layers=3,
+                                   num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=64)
+    ref = transformers.LlamaForCausalLM(cfg)
+    with torch.no_grad():  # off the initial values, so that every layer's statistics matter
+        for p in ref.parameters():
+            p.add_(torch.randn_like(p) * 0.05)
+    ckpt = os.path.join(root, "ckpt")
+    ref.save_pretrained(ckpt)
+    ids = torch.randint(0, 256, (8, 32), generator=torch.Generator().manual_seed(1))
+    windows = datasets.Dataset.from_dict({"input_ids": ids.tolist(), "attention_mask": torch.ones_like(ids).tolist()})
+    words = tokenizers.Tokenizer(tokenizers.models.WordLevel({f"t{i}": i for i in range(256)}, unk_token="t0"))
+    processor = transformers.PreTrainedTokenizerFast(tokenizer_object=words, unk_token="t0", pad_token="t0")
+    nm = isinstance(sparsity, tuple)
+    s = 0.5 if nm else sparsity
+    if method == "sparsegpt" and not nm:  # every layer's lazy batch holds 64 x 64 or 128 x 64 weights
+        s = reference_sparsity(sparsity, 128 * 64)
+        assert all(int(n * s) + 1 == int(n * sparsity) for n in (64 * 64, 128 * 64)), "no one reference sparsity"
+    kind = WandaPruningModifier if method == "wanda" else SparseGPTModifier
+    modifier = kind(sparsity=s, mask_structure=f"{sparsity[0]}:{sparsity[1]}" if nm else "0:0",
+                    targets=["re:.*layers.*proj$"], ignore=["re:.*lm_head"])
+    ref = transformers.LlamaForCausalLM.from_pretrained(ckpt, dtype=torch.float32)
+    oneshot(model=ref, processor=processor, dataset=windows, recipe=[modifier], num_calibration_samples=8,
+            max_seq_length=32, pipeline="sequential", batch_size=1, shuffle_calibration_samples=False)
+    ours = prune.prune_model(M.load_model(ckpt), method, sparsity, ids, "cpu", prune.PruneConfig(batch_size=1))
+    theirs, mine = ref.state_dict(), ours.state_dict()
+    pairs = [(mine[key], theirs[hf]) for key, hf in M.hf_name_map(ours.cfg).items() if key.endswith("proj.weight")]
+    return differ(torch.cat([a.reshape(-1) for a, _ in pairs]), torch.cat([b.reshape(-1) for _, b in pairs]))
+
+
 def main(out=None):
-    cases = []
+    import tempfile
+    layers, models = [], []
     for shape in ((96, 256), (512, 1024)):
         W = torch.randn(*shape, generator=torch.Generator().manual_seed(1)) * 0.02
         batches = calibration(shape[1]).split(4)  # 4 batches of 4 windows
@@ -101,15 +146,22 @@ def main(out=None):
                         "from_own_statistics": differ(ours(method, W, batches, s), ref)}
                 if method == "sparsegpt":  # the reference's own H: what remains is the algorithm alone
                     case["from_the_reference_H"] = differ(prune.sparsegpt_prune(W, stat.clone(), s), ref)
-                cases.append(case)
+                layers.append(case)
                 print(f"{str(shape):12} {method:10} {str(case['sparsity']):5} "
                       + "  ".join(f"{k}: mask {v[0]:.1e}, weights {v[1]:.1e}" for k, v in case.items()
                                   if k.startswith("from")))
+    for method, sparsities in (("wanda", (0.5, 0.7, (2, 4))), ("sparsegpt", (0.5, (2, 4)))):
+        for s in sparsities:
+            with tempfile.TemporaryDirectory() as root:
+                mask, weights = pipeline(method, s, root)
+            models.append({"method": method, "sparsity": prune.format_sparsity(s), "mask_mismatch": mask,
+                           "max_weight_diff": weights})
+            print(f"3-block LLaMA {method:10} {str(prune.format_sparsity(s)):5} mask {mask:.1e}, weights {weights:.1e}")
     if out:
         with open(out, "w") as f:
             json.dump({"pairs": "[share of weights whose kept/pruned state differs, max |W_ours - W_ref|]",
-                       "cases": cases}, f, indent=2)
-    return cases
+                       "layers": layers, "models": models}, f, indent=2)
+    return layers, models
 
 
 if __name__ == "__main__":
