@@ -15,7 +15,7 @@ prunes int(count * s) + 1 weights per lazy batch (a `<=` on the threshold), ours
 reference runs at the sparsity at which it prunes our count.
 
 Whole model: its `oneshot` (sequential pipeline: each block calibrated on the outputs of the blocks already
-pruned) on a random 3-block transformers LLaMA, against prune.prune_model on the same checkpoint and windows.
+pruned) on a random 3-block transformers LLaMA and OPT, against prune.prune_model on the same checkpoint and windows.
 
 Printed per case: the share of weights whose kept/pruned state differs, and the largest difference between the
 pruned weights.
@@ -92,9 +92,10 @@ def differ(a, b):
     return ((a == 0) != (b == 0)).float().mean().item(), (a - b).abs().max().item()
 
 
-def pipeline(method, sparsity, root):
+def pipeline(family, method, sparsity, root):
     """(mask mismatch, max weight difference) over every block Linear: llm-compressor's oneshot on a random
-    transformers LLaMA of 3 blocks against prune.prune_model on the same checkpoint and 8 windows of 32 tokens."""
+    transformers LLaMA or OPT of 3 blocks against prune.prune_model on the same checkpoint and 8 windows of 32
+    tokens."""
     import datasets
     import tokenizers
     import transformers
@@ -103,9 +104,12 @@ def pipeline(method, sparsity, root):
 
     import model as M
     torch.manual_seed(0)
-    cfg = transformers.LlamaConfig(vocab_size=256, hidden_size=64, intermediate_size=128, num_hidden_layers=3,
-                                   num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=64)
-    ref = transformers.LlamaForCausalLM(cfg)
+    size = dict(vocab_size=256, hidden_size=64, num_hidden_layers=3, num_attention_heads=4, max_position_embeddings=64)
+    if family == "llama":
+        ref = transformers.LlamaForCausalLM(transformers.LlamaConfig(**size, intermediate_size=128,
+                                                                     num_key_value_heads=2))
+    else:
+        ref = transformers.OPTForCausalLM(transformers.OPTConfig(**size, ffn_dim=128, word_embed_proj_dim=64))
     with torch.no_grad():  # off the initial values, so that every layer's statistics matter
         for p in ref.parameters():
             p.add_(torch.randn_like(p) * 0.05)
@@ -122,14 +126,16 @@ def pipeline(method, sparsity, root):
         assert all(int(n * s) + 1 == int(n * sparsity) for n in (64 * 64, 128 * 64)), "no one reference sparsity"
     kind = WandaPruningModifier if method == "wanda" else SparseGPTModifier
     modifier = kind(sparsity=s, mask_structure=f"{sparsity[0]}:{sparsity[1]}" if nm else "0:0",
-                    targets=["re:.*layers.*proj$"], ignore=["re:.*lm_head"])
-    ref = transformers.LlamaForCausalLM.from_pretrained(ckpt, dtype=torch.float32)
+                    targets=["re:.*layers\\.\\d+\\..*(proj|fc1|fc2)$"], ignore=["re:.*lm_head"])
+    ref = type(ref).from_pretrained(ckpt, dtype=torch.float32)
     oneshot(model=ref, processor=processor, dataset=windows, recipe=[modifier], num_calibration_samples=8,
             max_seq_length=32, pipeline="sequential", batch_size=1, shuffle_calibration_samples=False)
     ours = prune.prune_model(M.load_model(ckpt), method, sparsity, ids, "cpu", prune.PruneConfig(batch_size=1))
-    theirs, mine = ref.state_dict(), ours.state_dict()
-    pairs = [(mine[key], theirs[hf]) for key, hf in M.hf_name_map(ours.cfg).items() if key.endswith("proj.weight")]
-    return differ(torch.cat([a.reshape(-1) for a, _ in pairs]), torch.cat([b.reshape(-1) for _, b in pairs]))
+    theirs, mine, names = ref.state_dict(), ours.state_dict(), M.hf_name_map(ours.cfg)
+    keys = [f"blocks.{i}.{n}.weight" for i, block in enumerate(ours.blocks) for n in block.linears()]
+    assert len(keys) == 3 * (7 if family == "llama" else 6)
+    flat = lambda sd, name: torch.cat([sd[name(k)].reshape(-1) for k in keys])  # noqa: E731
+    return differ(flat(mine, lambda k: k), flat(theirs, names.get))
 
 
 def main(out=None):
@@ -150,13 +156,15 @@ def main(out=None):
                 print(f"{str(shape):12} {method:10} {str(case['sparsity']):5} "
                       + "  ".join(f"{k}: mask {v[0]:.1e}, weights {v[1]:.1e}" for k, v in case.items()
                                   if k.startswith("from")))
-    for method, sparsities in (("wanda", (0.5, 0.7, (2, 4))), ("sparsegpt", (0.5, (2, 4)))):
-        for s in sparsities:
-            with tempfile.TemporaryDirectory() as root:
-                mask, weights = pipeline(method, s, root)
-            models.append({"method": method, "sparsity": prune.format_sparsity(s), "mask_mismatch": mask,
-                           "max_weight_diff": weights})
-            print(f"3-block LLaMA {method:10} {str(prune.format_sparsity(s)):5} mask {mask:.1e}, weights {weights:.1e}")
+    for family in ("llama", "opt"):
+        for method, sparsities in (("wanda", (0.5, 0.7, (2, 4))), ("sparsegpt", (0.5, (2, 4)))):
+            for s in sparsities:
+                with tempfile.TemporaryDirectory() as root:
+                    mask, weights = pipeline(family, method, s, root)
+                models.append({"family": family, "method": method, "sparsity": prune.format_sparsity(s),
+                               "mask_mismatch": mask, "max_weight_diff": weights})
+                print(f"3-block {family:5} {method:10} {str(prune.format_sparsity(s)):5} mask {mask:.1e}, "
+                      f"weights {weights:.1e}")
     if out:
         with open(out, "w") as f:
             json.dump({"pairs": "[share of weights whose kept/pruned state differs, max |W_ours - W_ref|]",
