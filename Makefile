@@ -1,6 +1,6 @@
 PYTHON ?= python3
 
-.PHONY: setup test demo bench
+.PHONY: setup test demo bench references
 
 # runtime and test dependencies (torch is pinned: an unpinned torch pulls CUDA wheels)
 setup:
@@ -26,3 +26,12 @@ bench:
 	$(PYTHON) bench/si_bench.py
 	$(PYTHON) bench/gpu.py
 	$(PYTHON) bench/speed.py
+
+# our zero-shot scoring against lm-eval, our Wanda and SparseGPT against llm-compressor's ports of the reference
+# code: each tool in a virtual environment of its own (llm-compressor pins transformers); after `make bench`,
+# whose fixtures the zero-shot check scores
+references:
+	$(PYTHON) -m venv --system-site-packages .venv-lmeval && .venv-lmeval/bin/pip install -q lm_eval==0.4.13
+	.venv-lmeval/bin/python bench/lm_eval_check.py bench/lm_eval_results.json bench/cache/llama bench/cache/opt
+	$(PYTHON) -m venv --system-site-packages .venv-llmc && .venv-llmc/bin/pip install -q llmcompressor==0.14.0.1
+	.venv-llmc/bin/python bench/reference_check.py bench/reference_results.json

@@ -6,6 +6,8 @@ e.g. `python -m venv --system-site-packages /tmp/lmeval && /tmp/lmeval/bin/pip i
 
     /tmp/lmeval/bin/python bench/lm_eval_check.py OUT.json CKPT [CKPT ...]
 
+(`make references` does both, on the benchmark fixtures.)
+
 The real task sets are not on this machine, so each task gets items in its dataset's own fields, built from
 WikiText-2 test sentences (a sentence's opening as the context, its own rest or other sentences' rests as the
 choices; a few HellaSwag items carry WikiHow's [title] and [step] markers). Sentences holding WikiText v1's
@@ -92,6 +94,7 @@ DATASETS = {("aps/super_glue", "boolq"): "boolq", ("nyu-mll/glue", "rte"): "rte"
 
 def lm_eval_scores(ckpt, items):
     """{task: (per-item log-likelihoods of every choice, acc, acc_norm or None)} from lm-eval."""
+    os.environ.setdefault("HF_HUB_OFFLINE", "1")  # everything is local: never wait on the network
     import datasets
     import transformers
     from lm_eval import simple_evaluate

@@ -8,6 +8,8 @@ llmcompressor==0.14.0.1` (our code does not use transformers), then
 
     /tmp/llmc/bin/python bench/reference_check.py [OUT.json]
 
+(`make references` does both.)
+
 Layers: its files wanda_sparsify.py and sgpt_sparsify.py on the same calibration batches as prune.prune_layer.
 Theirs accumulate the reference's statistics (||X_j||^2 and H averaged per sample), ours prune.InputStats (per
 token); both scalings cancel in the masks and updates. One deliberate difference: the reference's SparseGPT
@@ -96,6 +98,7 @@ def pipeline(family, method, sparsity, root):
     """(mask mismatch, max weight difference) over every block Linear: llm-compressor's oneshot on a random
     transformers LLaMA or OPT of 3 blocks against prune.prune_model on the same checkpoint and 8 windows of 32
     tokens."""
+    os.environ.setdefault("HF_HUB_OFFLINE", "1")  # everything is local: never wait on the network
     import datasets
     import tokenizers
     import transformers
