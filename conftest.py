@@ -43,6 +43,9 @@ TINY_LLAMA_FAMILY = {
     "mistral": ("Mistral", dict(num_key_value_heads=2, head_dim=24, sliding_window=None)),
     "qwen2": ("Qwen2", dict(num_key_value_heads=2, rope_theta=1e6, tie_word_embeddings=False)),
     "qwen3": ("Qwen3", dict(num_key_value_heads=2, head_dim=32, rope_theta=1e6, tie_word_embeddings=True)),
+    "mistral_window": ("Mistral", dict(num_key_value_heads=2, sliding_window=8)),  # as Mistral-7B-v0.1's 4096
+    "qwen2_window": ("Qwen2", dict(num_key_value_heads=2, use_sliding_window=True, sliding_window=8,
+                                   max_window_layers=1)),  # the first block full, the second sliding
 }
 
 

@@ -196,6 +196,25 @@ class LlamaConfig:
         if self.num_attention_heads % self.num_key_value_heads:
             raise UserError(f"config.json: num_attention_heads={self.num_attention_heads} is not a multiple of "
                             f"num_key_value_heads={self.num_key_value_heads}; the checkpoint's config is inconsistent.")
+        self.windows = attention_windows(self.raw, self.num_hidden_layers)
+
+
+def attention_windows(raw, n_blocks):
+    """Each block's sliding attention window (None: full causal attention), as transformers reads config.json:
+    Mistral's sliding_window (default 4096) on every block; Qwen2/3's only with use_sliding_window, on the blocks
+    its layer_types name, else on those from max_window_layers (default 28) on."""
+    kind, window = raw.get("model_type"), raw.get("sliding_window", 4096)
+    if kind == "mistral" and window is not None:
+        types = ["sliding_attention"] * n_blocks
+    elif kind in ("qwen2", "qwen3") and window is not None and raw.get("use_sliding_window"):
+        first = raw.get("max_window_layers", 28)
+        types = raw.get("layer_types") or ["sliding_attention" if i >= first else "full" for i in range(n_blocks)]
+    else:
+        return [None] * n_blocks
+    if not isinstance(window, int) or isinstance(window, bool) or window < 1 or len(types) != n_blocks:
+        raise UserError(f"config.json: sliding_window={window!r} must be a positive integer and layer_types list "
+                        f"one type per block ({n_blocks}); the checkpoint's config is damaged.")
+    return [window if t == "sliding_attention" else None for t in types]
 
 
 def rope_inv_freq(cfg):
@@ -240,8 +259,9 @@ class RMSNorm(nn.Module):
 
 
 class LlamaAttention(nn.Module):
-    def __init__(self, cfg):
+    def __init__(self, cfg, window=None):
         super().__init__()
+        self.window = window  # sliding attention: each token sees itself and the window - 1 tokens before it
         self.n_head, self.n_kv_head, self.head_dim = cfg.num_attention_heads, cfg.num_key_value_heads, cfg.head_dim
         C, bias = cfg.hidden_size, cfg.attention_bias or cfg.qkv_bias
         self.q_proj = nn.Linear(C, self.n_head * self.head_dim, bias=bias)
@@ -272,7 +292,13 @@ class LlamaAttention(nn.Module):
         q = q * cos + rotate_half(q) * sin
         k = k * cos + rotate_half(k) * sin
         # causal attention; grouped-query heads share K/V without materialising copies
-        y = F.scaled_dot_product_attention(q, k, v, is_causal=True, enable_gqa=self.n_kv_head != self.n_head)
+        gqa = self.n_kv_head != self.n_head
+        if self.window is not None and T > self.window:
+            i = torch.arange(T, device=x.device)
+            seen = (i.view(-1, 1) >= i) & (i.view(-1, 1) - i < self.window)  # (T, T): query row, key column
+            y = F.scaled_dot_product_attention(q, k, v, attn_mask=seen, enable_gqa=gqa)
+        else:
+            y = F.scaled_dot_product_attention(q, k, v, is_causal=True, enable_gqa=gqa)
         # output projection
         y = y.transpose(1, 2).reshape(B, T, self.n_head * self.head_dim)  # (B, T, nh*hd)
         return self.o_proj(y)
@@ -298,10 +324,10 @@ class Block(nn.Module):
 
 
 class LlamaBlock(Block):
-    def __init__(self, cfg):
+    def __init__(self, cfg, window=None):
         super().__init__()
         self.input_layernorm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
-        self.self_attn = LlamaAttention(cfg)
+        self.self_attn = LlamaAttention(cfg, window)
         self.post_attention_layernorm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
         self.mlp = LlamaMLP(cfg)
 
@@ -351,7 +377,7 @@ class Llama(CausalLM):
         super().__init__()
         self.cfg = cfg
         self.embed_tokens = nn.Embedding(cfg.vocab_size, cfg.hidden_size)
-        self.blocks = nn.ModuleList(LlamaBlock(cfg) for _ in range(cfg.num_hidden_layers))
+        self.blocks = nn.ModuleList(LlamaBlock(cfg, window) for window in cfg.windows)
         self.norm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
         self.lm_head = nn.Linear(cfg.hidden_size, cfg.vocab_size, bias=False)
         if cfg.tie_word_embeddings:
@@ -791,6 +817,9 @@ def check_bias_export(cfg):
     if getattr(cfg, "qk_norm", False):
         raise UserError("transformers' Qwen3 has no biases on its MLP layers, so a Qwen3 model with Sparsity "
                         "Induction's biases cannot be written in its format; evaluate it without --export.")
+    if any(getattr(cfg, "windows", [])):
+        raise UserError("a model with Sparsity Induction's biases is written as transformers' llama, which has no "
+                        "sliding attention window, and this model has one; evaluate it without --export.")
 
 
 def declare_biases(model):
@@ -841,8 +870,7 @@ def default_dtype(cfg, device):
 
 
 def check_seqlen(cfg, seqlen):
-    """At least two tokens per window (one to predict); OPT has no positions past its table, LLaMA extrapolates;
-    a sliding attention window (not implemented) shorter than seqlen is warned about."""
+    """At least two tokens per window (one to predict); OPT has no positions past its table, LLaMA extrapolates."""
     if seqlen < 2:
         raise UserError(f"--seqlen {seqlen} leaves no token to predict; use at least 2 (2048 is the convention).")
     if seqlen > cfg.max_position_embeddings:
@@ -851,11 +879,6 @@ def check_seqlen(cfg, seqlen):
                             f"positions; use --seqlen {cfg.max_position_embeddings} or less.")
         print(f"warning: --seqlen {seqlen} is longer than the model's max_position_embeddings "
               f"({cfg.max_position_embeddings}); RoPE extrapolates beyond what the model was trained on",
-              file=sys.stderr)
-    window = cfg.raw.get("sliding_window")  # Mistral-7B-v0.1's 4096; Qwen2/3's only with use_sliding_window
-    if window and seqlen > window and (cfg.raw.get("model_type") == "mistral" or cfg.raw.get("use_sliding_window")):
-        print(f"warning: --seqlen {seqlen} is longer than the model's sliding attention window ({window} tokens), "
-              "which is not implemented here: tokens past it attend to every earlier token, unlike the reference",
               file=sys.stderr)
 
 

@@ -35,7 +35,8 @@ from model import UserError
 @pytest.mark.parametrize("kind,fmt", [("llama_mha", "sharded"), ("llama_gqa", "safetensors"),
                                       ("opt_pre", "bin"), ("opt_post", "safetensors"), ("llama_gqa", "bin"),
                                       ("llama_linear", "safetensors"), ("smollm", "safetensors"),
-                                      ("mistral", "safetensors"), ("qwen2", "sharded"), ("qwen3", "safetensors")])
+                                      ("mistral", "safetensors"), ("qwen2", "sharded"), ("qwen3", "safetensors"),
+                                      ("mistral_window", "safetensors"), ("qwen2_window", "safetensors")])
 @needs_transformers
 def test_logits_and_greedy_generation_match_transformers(tmp_path, kind, fmt):
     """Our model loaded from the saved folder gives the reference's logits and greedy tokens."""
@@ -919,8 +920,8 @@ def test_si_trained_shift_lowers_the_pruned_block_error(small, kind):
 def test_si_runs_through_main_and_exports_biases_transformers_loads(tiny, tmp_path, kind):
     """magnitude+si, ria+si, eggs+si (2:4) and wanda+si through main: exact sparsity, finite perplexity, every
     layer with a bias; the export declares them (LLaMA's attention_bias/mlp_bias, Mistral and Qwen2 written as
-    llama) and transformers loads it with our logits. Qwen3 (no MLP biases in transformers) is refused before
-    any work."""
+    llama) and transformers loads it with our logits. Qwen3 (no MLP biases in transformers) and a sliding window
+    (none in transformers' llama) are refused before any work."""
     ckpt = tmp_path / kind
     hf_tiny(kind, vocab_size=512).save_pretrained(ckpt)
     shutil.copy(os.path.join(tiny["ckpt"], "vocab.json"), ckpt)
@@ -943,6 +944,12 @@ def test_si_runs_through_main_and_exports_biases_transformers_loads(tiny, tmp_pa
         shutil.copy(os.path.join(tiny["ckpt"], "merges.txt"), tmp_path / "q3")
         with pytest.raises(UserError, match="Qwen3 has no biases"):
             main(**dict(tiny, ckpt=str(tmp_path / "q3"), methods=["dense", "wanda+si"], export=str(tmp_path / "x")))
+    if kind == "mistral":  # a sliding window: transformers' llama, as which the export is written, has none
+        hf_tiny("mistral_window", vocab_size=512).save_pretrained(tmp_path / "mw")
+        shutil.copy(os.path.join(tiny["ckpt"], "vocab.json"), tmp_path / "mw")
+        shutil.copy(os.path.join(tiny["ckpt"], "merges.txt"), tmp_path / "mw")
+        with pytest.raises(UserError, match="has no sliding attention window, and this model has one"):
+            main(**dict(tiny, ckpt=str(tmp_path / "mw"), methods=["dense", "wanda+si"], export=str(tmp_path / "x")))
 
 
 def test_baseline_defaults_are_the_papers():
@@ -2021,14 +2028,28 @@ def test_warnings_and_rows_the_user_must_see(tiny, tmp_path, capsys):
     assert main(**dict(tiny, methods=["dense"], seqlen=None))["seqlen"] == 8  # min(2048, positions)
     with pytest.raises(UserError, match="longer than OPT's 8 learned positions"):
         M.check_seqlen(M.config_from_dict(dict(SMALL["opt"], max_position_embeddings=8)), 16)
-    for raw, warned in ((dict(cfg, model_type="mistral", sliding_window=8), True),
-                        (dict(cfg, model_type="qwen2", sliding_window=8, use_sliding_window=False), False),
-                        (dict(cfg, model_type="qwen2", sliding_window=8, use_sliding_window=True), True),
-                        (dict(cfg, model_type="mistral", sliding_window=None), False),
-                        (dict(cfg, model_type="mistral", sliding_window=16), False)):  # a window as long as seqlen
-        M.check_seqlen(M.config_from_dict(dict(raw, max_position_embeddings=64)), 16)
-        err = capsys.readouterr().err
-        assert ("sliding attention window" in err) == warned and (not warned or "(8 tokens)" in err), raw
+
+
+@needs_transformers
+def test_sliding_windows_are_read_from_config_as_transformers_reads_them():
+    """Each block's attention window, from config.json's sliding_window, use_sliding_window, max_window_layers and
+    layer_types (or their defaults), is the one transformers' config object gives that block."""
+    n, sliding = 4, "sliding_attention"
+    for raw in (dict(model_type="mistral", sliding_window=8), dict(model_type="mistral", sliding_window=None),
+                dict(model_type="mistral"), dict(model_type="qwen2", sliding_window=8),
+                dict(model_type="qwen2", sliding_window=8, use_sliding_window=True, max_window_layers=2),
+                dict(model_type="qwen3", sliding_window=8, use_sliding_window=True, max_window_layers=1),
+                dict(model_type="qwen2", use_sliding_window=True),
+                dict(model_type="qwen2", sliding_window=8, use_sliding_window=True,
+                     layer_types=[sliding, "full_attention", sliding, "full_attention"]),
+                dict(model_type="llama", sliding_window=8)):
+        ref = transformers.AutoConfig.for_model(**raw, num_hidden_layers=n)
+        # transformers' Mistral slides every block and lists no layer_types; LLaMA has neither
+        types = getattr(ref, "layer_types", None) or [sliding if raw["model_type"] == "mistral" else "full"] * n
+        expected = [getattr(ref, "sliding_window", None) if t == sliding else None for t in types]
+        assert M.attention_windows(raw, n) == expected, raw
+    with pytest.raises(UserError, match="sliding_window=0 must be a positive integer"):
+        M.attention_windows(dict(model_type="mistral", sliding_window=0), n)
 
 
 @needs_transformers
