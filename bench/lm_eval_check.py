@@ -136,6 +136,7 @@ def check(ckpt, items):
           f"{'norm ours':>9}")
     for task in items:
         (ll_t, acc_t, norm_t), (ll_o, acc_o, norm_o) = theirs[task], ours[task]
+        assert [len(x) for x in ll_t] == [len(y) for y in ll_o], f"{task}: the programs scored other requests"
         diff = max(abs(a - b) for x, y in zip(ll_t, ll_o) for a, b in zip(x, y))
         found[task] = {"max_ll_diff": diff, "acc": [acc_t, acc_o], "acc_norm": [norm_t, norm_o]}
         fmt = lambda v: "-" if v is None else f"{v:.4f}"  # noqa: E731
