@@ -23,6 +23,7 @@ Printed per case: the share of weights whose kept/pruned state differs, and the 
 pruned weights.
 """
 
+import functools
 import importlib.util
 import json
 import os
@@ -35,6 +36,7 @@ sys.path.insert(0, os.path.join(HERE, ".."))
 import prune  # noqa: E402
 
 
+@functools.cache
 def reference(name):
     """llm-compressor's file modifiers/pruning/{name}, loaded as a module of its own."""
     root = importlib.util.find_spec("llmcompressor").submodule_search_locations[0]
@@ -53,20 +55,24 @@ def calibration(n_in, n_samples=16, T=64, seed=0):
     return X
 
 
+def linear(W):
+    """A Linear without bias holding a copy of W (out, in): what both programs prune."""
+    lin = torch.nn.Linear(W.shape[1], W.shape[0], bias=False)
+    lin.weight.data.copy_(W)
+    return lin
+
+
 def ours(method, W, batches, sparsity):
     stats = prune.InputStats(W.shape[1], hessian=method == "sparsegpt", device="cpu")
     for x in batches:
         stats.add(x)
-    lin = torch.nn.Linear(W.shape[1], W.shape[0], bias=False)
-    lin.weight.data.copy_(W)
     with torch.no_grad():
-        return prune.prune_layer(method, lin, stats, sparsity, prune.PruneConfig()).weight.detach().clone()
+        return prune.prune_layer(method, linear(W), stats, sparsity, prune.PruneConfig()).weight.detach().clone()
 
 
 def theirs(method, W, batches, sparsity, blocksize=128):
     """The reference's pruned W, and its statistic (||X_j||^2 per sample, or H)."""
-    lin = torch.nn.Linear(W.shape[1], W.shape[0], bias=False)
-    lin.weight.data.copy_(W)
+    lin = linear(W)
     n, m = sparsity if isinstance(sparsity, tuple) else (0, 0)
     pruned = m - n if m else 0  # the reference's prune_n counts the weights pruned of every m
     if method == "wanda":
