@@ -782,6 +782,41 @@ def check_space(r, cfg, dtype, out_dir, config):
                                 f"{free / 2**20:.0f} MiB free; free some space or write elsewhere.")
 
 
+def available_memory():
+    """Bytes the machine can still give (MemAvailable plus free swap, from /proc/meminfo); None where unknown."""
+    try:
+        with open("/proc/meminfo") as f:
+            info = {line.split(":")[0]: int(line.split()[1]) * 1024 for line in f}
+        return info["MemAvailable"] + info.get("SwapFree", 0)
+    except (OSError, KeyError, ValueError, IndexError):
+        return None
+
+
+def check_memory(r, cfg, dtype, windows, train_epts):
+    """The CPU memory the run needs at the least fits in what the machine can give, so that a run too big is
+    refused now rather than killed by the kernel hours later. At the least: the model, where it waits in CPU
+    memory, beside either EPTS's four calibration streams or a pruned copy of its blocks and a baseline's two
+    (three with SI), streams of windows = (N, T) tokens x C features that live in CPU memory on a CPU run."""
+    available = available_memory()
+    if available is None or (r.device.startswith("cuda") and not r.offload):
+        return
+    itemsize = M.DTYPES[dtype].itemsize
+    with torch.device("meta"):
+        model = M.build_model(cfg)
+    model_bytes = sum(p.numel() for p in model.parameters()) * itemsize
+    blocks_bytes = sum(p.numel() for p in model.blocks.parameters()) * itemsize
+    stream = math.prod(windows) * cfg.hidden_size * itemsize if r.device == "cpu" else 0
+    pruned = [m for m in r.methods if m != "dense"]  # each pruned in a copy of the blocks
+    streams = [2 + m.endswith("+si") for m in pruned if m != "epts" and (m != "magnitude" or r.allocation == "owl")]
+    need = model_bytes + max(4 * stream if train_epts else 0,
+                             blocks_bytes + max(streams, default=0) * stream if pruned else 0)
+    if need > available:
+        raise UserError(f"this run needs at least {need / 2**30:.2f} GiB of memory (the model in {dtype}: "
+                        f"{model_bytes / 2**30:.2f} GiB, and calibration streams of {windows[0]} x {windows[1]} "
+                        f"tokens), but the machine has {available / 2**30:.2f} GiB available; lower --nsamples or "
+                        "--seqlen, use --dtype bfloat16, or run on a machine with more memory.")
+
+
 def plan(r, config, procs=SOLO):
     """Every check the arguments, the checkpoint's config and the input files allow, before any work."""
     if r.device.startswith("cuda") and not torch.cuda.is_available():
@@ -825,6 +860,7 @@ def plan(r, config, procs=SOLO):
               f"sparsities (mean {mean:.4g}); N:M rows stay uniform", file=sys.stderr)
     rows = [(m, s) for m in METHODS if m in r.methods for s in ([0.0] if m == "dense" else
                                                                 method_sparsities(m, r.sparsities))]
+    rows = list(dict.fromkeys(rows))  # a sparsity given twice is measured once
     out_dir = (r.out or os.path.join("runs", f"epts-{os.path.basename(os.path.normpath(r.ckpt))}")) \
         if train_epts else None
     check_outputs(r, rows, out_dir, writer=procs.index == 0)  # under torchrun process 0 alone works in --out
@@ -842,6 +878,7 @@ def plan(r, config, procs=SOLO):
             raise UserError(f"{procs.size} processes for {len(config.edges) - 1} groups: each process computes "
                             "whole groups, so run at most as many processes as groups.")
     check_space(r, cfg, dtype, out_dir, config)
+    check_memory(r, cfg, dtype, (nsamples, seqlen), train_epts)
     return Plan(r, config, seqlen, nsamples, dtype, rows, allocation, task_docs, needs_calib, elastic, out_dir)
 
 

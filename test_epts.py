@@ -2002,7 +2002,7 @@ def test_bad_requests_fail_before_any_work(tiny, tmp_path, monkeypatch):
 @needs_transformers
 def test_warnings_and_rows_the_user_must_see(tiny, tmp_path, capsys):
     """Overlapping calibration windows and a seqlen past LLaMA's positions are warned about; OPT's positions are a
-    hard limit; two evaluation files with one base name give two rows."""
+    hard limit; two evaluation files with one base name give two rows, a sparsity given twice one."""
     (tmp_path / "a").mkdir()
     (tmp_path / "b").mkdir()
     (tmp_path / "a" / "test.txt").write_text(open(tiny["evals"][0]).read())
@@ -2011,6 +2011,9 @@ def test_warnings_and_rows_the_user_must_see(tiny, tmp_path, capsys):
                                                                str(tmp_path / "b" / "test.txt")]))
     assert sorted(r["eval"] for r in report["results"]) == [str(tmp_path / d / "test.txt") for d in "ab"]
     assert report["results"][0]["ppl"] != report["results"][1]["ppl"]
+    report = main(**dict(tiny, methods=["dense", "magnitude"], sparsities=[0.5, 0.5, (2, 4), 0.5, (2, 4)]))
+    assert [(r["method"], r["sparsity"]) for r in report["results"]] == \
+        [("dense", 0.0), ("magnitude", 0.5), ("magnitude", "2:4")]  # a sparsity given twice is one row
     capsys.readouterr()
     main(**dict(tiny, methods=["wanda"], nsamples=3000))  # the text holds ~500 windows of 16 tokens
     assert "calibration windows overlap" in capsys.readouterr().err
@@ -2294,6 +2297,30 @@ def test_links_to_nothing_busy_folders_and_stale_caches_fail_before_any_work(tin
     (tmp_path / "cache" / "epts" / default_model.VERSION / "stray.txt").write_text("x")
     with pytest.raises(UserError, match="holds files but no model"):
         default_model.ensure_default()
+
+
+def test_a_run_too_big_for_the_memory_is_refused_before_any_work(tiny, monkeypatch):
+    """On a CPU the model, a pruned copy of its blocks and the calibration streams (N, T, C) must fit in the
+    memory the machine can give: EPTS holds 4 streams, a baseline 2 (3 with SI, 2 for magnitude's OWL ratios).
+    The plan refuses a byte short of that least need and accepts it exactly."""
+    model = M.load_model(tiny["ckpt"])
+    model_bytes, blocks_bytes = prune.param_bytes(model), prune.param_bytes(model.blocks)
+    stream = 40 * tiny["seqlen"] * model.cfg.hidden_size * 4  # 40 windows in float32 on the CPU
+    assert 4 * stream > blocks_bytes  # EPTS: training (4 streams) needs more than deploying (a copy of the blocks)
+    cases = ((dict(methods=["epts"]), model_bytes + 4 * stream),
+             (dict(methods=["dense", "wanda"]), model_bytes + blocks_bytes + 2 * stream),
+             (dict(methods=["magnitude", "wanda+si"]), model_bytes + blocks_bytes + 3 * stream),
+             (dict(methods=["magnitude"]), model_bytes + blocks_bytes),
+             (dict(methods=["magnitude"], allocation="owl"), model_bytes + blocks_bytes + 2 * stream))
+    for kw, need in cases:
+        request = epts.Request(**{k: v for k, v in dict(tiny, nsamples=40, **kw).items() if k != "epochs"})
+        monkeypatch.setattr(epts, "available_memory", lambda: need - 1)
+        with pytest.raises(UserError, match="needs at least .* GiB of memory .* lower --nsamples or --seqlen"):
+            epts.plan(request, epts.EPTSConfig())
+        monkeypatch.setattr(epts, "available_memory", lambda: need)
+        epts.plan(request, epts.EPTSConfig())
+    found = epts.available_memory()  # this machine's /proc/meminfo is read
+    assert found is None or found > 0
 
 
 def test_sigterm_cleans_up_like_ctrl_c(tmp_path):
