@@ -2319,6 +2319,18 @@ def test_a_run_too_big_for_the_memory_is_refused_before_any_work(tiny, monkeypat
             epts.plan(request, epts.EPTSConfig())
         monkeypatch.setattr(epts, "available_memory", lambda: need)
         epts.plan(request, epts.EPTSConfig())
+    # at LLaMA-2-7B's shapes (config.json alone: nothing is loaded): its 6,738,415,616 float32 parameters and the
+    # copy of its blocks' 6,476,267,520 that EPTS deploys into, more than training's 4 streams of the default 128
+    # windows x 2048 tokens x 4096 features (16 GiB)
+    os.makedirs(ckpt := os.path.join(os.path.dirname(tiny["ckpt"]), "llama-2-7b"))
+    shutil.copy(os.path.join(os.path.dirname(__file__), "configs", "llama-2-7b.json"), os.path.join(ckpt, "config.json"))
+    request = epts.Request(ckpt=ckpt, calib=tiny["calib"], evals=tiny["evals"], methods=["epts"], out=tiny["out"])
+    need = (6_738_415_616 + 6_476_267_520) * 4
+    monkeypatch.setattr(epts, "available_memory", lambda: need - 1)
+    with pytest.raises(UserError, match=r"needs at least 49\.23 GiB .*the model in float32: 25\.10 GiB"):
+        epts.plan(request, epts.EPTSConfig())
+    monkeypatch.setattr(epts, "available_memory", lambda: need)
+    epts.plan(request, epts.EPTSConfig())
     found = epts.available_memory()  # this machine's /proc/meminfo is read
     assert found is None or found > 0
 
