@@ -792,11 +792,20 @@ def available_memory():
         return None
 
 
-def check_memory(r, cfg, dtype, windows, train_epts):
-    """The CPU memory the run needs at the least fits in what the machine can give, so that a run too big is
-    refused now rather than killed by the kernel hours later. At the least: the model, where it waits in CPU
-    memory, beside either EPTS's four calibration streams or a pruned copy of its blocks and a baseline's two
-    (three with SI), streams of windows = (N, T) tokens x C features that live in CPU memory on a CPU run."""
+def calibration_streams(method, allocation):
+    """How many calibration streams (N, T, C) pruning with `method` holds at once: a block's inputs and outputs,
+    and with Sparsity Induction the dense outputs too; magnitude needs none, but OWL's ratios need two."""
+    if method in ("dense", "epts") or (method == "magnitude" and allocation != "owl"):
+        return 0
+    return 2 + method.endswith("+si")
+
+
+def check_memory(r, rows, cfg, dtype, windows, train_epts):
+    """The least CPU memory the run needs fits in what the machine can give: a run too big is refused now, not
+    killed by the kernel hours later. At the least: the model, where it waits in CPU memory (a CPU run, or
+    --offload), beside either EPTS's 4 calibration streams or one pruned row's: its copy of the blocks (the last
+    row prunes the model itself) and its streams. A stream holds windows = (N, T) tokens x C features, and lives
+    in CPU memory on a CPU run."""
     available = available_memory()
     if available is None or (r.device.startswith("cuda") and not r.offload):
         return
@@ -806,15 +815,16 @@ def check_memory(r, cfg, dtype, windows, train_epts):
     model_bytes = sum(p.numel() for p in model.parameters()) * itemsize
     blocks_bytes = sum(p.numel() for p in model.blocks.parameters()) * itemsize
     stream = math.prod(windows) * cfg.hidden_size * itemsize if r.device == "cpu" else 0
-    pruned = [m for m in r.methods if m != "dense"]  # each pruned in a copy of the blocks
-    streams = [2 + m.endswith("+si") for m in pruned if m != "epts" and (m != "magnitude" or r.allocation == "owl")]
-    need = model_bytes + max(4 * stream if train_epts else 0,
-                             blocks_bytes + max(streams, default=0) * stream if pruned else 0)
+    copies = [blocks_bytes if i < len(rows) - 1 else 0 for i in range(len(rows))]
+    per_row = [c + calibration_streams(m, r.allocation) * stream for c, (m, _) in zip(copies, rows) if m != "dense"]
+    need = model_bytes + max([4 * stream if train_epts else 0, *per_row])
     if need > available:
+        copy = f", a copy of its blocks to prune: {blocks_bytes / 2**30:.2f} GiB" if len(per_row) > 1 else ""
         raise UserError(f"this run needs at least {need / 2**30:.2f} GiB of memory (the model in {dtype}: "
-                        f"{model_bytes / 2**30:.2f} GiB, and calibration streams of {windows[0]} x {windows[1]} "
-                        f"tokens), but the machine has {available / 2**30:.2f} GiB available; lower --nsamples or "
-                        "--seqlen, use --dtype bfloat16, or run on a machine with more memory.")
+                        f"{model_bytes / 2**30:.2f} GiB{copy}; each calibration stream of {windows[0]} x {windows[1]} "
+                        f"tokens: {stream / 2**30:.2f} GiB), but the machine has {available / 2**30:.2f} GiB "
+                        "available; lower --nsamples or --seqlen, use --dtype bfloat16, prune one method at one "
+                        "sparsity per run, or run on a machine with more memory.")
 
 
 def plan(r, config, procs=SOLO):
@@ -878,7 +888,7 @@ def plan(r, config, procs=SOLO):
             raise UserError(f"{procs.size} processes for {len(config.edges) - 1} groups: each process computes "
                             "whole groups, so run at most as many processes as groups.")
     check_space(r, cfg, dtype, out_dir, config)
-    check_memory(r, cfg, dtype, (nsamples, seqlen), train_epts)
+    check_memory(r, rows, cfg, dtype, (nsamples, seqlen), train_epts)
     return Plan(r, config, seqlen, nsamples, dtype, rows, allocation, task_docs, needs_calib, elastic, out_dir)
 
 
@@ -1109,12 +1119,14 @@ def main(request=Request(), config=EPTSConfig()):
             continue
         if method == "epts" and elastic is None:
             elastic = train_elastic(model, calib_ids, p, procs, results.report)
-        pruned, t0, deployed = prunable_copy(model), time.time(), allocate(method, s, elastic)
+        in_place = (method, s) == p.rows[-1]  # no row after it needs the dense model: no copy to hold
+        pruned, t0, deployed = model if in_place else prunable_copy(model), time.time(), allocate(method, s, elastic)
         if method == "epts":
             deploy(pruned, elastic, deployed)
         else:
             prune.prune_model(pruned, method, deployed, calib_ids, r.device, r.pruning)
         results.add(method, s, pruned, time.time() - t0, deployed)
+        del pruned  # before the next row's copy: one pruned model at a time
     if r.json:
         M.save_json(results.report, r.json)
     return results.report

@@ -2300,39 +2300,53 @@ def test_links_to_nothing_busy_folders_and_stale_caches_fail_before_any_work(tin
 
 
 def test_a_run_too_big_for_the_memory_is_refused_before_any_work(tiny, monkeypatch):
-    """On a CPU the model, a pruned copy of its blocks and the calibration streams (N, T, C) must fit in the
-    memory the machine can give: EPTS holds 4 streams, a baseline 2 (3 with SI, 2 for magnitude's OWL ratios).
-    The plan refuses a byte short of that least need and accepts it exactly."""
+    """On a CPU the model, with EPTS's 4 calibration streams (N, T, C) or one pruned row's copy of the blocks
+    (none for the last row, pruned in place) and streams (a baseline 2, with SI 3, magnitude none but 2 for OWL's
+    ratios), must fit in the memory the machine can give. The plan refuses a byte short of that least need and
+    accepts it exactly."""
     model = M.load_model(tiny["ckpt"])
     model_bytes, blocks_bytes = prune.param_bytes(model), prune.param_bytes(model.blocks)
     stream = 40 * tiny["seqlen"] * model.cfg.hidden_size * 4  # 40 windows in float32 on the CPU
-    assert 4 * stream > blocks_bytes  # EPTS: training (4 streams) needs more than deploying (a copy of the blocks)
-    cases = ((dict(methods=["epts"]), model_bytes + 4 * stream),
-             (dict(methods=["dense", "wanda"]), model_bytes + blocks_bytes + 2 * stream),
-             (dict(methods=["magnitude", "wanda+si"]), model_bytes + blocks_bytes + 3 * stream),
-             (dict(methods=["magnitude"]), model_bytes + blocks_bytes),
-             (dict(methods=["magnitude"], allocation="owl"), model_bytes + blocks_bytes + 2 * stream))
+    cases = ((dict(methods=["epts"]), 4 * stream),
+             (dict(methods=["dense", "wanda"]), 2 * stream),
+             (dict(methods=["wanda+si"]), 3 * stream),
+             (dict(methods=["magnitude"], sparsities=[0.5, 0.6]), blocks_bytes),
+             (dict(methods=["magnitude"], allocation="owl"), 2 * stream),
+             (dict(methods=["wanda"], sparsities=[0.5, 0.6]), blocks_bytes + 2 * stream))
     for kw, need in cases:
         request = epts.Request(**{k: v for k, v in dict(tiny, nsamples=40, **kw).items() if k != "epochs"})
-        monkeypatch.setattr(epts, "available_memory", lambda: need - 1)
+        monkeypatch.setattr(epts, "available_memory", lambda: model_bytes + need - 1)
         with pytest.raises(UserError, match="needs at least .* GiB of memory .* lower --nsamples or --seqlen"):
+            epts.plan(request, epts.EPTSConfig())
+        monkeypatch.setattr(epts, "available_memory", lambda: model_bytes + need)
+        epts.plan(request, epts.EPTSConfig())
+    # at LLaMA-2-7B's shapes (config.json alone: nothing is loaded), float32: its 6,738,415,616 parameters with
+    # EPTS's 4 streams of the default 128 windows x 2048 tokens x 4096 features (16 GiB), or for more than one
+    # row with the copy of its blocks' 6,476,267,520 parameters that EPTS deploys into, the larger
+    os.makedirs(ckpt := os.path.join(os.path.dirname(tiny["ckpt"]), "llama-2-7b"))
+    shutil.copy(os.path.join(os.path.dirname(__file__), "configs", "llama-2-7b.json"), os.path.join(ckpt, "config.json"))
+    for sparsities, need, expect in (([0.5], 6_738_415_616 * 4 + 4 * 128 * 2048 * 4096 * 4, r"41\.10 GiB"),
+                                     ([0.3, 0.5, 0.7], (6_738_415_616 + 6_476_267_520) * 4, r"49\.23 GiB")):
+        request = epts.Request(ckpt=ckpt, calib=tiny["calib"], evals=tiny["evals"], methods=["epts"],
+                               sparsities=sparsities, out=tiny["out"])
+        monkeypatch.setattr(epts, "available_memory", lambda: need - 1)
+        with pytest.raises(UserError, match=f"needs at least {expect} .*the model in float32: 25\\.10 GiB"):
             epts.plan(request, epts.EPTSConfig())
         monkeypatch.setattr(epts, "available_memory", lambda: need)
         epts.plan(request, epts.EPTSConfig())
-    # at LLaMA-2-7B's shapes (config.json alone: nothing is loaded): its 6,738,415,616 float32 parameters and the
-    # copy of its blocks' 6,476,267,520 that EPTS deploys into, more than training's 4 streams of the default 128
-    # windows x 2048 tokens x 4096 features (16 GiB)
-    os.makedirs(ckpt := os.path.join(os.path.dirname(tiny["ckpt"]), "llama-2-7b"))
-    shutil.copy(os.path.join(os.path.dirname(__file__), "configs", "llama-2-7b.json"), os.path.join(ckpt, "config.json"))
-    request = epts.Request(ckpt=ckpt, calib=tiny["calib"], evals=tiny["evals"], methods=["epts"], out=tiny["out"])
-    need = (6_738_415_616 + 6_476_267_520) * 4
-    monkeypatch.setattr(epts, "available_memory", lambda: need - 1)
-    with pytest.raises(UserError, match=r"needs at least 49\.23 GiB .*the model in float32: 25\.10 GiB"):
-        epts.plan(request, epts.EPTSConfig())
-    monkeypatch.setattr(epts, "available_memory", lambda: need)
-    epts.plan(request, epts.EPTSConfig())
     found = epts.available_memory()  # this machine's /proc/meminfo is read
     assert found is None or found > 0
+
+
+def test_the_last_row_is_pruned_in_place_and_earlier_rows_in_copies(tiny, monkeypatch):
+    """No row after the last needs the dense model, so it prunes the model itself rather than a copy of its
+    blocks: the same results with one copy fewer, and earlier rows' copies leave the dense model as it was."""
+    copies, real_copy = [], epts.prunable_copy
+    monkeypatch.setattr(epts, "prunable_copy", lambda model: copies.append(1) or real_copy(model))
+    both = main(**dict(tiny, methods=["dense", "wanda"], sparsities=[0.3, 0.5]))["results"]
+    assert len(copies) == 1  # wanda at 0.3 in a copy, wanda at 0.5 in place
+    alone = main(**dict(tiny, methods=["wanda"], sparsities=[0.5]))["results"]
+    assert len(copies) == 1 and both[-1]["ppl"] == alone[0]["ppl"] and both[1]["ppl"] != both[2]["ppl"]
 
 
 def test_sigterm_cleans_up_like_ctrl_c(tmp_path):
