@@ -2349,6 +2349,26 @@ def test_the_last_row_is_pruned_in_place_and_earlier_rows_in_copies(tiny, monkey
     assert len(copies) == 1 and both[-1]["ppl"] == alone[0]["ppl"] and both[1]["ppl"] != both[2]["ppl"]
 
 
+def test_the_documented_commands_are_valid_requests(tiny, tmp_path):
+    """Every `python epts.py` command in the README's and docs/usage.md's code blocks, its paths replaced by the
+    tiny checkpoint's files and --device cuda by cpu, parses and passes plan's checks, in the order given (the
+    first trains runs/llama2, which later ones deploy)."""
+    main(**dict(tiny, methods=["epts"], sparsities=[0.7], out=str(tmp_path / "llama2")))  # what --elastic reads
+    paths = {"/models/Llama-2-7b-hf": tiny["ckpt"], "c4-train.00000-of-01024.json.gz": tiny["calib"],
+             "wikitext-2-raw/wiki.test.raw": tiny["evals"][0], "runs/llama2": str(tmp_path / "llama2"),
+             "results.json": str(tmp_path / "results.json"), "llama2-60pct": str(tmp_path / "export"), "cuda": "cpu"}
+    commands = []
+    for doc in ("README.md", os.path.join("docs", "usage.md")):
+        text = open(os.path.join(os.path.dirname(__file__), doc)).read()
+        for block in re.findall(r"```\n(.*?)```", text, re.S):
+            commands += [line.split("#")[0] for line in block.replace("\\\n", " ").splitlines()
+                         if line.startswith("python epts.py")]
+    assert len(commands) == 6, commands  # 3 in each
+    for command in commands:
+        argv = [paths.get(arg, arg) for arg in command.split()[2:]]
+        epts.plan(*epts.parse_args(argv))
+
+
 def test_sigterm_cleans_up_like_ctrl_c(tmp_path):
     """SIGTERM (what timeout, kill, Slurm and docker send) during the built-in model's first build ends the run
     with 'interrupted' and exit 130, and leaves no temporary folder behind."""
