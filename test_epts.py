@@ -2351,8 +2351,8 @@ def test_the_last_row_is_pruned_in_place_and_earlier_rows_in_copies(tiny, monkey
 
 def test_the_documented_commands_are_valid_requests(tiny, tmp_path):
     """Every `python epts.py` command in the README's and docs/usage.md's code blocks, its paths replaced by the
-    tiny checkpoint's files and --device cuda by cpu, parses and passes plan's checks, in the order given (the
-    first trains runs/llama2, which later ones deploy)."""
+    tiny checkpoint's files and --device cuda by cpu, parses and passes plan's checks; the README's Python example
+    runs, at the tiny checkpoint's size."""
     main(**dict(tiny, methods=["epts"], sparsities=[0.7], out=str(tmp_path / "llama2")))  # what --elastic reads
     paths = {"/models/Llama-2-7b-hf": tiny["ckpt"], "c4-train.00000-of-01024.json.gz": tiny["calib"],
              "wikitext-2-raw/wiki.test.raw": tiny["evals"][0], "runs/llama2": str(tmp_path / "llama2"),
@@ -2367,6 +2367,18 @@ def test_the_documented_commands_are_valid_requests(tiny, tmp_path):
     for command in commands:
         argv = [paths.get(arg, arg) for arg in command.split()[2:]]
         epts.plan(*epts.parse_args(argv))
+    # the README's Python example runs as written, at the tiny checkpoint's size
+    readme = open(os.path.join(os.path.dirname(__file__), "README.md")).read()
+    [code] = re.findall(r"```python\n(.*?)```", readme, re.S)
+    for old, new in (('"/models/Llama-2-7b-hf"', repr(tiny["ckpt"])), ('"runs/llama2"', repr(str(tmp_path / "new"))),
+                     ('"c4-train.00000-of-01024.json.gz"', repr(tiny["calib"])), ('"cuda"', '"cpu"'),
+                     ("128, 2048", "2, 16"), ("epochs=10", "epochs=1")):
+        assert old in code, old
+        code = code.replace(old, new)
+    scope = {}
+    exec(code, scope)  # trains a new elastic model, deploys it at 0.6
+    assert os.path.isfile(tmp_path / "new" / "elastic.pt")
+    assert abs(prune.achieved_sparsity(scope["sparse"]) - 0.6) < 0.01
 
 
 def test_sigterm_cleans_up_like_ctrl_c(tmp_path):
