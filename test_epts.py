@@ -1658,7 +1658,8 @@ def test_cli_user_errors(tmp_path, args, message):
         write_config(tmp_path / "bad_type", model_type="bert")
         (tmp_path / "bad_json").mkdir()
         (tmp_path / "bad_json" / "config.json").write_text("{")
-        write_config(tmp_path / "quantized", model_type="llama", quantization_config={"quant_method": "gptq", "bits": 4})
+        write_config(tmp_path / "quantized", model_type="llama",
+                     quantization_config={"quant_method": "gptq", "bits": 4})
         args = [a.format(tmp=tmp_path, bad_type=tmp_path / "bad_type", bad_json=tmp_path / "bad_json",
                          quantized=tmp_path / "quantized") for a in args]
         r = cli(*args)
@@ -2324,7 +2325,8 @@ def test_a_run_too_big_for_the_memory_is_refused_before_any_work(tiny, monkeypat
     # EPTS's 4 streams of the default 128 windows x 2048 tokens x 4096 features (16 GiB), or for more than one
     # row with the copy of its blocks' 6,476,267,520 parameters that EPTS deploys into, the larger
     os.makedirs(ckpt := os.path.join(os.path.dirname(tiny["ckpt"]), "llama-2-7b"))
-    shutil.copy(os.path.join(os.path.dirname(__file__), "configs", "llama-2-7b.json"), os.path.join(ckpt, "config.json"))
+    config = os.path.join(os.path.dirname(__file__), "configs", "llama-2-7b.json")
+    shutil.copy(config, os.path.join(ckpt, "config.json"))
     for sparsities, need, expect in (([0.5], 6_738_415_616 * 4 + 4 * 128 * 2048 * 4096 * 4, r"41\.10 GiB"),
                                      ([0.3, 0.5, 0.7], (6_738_415_616 + 6_476_267_520) * 4, r"49\.23 GiB")):
         request = epts.Request(ckpt=ckpt, calib=tiny["calib"], evals=tiny["evals"], methods=["epts"],
