@@ -801,28 +801,37 @@ def calibration_streams(method, allocation):
 
 
 def check_memory(r, rows, cfg, dtype, windows, train_epts):
-    """The least CPU memory the run needs fits in what the machine can give: a run too big is refused now, not
-    killed by the kernel hours later. At the least: the model, where it waits in CPU memory (a CPU run, or
-    --offload), beside either EPTS's 4 calibration streams or one pruned row's: its copy of the blocks (the last
-    row prunes the model itself) and its streams. A stream holds windows = (N, T) tokens x C features, and lives
-    in CPU memory on a CPU run."""
-    available = available_memory()
-    if available is None or (r.device.startswith("cuda") and not r.offload):
-        return
+    """The least memory the run needs fits where it will be, so that a run too big is refused now, not killed
+    hours later. The model waits on the GPU, or in CPU memory on a CPU run or with --offload; beside it, while a
+    row other than the last is pruned, a copy of its blocks (the last row prunes the model itself). On a CPU run
+    the calibration streams, each windows = (N, T) tokens x C features, are in CPU memory too: EPTS's 4 while it
+    trains, a pruned row's 2 (3 with SI)."""
     itemsize = M.DTYPES[dtype].itemsize
     with torch.device("meta"):
         model = M.build_model(cfg)
     model_bytes = sum(p.numel() for p in model.parameters()) * itemsize
     blocks_bytes = sum(p.numel() for p in model.blocks.parameters()) * itemsize
+    copies = [blocks_bytes if m != "dense" and i < len(rows) - 1 else 0 for i, (m, _) in enumerate(rows)]
+    GiB = 2 ** 30
+    if r.device.startswith("cuda") and not r.offload:
+        need, free = model_bytes + max(copies, default=0), prune.free_device_bytes(r.device)
+        if need > free:
+            copy = f" and a copy of its blocks to prune ({blocks_bytes / GiB:.2f} GiB)" if max(copies) else ""
+            raise UserError(f"the model in {dtype} ({model_bytes / GiB:.2f} GiB){copy} need {need / GiB:.2f} GiB "
+                            f"on {r.device}, which has {free / GiB:.2f} GiB free; pass --offload (the blocks wait in "
+                            "CPU memory and visit the GPU one at a time), or prune one method at one sparsity.")
+        return
+    available = available_memory()
+    if available is None:
+        return
     stream = math.prod(windows) * cfg.hidden_size * itemsize if r.device == "cpu" else 0
-    copies = [blocks_bytes if i < len(rows) - 1 else 0 for i in range(len(rows))]
     per_row = [c + calibration_streams(m, r.allocation) * stream for c, (m, _) in zip(copies, rows) if m != "dense"]
     need = model_bytes + max([4 * stream if train_epts else 0, *per_row])
     if need > available:
-        copy = f", a copy of its blocks to prune: {blocks_bytes / 2**30:.2f} GiB" if len(per_row) > 1 else ""
-        raise UserError(f"this run needs at least {need / 2**30:.2f} GiB of memory (the model in {dtype}: "
-                        f"{model_bytes / 2**30:.2f} GiB{copy}; each calibration stream of {windows[0]} x {windows[1]} "
-                        f"tokens: {stream / 2**30:.2f} GiB), but the machine has {available / 2**30:.2f} GiB "
+        copy = f", a copy of its blocks to prune: {blocks_bytes / GiB:.2f} GiB" if len(per_row) > 1 else ""
+        raise UserError(f"this run needs at least {need / GiB:.2f} GiB of memory (the model in {dtype}: "
+                        f"{model_bytes / GiB:.2f} GiB{copy}; each calibration stream of {windows[0]} x {windows[1]} "
+                        f"tokens: {stream / GiB:.2f} GiB), but the machine has {available / GiB:.2f} GiB "
                         "available; lower --nsamples or --seqlen, use --dtype bfloat16, prune one method at one "
                         "sparsity per run, or run on a machine with more memory.")
 

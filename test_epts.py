@@ -1,6 +1,7 @@
 """Tests: parity with transformers, pruning definitions, EPTS properties, the command line. CPU, minutes."""
 
 import copy
+import dataclasses
 import gzip
 import json
 import math
@@ -2338,6 +2339,26 @@ def test_a_run_too_big_for_the_memory_is_refused_before_any_work(tiny, monkeypat
         epts.plan(request, epts.EPTSConfig())
     found = epts.available_memory()  # this machine's /proc/meminfo is read
     assert found is None or found > 0
+
+
+def test_a_model_too_big_for_the_gpu_is_refused_with_offload_as_the_fix(tiny, monkeypatch):
+    """On a (simulated) GPU without --offload the model, and for more than one pruned row a copy of its blocks,
+    must fit in the GPU's free memory; the refusal names --offload. With --offload the GPU check is not made."""
+    model = M.load_model(tiny["ckpt"])
+    model_bytes, blocks_bytes = prune.param_bytes(model), prune.param_bytes(model.blocks)
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(epts, "available_memory", lambda: 2 ** 40)
+    for kw, need in ((dict(methods=["dense", "wanda"], sparsities=[0.5]), model_bytes),
+                     (dict(methods=["dense", "wanda"], sparsities=[0.5, 0.6]), model_bytes + blocks_bytes),
+                     (dict(methods=["epts"], sparsities=[0.5]), model_bytes)):
+        request = epts.Request(**{k: v for k, v in dict(tiny, device="cuda", dtype="float32", **kw).items()
+                                  if k != "epochs"})
+        monkeypatch.setattr(prune, "free_device_bytes", lambda device: need - 1)
+        with pytest.raises(UserError, match="need .* GiB on cuda, which has .* GiB free; pass --offload"):
+            epts.plan(request, epts.EPTSConfig())
+        epts.plan(dataclasses.replace(request, offload=True), epts.EPTSConfig())
+        monkeypatch.setattr(prune, "free_device_bytes", lambda device: need)
+        epts.plan(request, epts.EPTSConfig())
 
 
 def test_the_last_row_is_pruned_in_place_and_earlier_rows_in_copies(tiny, monkeypatch):
