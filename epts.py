@@ -806,34 +806,25 @@ def check_memory(r, rows, cfg, dtype, windows, train_epts):
     row other than the last is pruned, a copy of its blocks (the last row prunes the model itself). On a CPU run
     the calibration streams, each windows = (N, T) tokens x C features, are in CPU memory too: EPTS's 4 while it
     trains, a pruned row's 2 (3 with SI)."""
-    itemsize = M.DTYPES[dtype].itemsize
+    itemsize, on_gpu = M.DTYPES[dtype].itemsize, r.device.startswith("cuda") and not r.offload
     with torch.device("meta"):
         model = M.build_model(cfg)
     model_bytes = sum(p.numel() for p in model.parameters()) * itemsize
     blocks_bytes = sum(p.numel() for p in model.blocks.parameters()) * itemsize
-    copies = [blocks_bytes if m != "dense" and i < len(rows) - 1 else 0 for i, (m, _) in enumerate(rows)]
-    GiB = 2 ** 30
-    if r.device.startswith("cuda") and not r.offload:
-        need, free = model_bytes + max(copies, default=0), prune.free_device_bytes(r.device)
-        if need > free:
-            copy = f" and a copy of its blocks to prune ({blocks_bytes / GiB:.2f} GiB)" if max(copies) else ""
-            raise UserError(f"the model in {dtype} ({model_bytes / GiB:.2f} GiB){copy} need {need / GiB:.2f} GiB "
-                            f"on {r.device}, which has {free / GiB:.2f} GiB free; pass --offload (the blocks wait in "
-                            "CPU memory and visit the GPU one at a time), or prune one method at one sparsity.")
-        return
-    available = available_memory()
-    if available is None:
-        return
     stream = math.prod(windows) * cfg.hidden_size * itemsize if r.device == "cpu" else 0
-    per_row = [c + calibration_streams(m, r.allocation) * stream for c, (m, _) in zip(copies, rows) if m != "dense"]
-    need = model_bytes + max([4 * stream if train_epts else 0, *per_row])
-    if need > available:
-        copy = f", a copy of its blocks to prune: {blocks_bytes / GiB:.2f} GiB" if len(per_row) > 1 else ""
-        raise UserError(f"this run needs at least {need / GiB:.2f} GiB of memory (the model in {dtype}: "
-                        f"{model_bytes / GiB:.2f} GiB{copy}; each calibration stream of {windows[0]} x {windows[1]} "
-                        f"tokens: {stream / GiB:.2f} GiB), but the machine has {available / GiB:.2f} GiB "
-                        "available; lower --nsamples or --seqlen, use --dtype bfloat16, prune one method at one "
-                        "sparsity per run, or run on a machine with more memory.")
+    need = model_bytes + max([4 * stream if train_epts else 0] + [
+        (blocks_bytes if i < len(rows) - 1 else 0) + calibration_streams(m, r.allocation) * stream
+        for i, (m, _) in enumerate(rows) if m != "dense"])
+    have = prune.free_device_bytes(r.device) if on_gpu else available_memory()
+    if have is not None and need > have:
+        GiB, where = 2 ** 30, r.device if on_gpu else "the machine"
+        fix = "pass --offload (the blocks wait in CPU memory and visit the GPU one at a time)" if on_gpu else \
+            "lower --nsamples or --seqlen, use --dtype bfloat16"
+        streams = f"; a calibration stream of {windows[0]} x {windows[1]} tokens: {stream / GiB:.2f} GiB" * bool(stream)
+        raise UserError(f"this run needs at least {need / GiB:.2f} GiB on {where} (the model in {dtype}: "
+                        f"{model_bytes / GiB:.2f} GiB; a copy of its blocks to prune, for every pruned row but the "
+                        f"last: {blocks_bytes / GiB:.2f} GiB{streams}), but {where} has {have / GiB:.2f} GiB free; "
+                        f"{fix}, prune one method at one sparsity per run, or use a machine with more memory.")
 
 
 def plan(r, config, procs=SOLO):

@@ -2318,7 +2318,7 @@ def test_a_run_too_big_for_the_memory_is_refused_before_any_work(tiny, monkeypat
     for kw, need in cases:
         request = epts.Request(**{k: v for k, v in dict(tiny, nsamples=40, **kw).items() if k != "epochs"})
         monkeypatch.setattr(epts, "available_memory", lambda: model_bytes + need - 1)
-        with pytest.raises(UserError, match="needs at least .* GiB of memory .* lower --nsamples or --seqlen"):
+        with pytest.raises(UserError, match="needs at least .* GiB on the machine .* lower --nsamples or --seqlen"):
             epts.plan(request, epts.EPTSConfig())
         monkeypatch.setattr(epts, "available_memory", lambda: model_bytes + need)
         epts.plan(request, epts.EPTSConfig())
@@ -2354,7 +2354,7 @@ def test_a_model_too_big_for_the_gpu_is_refused_with_offload_as_the_fix(tiny, mo
         request = epts.Request(**{k: v for k, v in dict(tiny, device="cuda", dtype="float32", **kw).items()
                                   if k != "epochs"})
         monkeypatch.setattr(prune, "free_device_bytes", lambda device: need - 1)
-        with pytest.raises(UserError, match="need .* GiB on cuda, which has .* GiB free; pass --offload"):
+        with pytest.raises(UserError, match="needs at least .* GiB on cuda .* but cuda has .* GiB free; pass --offload"):
             epts.plan(request, epts.EPTSConfig())
         epts.plan(dataclasses.replace(request, offload=True), epts.EPTSConfig())
         monkeypatch.setattr(prune, "free_device_bytes", lambda device: need)
