@@ -805,14 +805,16 @@ def check_memory(r, rows, cfg, dtype, windows, train_epts):
     hours later. The model waits on the GPU, or in CPU memory on a CPU run or with --offload; beside it, while a
     row other than the last is pruned, a copy of its blocks (the last row prunes the model itself). On a CPU run
     the calibration streams, each windows = (N, T) tokens x C features, are in CPU memory too: EPTS's 4 while it
-    trains, a pruned row's 2 (3 with SI)."""
+    trains, a pruned row's 2 (3 with SI). Under torchrun every process on this machine holds a model and EPTS's
+    streams of its own while EPTS trains (LOCAL_WORLD_SIZE of them)."""
     itemsize, on_gpu = M.DTYPES[dtype].itemsize, r.device.startswith("cuda") and not r.offload
+    models = int(os.environ.get("LOCAL_WORLD_SIZE", "1")) if train_epts and not on_gpu else 1
     with torch.device("meta"):
         model = M.build_model(cfg)
     model_bytes = sum(p.numel() for p in model.parameters()) * itemsize
     blocks_bytes = sum(p.numel() for p in model.blocks.parameters()) * itemsize
     stream = math.prod(windows) * cfg.hidden_size * itemsize if r.device == "cpu" else 0
-    need = model_bytes + max([4 * stream if train_epts else 0] + [
+    need = models * model_bytes + max([models * 4 * stream if train_epts else 0] + [
         (blocks_bytes if i < len(rows) - 1 else 0) + calibration_streams(m, r.allocation) * stream
         for i, (m, _) in enumerate(rows) if m != "dense"])
     have = prune.free_device_bytes(r.device) if on_gpu else available_memory()
@@ -821,9 +823,10 @@ def check_memory(r, rows, cfg, dtype, windows, train_epts):
         fix = "pass --offload (the blocks wait in CPU memory and visit the GPU one at a time)" if on_gpu else \
             "lower --nsamples or --seqlen, use --dtype bfloat16"
         streams = f"; a calibration stream of {windows[0]} x {windows[1]} tokens: {stream / GiB:.2f} GiB" * bool(stream)
+        each = f" in each of {models} processes" * (models > 1)
         raise UserError(f"this run needs at least {need / GiB:.2f} GiB on {where} (the model in {dtype}: "
-                        f"{model_bytes / GiB:.2f} GiB; a copy of its blocks to prune, for every pruned row but the "
-                        f"last: {blocks_bytes / GiB:.2f} GiB{streams}), but {where} has {have / GiB:.2f} GiB free; "
+                        f"{model_bytes / GiB:.2f} GiB{each}; a copy of its blocks to prune, for every pruned row but "
+                        f"the last: {blocks_bytes / GiB:.2f} GiB{streams}), but {where} has {have / GiB:.2f} GiB free; "
                         f"{fix}, prune one method at one sparsity per run, or use a machine with more memory.")
 
 

@@ -2337,6 +2337,16 @@ def test_a_run_too_big_for_the_memory_is_refused_before_any_work(tiny, monkeypat
             epts.plan(request, epts.EPTSConfig())
         monkeypatch.setattr(epts, "available_memory", lambda: need)
         epts.plan(request, epts.EPTSConfig())
+    # under torchrun every process on this machine (LOCAL_WORLD_SIZE) holds a model and EPTS's streams of its own
+    # while EPTS trains; only process 0 prunes the rows
+    monkeypatch.setenv("LOCAL_WORLD_SIZE", "3")
+    request = epts.Request(**{k: v for k, v in dict(tiny, nsamples=40).items() if k != "epochs"})
+    for methods, need in ((["epts"], 3 * (model_bytes + 4 * stream)), (["wanda"], model_bytes + 2 * stream)):
+        monkeypatch.setattr(epts, "available_memory", lambda: need - 1)
+        with pytest.raises(UserError, match="needs at least"):
+            epts.plan(dataclasses.replace(request, methods=methods), epts.EPTSConfig())
+        monkeypatch.setattr(epts, "available_memory", lambda: need)
+        epts.plan(dataclasses.replace(request, methods=methods), epts.EPTSConfig())
     found = epts.available_memory()  # this machine's /proc/meminfo is read
     assert found is None or found > 0
 
