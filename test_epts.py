@@ -2304,8 +2304,8 @@ def test_links_to_nothing_busy_folders_and_stale_caches_fail_before_any_work(tin
 def test_a_run_too_big_for_the_memory_is_refused_before_any_work(tiny, monkeypatch):
     """On a CPU the model, with EPTS's 4 calibration streams (N, T, C) or one pruned row's copy of the blocks
     (none for the last row, pruned in place) and streams (a baseline 2, with SI 3, magnitude none but 2 for OWL's
-    ratios), must fit in the memory the machine can give. The plan refuses a byte short of that least need and
-    accepts it exactly."""
+    ratios), must fit in the memory the machine can give; under torchrun once per local process while EPTS
+    trains. The plan refuses a byte short of that least need and accepts it exactly, at LLaMA-2-7B's shapes too."""
     model = M.load_model(tiny["ckpt"])
     model_bytes, blocks_bytes = prune.param_bytes(model), prune.param_bytes(model.blocks)
     stream = 40 * tiny["seqlen"] * model.cfg.hidden_size * 4  # 40 windows in float32 on the CPU
