@@ -764,12 +764,13 @@ def check_run_folder(out_dir):
                             f"(it has {', '.join(sorted(strangers or names)[:3])}); choose another --out.")
 
 
-def check_space(r, model, dtype, out_dir, config):
+def check_space(r, model, out_dir, config):
     """The disks of --export and --out have room for what the run writes there: the exported model, and the
-    elastic file (G LoRA pairs of rank r and an activation norm per layer, float32). model: on the meta device."""
+    elastic file (G LoRA pairs of rank r and an activation norm per layer, float32). model: on the meta device,
+    in the run's dtype."""
     layers = [lin for block in model.blocks for lin in block.linears().values()]
     G = len(config.edges) - 1
-    needs = {"--export": (r.export, sum(p.numel() for p in model.parameters()) * M.DTYPES[dtype].itemsize),
+    needs = {"--export": (r.export, prune.param_bytes(model)),
              "--out": (out_dir, sum(4 * (G * config.rank * (lin.in_features + lin.out_features) + lin.in_features)
                                     for lin in layers))}
     for flag, (path, need) in needs.items():
@@ -804,11 +805,10 @@ def check_memory(r, rows, model, dtype, windows, train_epts):
     row other than the last is pruned, a copy of its blocks (the last row prunes the model itself). On a CPU run
     the calibration streams, each windows = (N, T) tokens x C features, are in CPU memory too: EPTS's 4 while it
     trains, a pruned row's 2 (3 with SI). Under torchrun every process on this machine holds a model and EPTS's
-    streams of its own while EPTS trains (LOCAL_WORLD_SIZE of them). model: on the meta device."""
+    streams of its own while EPTS trains (LOCAL_WORLD_SIZE of them). model: on the meta device, in `dtype`."""
     itemsize, on_gpu = M.DTYPES[dtype].itemsize, r.device.startswith("cuda") and not r.offload
     models = int(os.environ.get("LOCAL_WORLD_SIZE", "1")) if train_epts and not on_gpu else 1
-    model_bytes = sum(p.numel() for p in model.parameters()) * itemsize
-    blocks_bytes = sum(p.numel() for p in model.blocks.parameters()) * itemsize
+    model_bytes, blocks_bytes = prune.param_bytes(model), prune.param_bytes(model.blocks)
     stream = math.prod(windows) * model.cfg.hidden_size * itemsize if r.device == "cpu" else 0
     need = models * model_bytes + max([models * 4 * stream if train_epts else 0] + [
         (blocks_bytes if i < len(rows) - 1 else 0) + calibration_streams(m, r.allocation) * stream
@@ -887,8 +887,8 @@ def plan(r, config, procs=SOLO):
             raise UserError(f"{procs.size} processes for {len(config.edges) - 1} groups: each process computes "
                             "whole groups, so run at most as many processes as groups.")
     with torch.device("meta"):
-        sizes = M.build_model(cfg)  # the model's shapes, no memory: what the run will write and hold
-    check_space(r, sizes, dtype, out_dir, config)
+        sizes = M.build_model(cfg).to(M.DTYPES[dtype])  # the model's shapes, no memory: what the run writes, holds
+    check_space(r, sizes, out_dir, config)
     check_memory(r, rows, sizes, dtype, (nsamples, seqlen), train_epts)
     return Plan(r, config, seqlen, nsamples, dtype, rows, allocation, task_docs, needs_calib, elastic, out_dir)
 

@@ -2324,16 +2324,19 @@ def test_a_run_too_big_for_the_memory_is_refused_before_any_work(tiny, monkeypat
         epts.plan(request, epts.EPTSConfig())
     # at LLaMA-2-7B's shapes (config.json alone: nothing is loaded), float32: its 6,738,415,616 parameters with
     # EPTS's 4 streams of the default 128 windows x 2048 tokens x 4096 features (16 GiB), or for more than one
-    # row with the copy of its blocks' 6,476,267,520 parameters that EPTS deploys into, the larger
+    # row with the copy of its blocks' 6,476,267,520 parameters that EPTS deploys into, the larger; in bfloat16
+    # every term halves
     os.makedirs(ckpt := os.path.join(os.path.dirname(tiny["ckpt"]), "llama-2-7b"))
     config = os.path.join(os.path.dirname(__file__), "configs", "llama-2-7b.json")
     shutil.copy(config, os.path.join(ckpt, "config.json"))
-    for sparsities, need, expect in (([0.5], 6_738_415_616 * 4 + 4 * 128 * 2048 * 4096 * 4, r"41\.10 GiB"),
-                                     ([0.3, 0.5, 0.7], (6_738_415_616 + 6_476_267_520) * 4, r"49\.23 GiB")):
+    for sparsities, dtype, need, expect in (
+            ([0.5], "float32", 6_738_415_616 * 4 + 4 * 128 * 2048 * 4096 * 4, r"41\.10 GiB .* float32: 25\.10"),
+            ([0.3, 0.5, 0.7], "float32", (6_738_415_616 + 6_476_267_520) * 4, r"49\.23 GiB .* float32: 25\.10"),
+            ([0.5], "bfloat16", 6_738_415_616 * 2 + 4 * 128 * 2048 * 4096 * 2, r"20\.55 GiB .* bfloat16: 12\.55")):
         request = epts.Request(ckpt=ckpt, calib=tiny["calib"], evals=tiny["evals"], methods=["epts"],
-                               sparsities=sparsities, out=tiny["out"])
+                               sparsities=sparsities, out=tiny["out"], dtype=dtype)
         monkeypatch.setattr(epts, "available_memory", lambda: need - 1)
-        with pytest.raises(UserError, match=f"needs at least {expect} .*the model in float32: 25\\.10 GiB"):
+        with pytest.raises(UserError, match=f"needs at least {expect} GiB"):
             epts.plan(request, epts.EPTSConfig())
         monkeypatch.setattr(epts, "available_memory", lambda: need)
         epts.plan(request, epts.EPTSConfig())
@@ -2364,7 +2367,8 @@ def test_a_model_too_big_for_the_gpu_is_refused_with_offload_as_the_fix(tiny, mo
         request = epts.Request(**{k: v for k, v in dict(tiny, device="cuda", dtype="float32", **kw).items()
                                   if k != "epochs"})
         monkeypatch.setattr(prune, "free_device_bytes", lambda device: need - 1)
-        with pytest.raises(UserError, match="needs at least .* GiB on cuda .* but cuda has .* GiB free; pass --offload"):
+        with pytest.raises(UserError, match="needs at least .* GiB on cuda .* but cuda has .* GiB free; "
+                                            "pass --offload"):
             epts.plan(request, epts.EPTSConfig())
         epts.plan(dataclasses.replace(request, offload=True), epts.EPTSConfig())
         monkeypatch.setattr(prune, "free_device_bytes", lambda device: need)
