@@ -1012,6 +1012,32 @@ def test_sparsegpt_sparsity_and_identity_at_zero():
     assert ((nm != 0).view(32, 16, 4).sum(-1) == 2).all()
 
 
+def test_sparsegpt_with_a_diagonal_hessian_prunes_by_one_threshold_per_lazy_batch():
+    """With uncorrelated inputs (H diagonal) no pruned weight has an error to spread, so SparseGPT is OBS saliency
+    pruning: w_ij^2 / U_jj^2 = w_ij^2 (H_jj + damp), U the Cholesky factor of (H + damp I)^-1, the lowest
+    int(rows x 16 s) pruned in each lazy batch of 16 columns as one set, as in the reference (rows of larger
+    weights keep more), or the lowest m - n of every run of m; the kept weights unchanged. The dampening is a
+    share of H's mean diagonal, so H's scale changes nothing."""
+    torch.manual_seed(0)
+    W = torch.randn(8, 64) * torch.linspace(0.2, 2.0, 8).view(-1, 1)  # rows of different scales
+    h = torch.rand(64) + 0.5
+    saliency = W ** 2 * (h + 0.01 * h.mean())  # (8, 64)
+    out = prune.sparsegpt_prune(W, torch.diag(h), 0.5, blocksize=16)
+    for i in range(0, 64, 16):  # 64 of each batch's 128 weights pruned: the batch's lowest saliencies
+        torch.testing.assert_close(out[:, i:i + 16], W[:, i:i + 16] * prune.matrix_mask(saliency[:, i:i + 16], 0.5))
+    assert not ((out != 0).sum(1) == 32).all()  # not one threshold per row
+    torch.testing.assert_close(prune.sparsegpt_prune(W, torch.diag(h), (2, 4), blocksize=16),
+                               W * prune.nm_mask(saliency, 2, 4))
+    W, X = correlated_layer(1)
+    stats = prune.InputStats(64, True, "cpu")
+    stats.add(X)
+    ref = prune.sparsegpt_prune(W, stats.H, 0.5)
+    for c in (1e-3, 1e3):
+        scaled = prune.sparsegpt_prune(W, c * stats.H, 0.5)
+        assert torch.equal(scaled != 0, ref != 0)
+        torch.testing.assert_close(scaled, ref, rtol=1e-3, atol=1e-4)
+
+
 def test_sparsegpt_nm_whose_m_does_not_divide_the_lazy_batch():
     """2:12 and 2:24 with a lazy batch of 16 columns (16 is no multiple of 12 and less than 24): every run of m
     inputs keeps exactly n, and the result is the one-batch result (the lazy update is exact, whatever the width)."""
@@ -1024,14 +1050,16 @@ def test_sparsegpt_nm_whose_m_does_not_divide_the_lazy_batch():
         torch.testing.assert_close(nm, prune.sparsegpt_prune(W, stats.H, (n, m), blocksize=72), rtol=1e-4, atol=1e-5)
 
 
-def test_hessian_accumulates_over_batches_like_one_shot():
-    """H from several batches equals 2/n X^T X computed at once."""
-    X = torch.randn(3, 50, 16)
+def test_statistics_accumulate_over_batches_like_one_shot():
+    """H, the mean and ||X_j|| from several batches equal 2/n X^T X, E[X] and the norms computed at once."""
+    X = torch.randn(3, 50, 16) + torch.linspace(-1, 1, 16)
     stats = prune.InputStats(16, True, "cpu")
     for b in X:
         stats.add(b)
     flat = X.reshape(-1, 16)
     assert torch.allclose(stats.H, 2 * flat.t() @ flat / 150, atol=1e-5)
+    torch.testing.assert_close(stats.mean, flat.mean(0))
+    torch.testing.assert_close(stats.act_norm, flat.norm(dim=0))
 
 
 def test_cholesky_fallback_dampens_more_and_warns_once(capsys):
