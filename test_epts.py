@@ -876,6 +876,31 @@ def test_si_statistics_are_those_of_the_centred_scaled_inputs():
     assert sampled.samples[0].untyped_storage().nbytes() == 64 * 32 * 4
 
 
+def test_si_init_is_eq_5():
+    """Eq. 5: a channel's scale is (median - mean)^2 of what it carries over the tokens, over that value's median
+    across the channels, clamped into [1 / c, c]; a scale shared by GQA's query heads takes their mean; q_k,
+    which no layer's input carries, starts at 1."""
+    block = tiny_llama(num_attention_heads=4, num_key_value_heads=2).blocks[0]
+    stats = prune.new_stats(block, hessian=False, device="cpu", sample_every=1)
+    prune.run_block(block, torch.randn(4, 16, 32) + torch.randn(32), "cpu", 2, stats)
+
+    def eq5(module):
+        x = torch.cat(stats[module].samples)  # (tokens, in)
+        return (x.median(0).values - x.mean(0)) ** 2
+
+    pairs = prune.scale_pairs_on(block)
+    scales = prune.si_init(block, pairs, stats, clamp=1e9)
+    for name, module in (("attn_in", "self_attn.q_proj"), ("up_down", "mlp.down_proj")):
+        v = eq5(module)
+        torch.testing.assert_close(scales[name], v / v.median(), rtol=1e-4, atol=1e-6)
+    v = eq5("self_attn.o_proj").view(2, 2, 8).mean(1).flatten()  # kv head k is read by query heads 2k, 2k + 1
+    torch.testing.assert_close(scales["v_o"], v / v.median(), rtol=1e-4, atol=1e-6)
+    assert torch.equal(scales["q_k"], torch.ones(8))
+    clamped = prune.si_init(block, pairs, stats, clamp=2.0)
+    assert all(((s >= 0.5) & (s <= 2)).all() for s in clamped.values())
+    assert any((s == 2).any() or (s == 0.5).any() for s in clamped.values())
+
+
 def test_si_without_a_shift_gives_wandas_masks_exactly():
     """With delta = 0 the scales cancel from Wanda's score (powers of two: exactly, in floating point too), so
     wanda+si keeps Wanda's weights, at 50 % and at 2:4; a shift centres the inputs and changes them."""
@@ -965,8 +990,9 @@ def test_baseline_defaults_are_the_papers():
 
 
 def test_wanda_score_brute_force_and_nested_wanda_magnitude():
-    """wanda_score = |W_ij| * ||X_j||; Wanda and magnitude masks are nested across sparsities."""
-    W, X = torch.randn(6, 10), torch.randn(40, 10)
+    """wanda_score = |W_ij| * ||X_j||; Wanda and magnitude masks are nested across sparsities; magnitude's
+    threshold is the matrix's."""
+    W, X = torch.randn(6, 10) * torch.arange(1, 7).view(-1, 1), torch.randn(40, 10)  # rows of different scales
     act_norm = prune.InputStats(10, False, "cpu")
     act_norm.add(X)
     brute = torch.tensor([[abs(W[i, j].item()) * math.sqrt(sum(X[t, j].item() ** 2 for t in range(40)))
@@ -975,7 +1001,8 @@ def test_wanda_score_brute_force_and_nested_wanda_magnitude():
     for make in (lambda s: prune.wanda_mask(W, act_norm.act_norm, s), lambda s: prune.magnitude_mask(W, s)):
         a, b = make(0.4), make(0.7)
         assert (b <= a).all()
-    assert (~prune.magnitude_mask(W, 0.5)).sum() == 30  # one threshold per matrix
+    # magnitude: one threshold per matrix (the 30 smallest |W_ij| of 60 go), not per row
+    assert torch.equal(prune.magnitude_mask(W, 0.5), W.abs() > W.abs().flatten().sort().values[29])
 
 
 def correlated_layer(seed=0, n_in=64, n_out=32, tokens=2048):
