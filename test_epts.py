@@ -901,6 +901,18 @@ def test_si_init_is_eq_5():
     assert any((s == 2).any() or (s == 0.5).any() for s in clamped.values())
 
 
+def test_si_norm_term_is_exp_of_minus_alpha_times_the_transformed_weights_relative_p_norms():
+    """R_p = exp(-alpha sum_l ||diag(row_l) W_l diag(col_l)||_p / ||W_l||_p), from |W|^p and ||W||_p kept once."""
+    gen = torch.Generator().manual_seed(0)
+    W = {"a": torch.randn(6, 10, generator=gen), "b": torch.randn(10, 4, generator=gen)}
+    factors = {n: [torch.exp(torch.randn(size, generator=gen)) for size in w.shape] for n, w in W.items()}
+    for p, alpha in ((2.0, 1.0), (1.0, 0.3), (3.0, 2.0)):
+        abs_W = {n: (w.abs() ** p, torch.linalg.vector_norm(w, p)) for n, w in W.items()}
+        direct = sum(torch.linalg.vector_norm(row.view(-1, 1) * w * col, p) / torch.linalg.vector_norm(w, p)
+                     for w, (row, col) in zip(W.values(), factors.values()))
+        torch.testing.assert_close(prune.norm_term(abs_W, factors, p, alpha), torch.exp(-alpha * direct))
+
+
 def test_si_without_a_shift_gives_wandas_masks_exactly():
     """With delta = 0 the scales cancel from Wanda's score (powers of two: exactly, in floating point too), so
     wanda+si keeps Wanda's weights, at 50 % and at 2:4; a shift centres the inputs and changes them."""
