@@ -1345,7 +1345,8 @@ def trained_block(groups=epts.EPTSConfig.edges, epochs=2, procs=parallel.SOLO, b
 
 def test_mixer_output_is_the_weighted_sum_of_the_groups_outputs():
     """MSFM mixes sum_g w_g block(X) at one draw per group: a one-hot weight returns that group's output alone,
-    and the default weights give the weighted sum at the same draws (g = 0 without adapter 0 if flagged off)."""
+    and the default weights give the weighted sum at the same draws (g = 0 without adapter 0 if flagged off);
+    each batch of the stream has draws of its own."""
     edges = [0.0, 0.4, 0.55, 0.7]
     block, layers, X, _, _ = trained_block(edges)
     draws = epts.MSFM(edges).draw(torch.Generator().manual_seed(5))
@@ -1360,6 +1361,10 @@ def test_mixer_output_is_the_weighted_sum_of_the_groups_outputs():
     expected = (outs[0] + outs[1] + 2 * outs[2]) / 4  # weights 1, 1, 2 (the lower half of 3 groups is 2)
     assert torch.allclose(mixed, expected, atol=1e-6)
     assert not torch.allclose(outs[1], outs[2], atol=1e-3)  # the groups really differ, so the weights matter
+    drawn = []  # batches of 4: each batch mixes at fresh draws, the generator's next ones
+    epts.mix_stream(epts.MSFM(edges), lambda x, g, s: drawn.append(s) or x, X, 4, torch.Generator().manual_seed(5))
+    gen = torch.Generator().manual_seed(5)
+    assert drawn == epts.MSFM(edges).draw(gen) + epts.MSFM(edges).draw(gen)
 
 
 def test_the_copyable_core_uses_no_process_group():
@@ -1490,6 +1495,19 @@ def test_mixer_feeds_the_next_block_through_group_0_as_deployed(monkeypatch, use
         assert torch.equal(out, epts.block_forward(model.blocks[0], made[0], X, 0, 0.3, adapters=use0))
         assert not torch.equal(out, epts.block_forward(model.blocks[0], made[0], X, 0, 0.3, adapters=not use0))
         assert torch.equal(forward(X, 1, 0.5), epts.block_forward(model.blocks[0], made[0], X, 1, 0.5))
+
+
+def test_every_block_and_every_seed_draws_its_own_adapters():
+    """Block i's adapters start from a generator of (seed, i) alone, so that a resumed run draws what an
+    uninterrupted one would, and no two blocks or --seed values share their draws (lr 0: A stays as drawn)."""
+    def first_draws(seed):
+        records = epts.train_blocks(tiny_llama(num_hidden_layers=3), calib_ids(4),
+                                    epts.EPTSConfig(epochs=1, lr=0.0, seed=seed), "cpu", (None, []))
+        return [rec["A"]["self_attn.q_proj"] for rec in records]
+
+    A = first_draws(0) + first_draws(1)
+    assert all(not torch.equal(a, b) for i, a in enumerate(A) for b in A[i + 1:])
+    assert all(torch.equal(a, b) for a, b in zip(A, first_draws(0)))
 
 
 def test_deploy_honours_the_low_group_flag(tmp_path):
