@@ -1391,15 +1391,23 @@ def test_no_function_of_the_library_takes_more_than_six_parameters():
             assert len(params) <= 6, (name, fn.name, params)
 
 def test_group_loss_and_its_use_in_training(monkeypatch):
-    """loss_0 = MSE(out_0, Y); loss_g = 0.5 MSE(out_g, Y) + 0.5 MSE(out_g, out_0.detach()), every group, every step."""
+    """loss_0 = MSE(out_0, Y); loss_g = 0.5 MSE(out_g, Y) + 0.5 MSE(out_g, out_0.detach()), every group, every step;
+    the epoch's loss reported is their mean."""
     out, y, out0 = torch.randn(2, 5, 8), torch.randn(2, 5, 8), torch.randn(2, 5, 8)
     mse = lambda a, b: ((a - b) ** 2).mean()  # noqa: E731
     assert torch.allclose(epts.group_loss(out, y), mse(out, y))
     assert torch.allclose(epts.group_loss(out, y, out0), 0.5 * mse(out, y) + 0.5 * mse(out, out0))
-    calls, real = [], epts.group_loss
-    monkeypatch.setattr(epts, "group_loss", lambda o, t, o0=None: calls.append((o, o0)) or real(o, t, o0))
-    trained_block(epochs=1)  # 8 windows, batch 4: 2 steps of 7 groups
+    calls, values, real = [], [], epts.group_loss
+
+    def recorded(o, t, o0=None):
+        calls.append((o, o0))
+        values.append(real(o, t, o0))
+        return values[-1]
+
+    monkeypatch.setattr(epts, "group_loss", recorded)
+    *_, losses = trained_block(epochs=1)  # 8 windows, batch 4: 2 steps of 7 groups
     assert len(calls) == 2 * 7
+    assert losses == [pytest.approx(sum(v.item() for v in values) / 14)]  # the epoch's mean over steps and groups
     for step in range(2):
         group0 = calls[7 * step][0]
         assert calls[7 * step][1] is None
