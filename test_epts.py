@@ -519,8 +519,9 @@ def test_calibration_leaves_the_global_random_state_alone(tmp_path):
 
 def test_c4_json_gz_documents_and_windows(tmp_path):
     """A C4 shard (.json.gz) is read back; the windows are the references' for the seed, from documents longer
-    than seqlen only."""
-    docs = [{"text": "short"}] * 5 + [{"text": f"long document {i} " * 40, "url": "x"} for i in range(5)]
+    than seqlen only (one of exactly seqlen tokens is skipped)."""
+    docs = [{"text": "short"}] * 4 + [{"text": "x" * 99}] + [{"text": f"long document {i} " * 40, "url": "x"}
+                                                             for i in range(5)]
     path = tmp_path / "c4-train.00000-of-01024.json.gz"
     with gzip.open(path, "wt") as f:
         f.writelines(json.dumps(d) + "\n" for d in docs)
@@ -549,9 +550,10 @@ def test_c4_validation_stream_convention(tmp_path):
     """C4 evaluation: the first 1100 documents joined with ' ', cut to 256 x seqlen tokens."""
     path = tmp_path / "c4-validation.00000-of-00008.json"
     path.write_text("".join(json.dumps({"text": f"d{i}"}) + "\n" for i in range(1200)))
-    ids = data.eval_tokens(str(path), CharTokenizer(), 4)
-    expected = CharTokenizer().encode(" ".join(f"d{i}" for i in range(1100)))[: 256 * 4]
-    assert ids.tolist() == expected
+    for seqlen in (4, 32):  # 1024 tokens: the cut shows; 8192: all 1100 documents (5,490 tokens) show
+        ids = data.eval_tokens(str(path), CharTokenizer(), seqlen)
+        expected = CharTokenizer().encode(" ".join(f"d{i}" for i in range(1100)))[: 256 * seqlen]
+        assert ids.tolist() == expected
 
 
 def test_wikitext_join_matches_the_datasets_rows(tmp_path):
@@ -572,14 +574,15 @@ def test_wikitext_calibration_windows_are_the_references(tmp_path):
     import random
     rows = ["", " = Title = \n", ""] + [f" Sentence {i} of the body , with words @-@ here . \n" for i in range(60)]
     (tmp_path / "wiki.train.raw").write_text("".join(row or " \n" for row in rows))  # a blank line is " \n"
-    tok, seqlen = CharTokenizer(), 64
-    random.seed(3)  # the reference, as written there
+    tok = CharTokenizer()
     trainenc = tok.encode(" ".join(rows))
-    expected = []
-    for _ in range(10):
-        i = random.randint(0, len(trainenc) - seqlen - 1)
-        expected.append(trainenc[i:i + seqlen])
-    assert data.calibration(str(tmp_path), tok, 10, seqlen, seed=3).tolist() == expected
+    for seqlen, n in ((64, 10), (len(trainenc) - 3, 20)):  # the second: 3 starts, where the range's end shows
+        random.seed(3)  # the reference, as written there
+        expected = []
+        for _ in range(n):
+            i = random.randint(0, len(trainenc) - seqlen - 1)
+            expected.append(trainenc[i:i + seqlen])
+        assert data.calibration(str(tmp_path), tok, n, seqlen, seed=3).tolist() == expected
 
 
 def test_data_errors_name_the_problem(tmp_path):
@@ -2785,7 +2788,9 @@ def test_acc_and_acc_norm_follow_the_definitions(monkeypatch):
     """acc takes the highest log-likelihood, acc_norm the highest per character of the choice; tasks without
     acc_norm in lm-eval report acc alone."""
     docs = [TASK_EXAMPLES["piqa"][0]] * 2  # choices of 13 and 11 characters, gold 0
-    scores = iter([-10.0, -9.0, -10.0, -12.0])  # item 1: acc wrong, acc_norm right (-10/13 > -9/11); item 2: both
+    # item 1: acc wrong, acc_norm right: -10/13 > -8.5/11 (counting the delimiter would flip it: -10/14 < -8.5/12);
+    # item 2: both right
+    scores = iter([-10.0, -8.5, -10.0, -12.0])
     monkeypatch.setattr(eval_module, "loglikelihoods", lambda model, pairs, *a: [next(scores) for _ in pairs])
     assert eval_module.zero_shot(None, None, "piqa", docs) == {"acc": 0.5, "acc_norm": 1.0}
     scores = iter([-1.0, -2.0])
