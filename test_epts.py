@@ -87,6 +87,18 @@ def test_rope_frequencies_stay_float32_and_follow_the_inputs_device():
     assert attn.inv_freq.device.type == "meta" and attn.inv_freq.dtype == torch.float32
 
 
+def test_fingerprint_sees_a_change_in_any_tensor_but_not_the_dtype():
+    """The fingerprint an elastic model records changes when any tensor's sampled values change (here its last,
+    which the even sample always includes), and not when the same weights are loaded in bfloat16."""
+    model = tiny_llama()
+    fp = M.fingerprint(model)
+    assert M.fingerprint(copy.deepcopy(model).to(torch.bfloat16)) == fp
+    for name, _ in model.named_parameters():
+        other = copy.deepcopy(model)
+        other.get_parameter(name).view(-1)[-1] += 1
+        assert M.fingerprint(other) != fp, name
+
+
 @needs_transformers
 def test_bfloat16_load_casts_on_the_fly(tmp_path):
     """Loading with dtype=bfloat16 gives bf16 weights whose logits stay close to fp32's."""
@@ -2777,6 +2789,13 @@ def test_loglikelihoods_batched_equal_one_at_a_time(tiny):
     logp = model(ids[None, :-1])[0].log_softmax(-1)
     expected = sum(logp[8 - len(cont) + k, t].item() for k, t in enumerate(cont))
     assert eval_module.loglikelihoods(model, [pairs[2]], tok, max_len=8)[0] == pytest.approx(expected, abs=1e-4)
+    # a continuation longer than the window: its tokens in the window count, but the first (nothing predicts it)
+    ctx, cont = eval_module.encode_pair(tok, *pairs[1], tok.bos_id)
+    assert len(cont) > 4
+    ids = torch.tensor(cont[-4:])
+    logp = model(ids[None, :-1])[0].log_softmax(-1)
+    expected = sum(logp[k, t].item() for k, t in enumerate(ids[1:].tolist()))
+    assert eval_module.loglikelihoods(model, [pairs[1]], tok, max_len=3)[0] == pytest.approx(expected, abs=1e-4)
     # by default a window is cut at the model's positions, as lm-eval's max_length (not at 2048 tokens)
     model.cfg.max_position_embeddings, long = 4096, ("lists and tuples " * 400, "and sets.")
     assert len(sum(eval_module.encode_pair(tok, *long, tok.bos_id), [])) > 2049
