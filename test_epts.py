@@ -2296,6 +2296,27 @@ def test_interrupted_run_reuses_the_rows_its_json_holds(tiny, tmp_path, monkeypa
     assert "holds results of other settings" in capsys.readouterr().err
 
 
+@needs_transformers
+def test_json_rows_are_measured_again_for_other_weights_or_calibration_windows(tiny, tmp_path, capsys):
+    """--json's rows are reused only for the same checkpoint weights and calibration windows: a checkpoint
+    rewritten in place, or a calibration file edited in place, has its rows measured again."""
+    args = dict(tiny, methods=["dense", "wanda"], sparsities=[0.5], json=str(tmp_path / "r.json"))
+    main(**args)
+    capsys.readouterr()
+    main(**args)
+    assert "they are reused" in capsys.readouterr().err
+    ref = hf_tiny("llama_mha", vocab_size=512)
+    with torch.no_grad():
+        ref.model.layers[0].mlp.down_proj.weight.mul_(0.5)
+    ref.save_pretrained(tiny["ckpt"])  # the same folder and tokenizer, other weights
+    main(**args)
+    assert "holds results of other settings" in capsys.readouterr().err
+    text = open(tiny["calib"]).read()
+    open(tiny["calib"], "w").write(text[1000:] + text[:1000])  # the same file, other windows
+    main(**args)
+    assert "holds results of other settings" in capsys.readouterr().err
+
+
 def test_elastic_file_settings_and_block_order_are_checksummed(tmp_path):
     """An elastic.pt whose group edges, LoRA rank or fingerprint were edited, or whose block records were swapped,
     is refused; the file as written loads, and a file of the previous format (v2) still does."""
