@@ -995,13 +995,16 @@ def test_si_runs_through_main_and_exports_biases_transformers_loads(tiny, tmp_pa
         hf_tiny("qwen3", vocab_size=512).save_pretrained(tmp_path / "q3")
         shutil.copy(os.path.join(tiny["ckpt"], "vocab.json"), tmp_path / "q3")
         shutil.copy(os.path.join(tiny["ckpt"], "merges.txt"), tmp_path / "q3")
-        with pytest.raises(UserError, match="Qwen3 has no biases"):
+        with pytest.raises(UserError, match="Qwen3 has no biases"), pytest.MonkeyPatch.context() as m:
+            m.setattr(prune, "prune_model", None)  # before any work: pruning would crash with a TypeError
             main(**dict(tiny, ckpt=str(tmp_path / "q3"), methods=["dense", "wanda+si"], export=str(tmp_path / "x")))
     if kind == "mistral":  # a sliding window: transformers' llama, as which the export is written, has none
         hf_tiny("mistral_window", vocab_size=512).save_pretrained(tmp_path / "mw")
         shutil.copy(os.path.join(tiny["ckpt"], "vocab.json"), tmp_path / "mw")
         shutil.copy(os.path.join(tiny["ckpt"], "merges.txt"), tmp_path / "mw")
-        with pytest.raises(UserError, match="has no sliding attention window, and this model has one"):
+        with pytest.raises(UserError, match="has no sliding attention window, and this model has one"), \
+                pytest.MonkeyPatch.context() as m:
+            m.setattr(prune, "prune_model", None)
             main(**dict(tiny, ckpt=str(tmp_path / "mw"), methods=["dense", "wanda+si"], export=str(tmp_path / "x")))
 
 
@@ -2089,6 +2092,7 @@ def test_damaged_files_are_errors_not_results(tiny, tmp_path):
 @needs_transformers
 def test_bad_requests_fail_before_any_work(tiny, tmp_path, monkeypatch):
     """Requests that cannot finish are refused before a single method runs."""
+    main(**dict(tiny, methods=["epts"], sparsities=[0.5]))  # an elastic model trained up to 0.7
     monkeypatch.setattr(prune, "prune_model", None)  # any baseline that ran would crash with a TypeError
     monkeypatch.setattr(epts, "run_epts", None)
     cases = [
@@ -2103,10 +2107,15 @@ def test_bad_requests_fail_before_any_work(tiny, tmp_path, monkeypatch):
          "--eggs-diagonals 3 is more than the 2 weights"),
         (dict(methods=["sslc"], sparsities=[0.95], pruning=prune.PruneConfig(rank_ratio=0.01)),
          "leaves self_attn.q_proj .* no rank"),
+        (dict(methods=["wanda", "epts"], sparsities=[0.5, 0.8], elastic=tiny["out"]), "above the elastic model's range"),
+        (dict(methods=["dense"], evals=tiny["evals"] * 2), "--eval names one file twice"),
     ]
     for kw, message in cases:
         with pytest.raises(UserError, match=message):
             main(**dict(tiny, **kw))
+    eight = types.SimpleNamespace(size=8, index=0, comm=torch.device("cpu"))  # torchrun's 8 processes, 7 groups
+    with pytest.raises(UserError, match="8 processes for 7 groups"):
+        epts.plan(epts.Request(ckpt=tiny["ckpt"], calib=tiny["calib"], evals=tiny["evals"]), epts.EPTSConfig(), eight)
 
 
 @needs_transformers
@@ -2221,9 +2230,11 @@ def test_outputs_never_replace_an_input_or_a_users_file(tiny, tmp_path, monkeypa
     assert (tmp_path / "notes.json").read_text() == '{"mine": 1}'
     (run / "partial").mkdir(parents=True)
     (run / "partial" / "draft.txt").write_text("mine")
-    with pytest.raises(UserError, match="holds a folder 'partial' that is not an unfinished EPTS run's"):
-        main(**dict(tiny, methods=["epts"]))
-    (run / "partial" / "draft.txt").unlink()
+    for beside in ("nothing", "a run's settings"):
+        with pytest.raises(UserError, match="holds a folder 'partial' that is not an unfinished EPTS run's"):
+            main(**dict(tiny, methods=["epts"]))
+        (run / "partial" / "run.json").write_text("{}")
+    shutil.rmtree(run / "partial")
     (run / "lock").write_text("do not touch")
     with pytest.raises(UserError, match="holds a file 'lock' that is not an EPTS run's"):
         main(**dict(tiny, methods=["epts"]))
@@ -2315,6 +2326,25 @@ def test_json_rows_are_measured_again_for_other_weights_or_calibration_windows(t
     open(tiny["calib"], "w").write(text[1000:] + text[:1000])  # the same file, other windows
     main(**args)
     assert "holds results of other settings" in capsys.readouterr().err
+
+
+@needs_transformers
+def test_the_out_disk_check_needs_exactly_the_bytes_of_the_elastic_files_tensors(tiny, monkeypatch):
+    """--out's disk must hold the elastic file's activation norms and adapters (float32), counted from the model's
+    shapes before any work: a byte less is refused, exactly that is accepted."""
+    main(**dict(tiny, methods=["epts"]))
+    elastic = epts.load_elastic(tiny["out"])
+    held = sum(t.numel() * t.element_size() for rec in elastic["blocks"] for key in ("act_norm", "A", "B")
+               for t in rec[key].values())
+    with torch.device("meta"):
+        sizes = M.build_model(M.read_config(tiny["ckpt"]))
+    config, r = epts.EPTSConfig(tuple(elastic["edges"]), rank=elastic["rank"]), epts.Request(out=tiny["out"])
+    real = shutil.disk_usage
+    monkeypatch.setattr(shutil, "disk_usage", lambda p: real(p)._replace(free=held - 1))
+    with pytest.raises(UserError, match="--out .* needs about"):
+        epts.check_space(r, sizes, tiny["out"], config)
+    monkeypatch.setattr(shutil, "disk_usage", lambda p: real(p)._replace(free=held))
+    epts.check_space(r, sizes, tiny["out"], config)
 
 
 def test_elastic_file_settings_and_block_order_are_checksummed(tmp_path):
