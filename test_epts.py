@@ -2107,7 +2107,8 @@ def test_bad_requests_fail_before_any_work(tiny, tmp_path, monkeypatch):
          "--eggs-diagonals 3 is more than the 2 weights"),
         (dict(methods=["sslc"], sparsities=[0.95], pruning=prune.PruneConfig(rank_ratio=0.01)),
          "leaves self_attn.q_proj .* no rank"),
-        (dict(methods=["wanda", "epts"], sparsities=[0.5, 0.8], elastic=tiny["out"]), "above the elastic model's range"),
+        (dict(methods=["wanda", "epts"], sparsities=[0.5, 0.8], elastic=tiny["out"]),
+         "above the elastic model's range"),
         (dict(methods=["dense"], evals=tiny["evals"] * 2), "--eval names one file twice"),
     ]
     for kw, message in cases:
