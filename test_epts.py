@@ -388,6 +388,22 @@ def test_published_configs_are_read_with_their_own_values(name):
         assert cfg.rope_theta == raw["rope_theta"] >= 500_000
 
 
+@needs_transformers
+def test_a_llama_1_config_is_multi_head_attention_and_an_eos_list_gives_its_first_id():
+    """LLaMA-1's config.json has no num_key_value_heads: transformers reads multi-head attention, and so do we. A
+    list of end ids (LLaMA-3.1 Instruct's eos_token_id) is read as its first."""
+    def published(name):
+        with open(os.path.join(os.path.dirname(__file__), "configs", f"{name}.json")) as f:
+            return json.load(f)
+
+    raw = {k: v for k, v in published("llama-2-7b").items() if k != "num_key_value_heads"}
+    cfg = M.config_from_dict(raw)
+    assert cfg.num_key_value_heads == transformers.LlamaConfig(**raw).num_key_value_heads == 32
+    assert cfg.head_dim == 128
+    assert M.config_from_dict(dict(published("llama-3.1-8b"), eos_token_id=[128001, 128008, 128009])).eos_token_id \
+        == 128001
+
+
 def test_error_missing_folder_and_config(tmp_path):
     """A missing folder or a folder without config.json is named, with the fix."""
     with pytest.raises(UserError, match="does not exist"):
@@ -2188,6 +2204,11 @@ def test_malformed_inputs_are_clear_errors(tiny, tmp_path):
                          (dict(rope_scaling={"rope_type": "llama3", "factor": 8.0}),
                           "rope_scaling.low_freq_factor=None must be a positive number"),
                          (dict(rope_scaling={"rope_type": "yarn", "factor": 4.0}), "is not supported"),
+                         (dict(rope_scaling={"rope_type": "llama3", "factor": 8.0, "low_freq_factor": 4.0,
+                                             "high_freq_factor": 4.0, "original_max_position_embeddings": 16}),
+                          "high_freq_factor must exceed low_freq_factor"),
+                         (dict(num_attention_heads=6, num_key_value_heads=4),
+                          "num_attention_heads=6 is not a multiple of num_key_value_heads=4"),
                          (dict(bos_token_id=512), "bos_token_id=512 is not a token id below vocab_size=512"),
                          (dict(eos_token_id=-1), "eos_token_id=-1 is not a token id"),
                          (dict(hidden_act="gelu"), "hidden_act 'gelu' is not supported (supported: silu)")):
