@@ -792,11 +792,11 @@ def available_memory():
 
 
 def calibration_streams(method, allocation):
-    """How many calibration streams (N, T, C) pruning with `method` holds at once: a block's inputs and outputs,
-    and with Sparsity Induction the dense outputs too; magnitude needs none, but OWL's ratios need two."""
-    if method in ("dense", "epts") or (method == "magnitude" and allocation != "owl"):
+    """How many calibration streams (N, T, C) a baseline's row holds at once: pruning's (prune.calibration_streams),
+    or OWL's ratio pass's two where that is more (magnitude); none for dense and EPTS (its four are counted apart)."""
+    if method in ("dense", "epts"):
         return 0
-    return 2 + method.endswith("+si")
+    return max(prune.calibration_streams(method), 2 * (allocation == "owl"))
 
 
 def check_memory(r, rows, model, dtype, windows, train_epts):

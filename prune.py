@@ -478,6 +478,12 @@ def prune_layer(method, lin, stats, sparsity, config):
     return lin
 
 
+def calibration_streams(method):
+    """How many calibration streams (N, T, C) prune_model holds at once: a block's inputs and outputs, and with
+    Sparsity Induction the dense block's outputs too; plain magnitude pruning reads no data."""
+    return 0 if method == "magnitude" else 2 + method.endswith("+si")
+
+
 @torch.no_grad()
 def prune_model(model, method, sparsity, calib=None, device="cpu", config=PruneConfig()):
     """Prune every Linear in every decoder block of `model` in place with `method` (one of BASELINES, or one of
@@ -489,11 +495,11 @@ def prune_model(model, method, sparsity, calib=None, device="cpu", config=PruneC
     fit there (embed_calibration), else one batch of them at a time.
     """
     home, bs = device_of(model), config.batch_size
-    base, si = method.removesuffix("+si"), method.endswith("+si")
-    # the block's inputs and outputs (and SI's dense targets) beside the block, SparseGPT's Hessians and
-    # temporaries (SI: also a copy of the weights, and |W|^p and the removed weights in fp32)
-    X = None if method == "magnitude" else embed_calibration(model, calib, device, bs, n_streams=2 + si,
-                                                              reserve_bytes=(4 + 5 * si) * param_bytes(model.blocks[0]))
+    base, si, streams = method.removesuffix("+si"), method.endswith("+si"), calibration_streams(method)
+    # beside the block: SparseGPT's Hessians and temporaries (SI: also a copy of the weights, and |W|^p and the
+    # removed weights in fp32)
+    X = None if not streams else embed_calibration(model, calib, device, bs, n_streams=streams,
+                                                   reserve_bytes=(4 + 5 * si) * param_bytes(model.blocks[0]))
     progress = Progress(len(model.blocks), method)
     for block, s in zip(model.blocks, block_sparsities(sparsity, len(model.blocks))):
         block.to(device)
