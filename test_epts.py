@@ -183,6 +183,7 @@ def test_sentencepiece_tokenizer_matches_transformers():
     assert ours.encode(TEXT) == [1] + spm.SentencePieceProcessor(model_file=LLAMA2_TOKENIZER).encode(TEXT)
     assert ours.encode(TEXT)[0] == 1 and ours.encode(TEXT).count(1) == 1
     assert ours.decode(ours.encode(TEXT)) == TEXT
+    assert data.SentencePieceTokenizer(LLAMA2_TOKENIZER, bos_id=None).encode(TEXT) == ours.encode(TEXT)[1:]
 
 
 def test_bpe_tokenizer_matches_tokenizers_library(tmp_path):
@@ -260,6 +261,15 @@ def test_tokenizer_json_digits_step_splits_as_smollms_does(tmp_path, individual)
     (tmp_path / "tokenizer.json").write_text(json.dumps(tj))
     with pytest.raises(data.DataError, match="pre_tokenizer .*Punctuation.* is not supported"):
         data.load_tokenizer(str(tmp_path), None)
+    # a Split regex before ByteLevel is taken as it is, and refused with any setting that would change its pieces
+    byte_level = dict(tj["pre_tokenizer"]["pretokenizers"][1], use_regex=False)
+    split = {"type": "Split", "pattern": {"Regex": r"\s+"}, "behavior": "Isolated", "invert": False}
+    assert data.split_pattern({"type": "Sequence", "pretokenizers": [split, byte_level]}, "t") == r"\s+"
+    for refused in (dict(byte_level, use_regex=True, add_prefix_space=True),  # a space put before the text
+                    {"type": "Sequence", "pretokenizers": [dict(split, invert=True), byte_level]},
+                    {"type": "Sequence", "pretokenizers": [dict(split, behavior="Removed"), byte_level]}):
+        with pytest.raises(data.DataError, match="pre_tokenizer .* is not supported"):
+            data.split_pattern(refused, "tokenizer.json")
 
 
 @needs_transformers
@@ -284,6 +294,8 @@ def test_tokenizer_json_bos_is_what_its_post_processor_puts(tmp_path, template):
     ours = data.load_tokenizer(str(tmp_path), bos_id=bos + 1)  # the config's id, which tokenizer.json overrides
     assert ours.encode(TEXT) == ref(TEXT)["input_ids"]
     assert ours.bos_id == (bos if template else None)
+    eos_last = {"type": "TemplateProcessing", "single": [{"Sequence": {"id": "A", "type_id": 0}}, first]}
+    assert data.template_bos(eos_last) is None  # a special token after the text is no BOS
 
 
 @pytest.mark.parametrize("normalizer", [{"type": "NFC"}, {"type": "Sequence", "normalizers": [{"type": "NFKC"}]}])
@@ -300,28 +312,32 @@ def test_tokenizer_json_unicode_normalizer_is_applied(tmp_path, normalizer):
     assert ours.encode(text, bos=False) == ref.encode(text).ids
     ours.normal_form = None  # the same text unnormalised: other ids, so the check above has something to check
     assert ours.encode(text, bos=False) != ref.encode(text).ids
-    tj["normalizer"] = {"type": "Lowercase"}
-    (tmp_path / "tokenizer.json").write_text(json.dumps(tj))
-    with pytest.raises(data.DataError, match="normalizer .*Lowercase.* is not supported"):
-        data.load_tokenizer(str(tmp_path), 0)
+    for refused in ({"type": "Lowercase"}, {"type": "Sequence", "normalizers": [{"type": "NFC"}, {"type": "NFKD"}]}):
+        tj["normalizer"] = refused
+        (tmp_path / "tokenizer.json").write_text(json.dumps(tj))
+        with pytest.raises(data.DataError, match=f"normalizer .*{refused['type']}.* is not supported"):
+            data.load_tokenizer(str(tmp_path), 0)
 
 
 # text with bytes that a tokenizer trained without them has no token for: control bytes, and characters
-# whose UTF-8 needs lead bytes (0xF1, 0xF2, 0xF5-0xFF never occur in valid UTF-8) the training text lacked
-RARE = "tab\x04le \x06x\x13\x14y \x16\x1dz ab\x04cd !!\x04!! \U00040000 \U00080000 é ü"
+# whose UTF-8 needs lead bytes (0xF1, 0xF2, 0xF5-0xFF never occur in valid UTF-8) the training text lacked;
+# "\x04!\x04\x06!" is one piece where a known byte ends a run of unknown ones (fuse_unk fuses runs only)
+RARE = "tab\x04le \x06x\x13\x14y \x16\x1dz ab\x04cd !!\x04!! \x04!\x04\x06! \U00040000 \U00080000 é ü"
 
 
 @pytest.mark.parametrize("pattern", [None, LLAMA3_PATTERN, QWEN2_PATTERN])
-@pytest.mark.parametrize("unk", [False, True])
+@pytest.mark.parametrize("unk", ["dropped", "unk", "fused unk"])
 def test_bpe_vocabulary_without_some_bytes_encodes_like_tokenizers(tmp_path, pattern, unk):
     """A BPE trained by tokenizers on text lacking some of the 256 bytes: same ids as tokenizers on text with and
-    without those bytes (dropped, or the unk token), merges written as [a, b] lists or as "a b" strings."""
+    without those bytes (dropped, or the unk token, a run of them fused into one with fuse_unk), merges written as
+    [a, b] lists or as "a b" strings."""
     tokenizers = pytest.importorskip("tokenizers")
     texts = [TEXT.encode("ascii", "ignore").decode()] * 3 + ["hello world abc abcd ab!! 123 4567"] * 20
     train_family_bpe(tmp_path / "a", pattern or LLAMA3_PATTERN, vocab_size=300, texts=texts, special=("<unk>",),
                      all_bytes=False)
     tj = json.loads((tmp_path / "a" / "tokenizer.json").read_text())
-    tj["model"]["unk_token"] = "<unk>" if unk else None
+    tj["model"]["unk_token"] = None if unk == "dropped" else "<unk>"
+    tj["model"]["fuse_unk"] = unk == "fused unk"
     if pattern is None:  # the GPT-2 layout: ByteLevel does the split with its own regex
         tj["pre_tokenizer"] = {"type": "ByteLevel", "add_prefix_space": False, "trim_offsets": True,
                                "use_regex": True}
@@ -337,7 +353,7 @@ def test_bpe_vocabulary_without_some_bytes_encodes_like_tokenizers(tmp_path, pat
         ours = data.load_tokenizer(str(tmp_path / "b"), bos_id=0)
         for text in (texts[-1], TEXT, RARE, RARE * 3):
             assert ours.encode(text, bos=False) == ref.encode(text).ids, (merges_as, text)
-    if not unk:
+    if unk == "dropped":
         assert ours.decode(ours.encode(texts[-1])) == texts[-1]
 
 
@@ -591,8 +607,11 @@ def test_wikitext_join_matches_the_datasets_rows(tmp_path):
     folder = tmp_path / "wikitext-2-raw"
     folder.mkdir()
     (folder / "wiki.test.raw").write_text(raw * 20)
+    (folder / "test-00000-of-00001.parquet").write_bytes(b"PAR1")  # a name with the split, of a format we don't read
     ids = data.eval_tokens(str(folder), CharTokenizer(), 8)
     assert ids.tolist() == CharTokenizer().encode(data.wikitext_join(raw * 20, "\n\n"))
+    (folder / "copy.txt").write_text(raw * 20)  # a .txt with "wiki" in its path is read as WikiText too
+    assert data.eval_tokens(str(folder / "copy.txt"), CharTokenizer(), 8).tolist() == ids.tolist()
 
 
 def test_wikitext_calibration_windows_are_the_references(tmp_path):
@@ -2229,6 +2248,14 @@ def test_malformed_inputs_are_clear_errors(tiny, tmp_path):
     train_bpe(tmp_path / "small_vocab", vocab_size=400)
     with pytest.raises(UserError, match="the tokenizer has 400 tokens but the model only 300"):
         main(**dict(tiny, methods=["dense"], ckpt=str(tmp_path / "small_vocab")))
+    # ids, not tokens, must fit: an added token far past the vocabulary needs its row too
+    hf_tiny("llama_mha", vocab_size=410).save_pretrained(tmp_path / "id_gap")
+    train_bpe(tmp_path / "id_gap", vocab_size=400)
+    tj = json.loads((tmp_path / "id_gap" / "tokenizer.json").read_text())
+    tj["added_tokens"].append(dict(tj["added_tokens"][0], id=420, content="<extra>"))
+    (tmp_path / "id_gap" / "tokenizer.json").write_text(json.dumps(tj))
+    with pytest.raises(UserError, match="the tokenizer has 421 tokens but the model only 410"):
+        main(**dict(tiny, methods=["dense"], ckpt=str(tmp_path / "id_gap")))
 
     for line in ('{"text": null}', '{"text": 5}'):
         (tmp_path / "c4.json").write_text('{"text": "fine"}\n' + line + "\n")
