@@ -3,6 +3,7 @@
 import copy
 import dataclasses
 import gzip
+import itertools
 import json
 import math
 import os
@@ -509,8 +510,11 @@ def test_perplexity_equals_transformers_loss(tmp_path):
     with torch.no_grad():
         loss = ref(windows, labels=windows).loss  # mean over all 5 * 31 predicted tokens
     assert abs(perplexity(ours, ids, 32, batch_size=2) / math.exp(loss.item()) - 1) <= 1e-5
-    # logits formed 7 tokens at a time (as a 128k vocabulary needs) give the same value
+    # logits formed 7 tokens at a time (7 x 101 float32, as a 128k vocabulary needs) give the same value
+    rows, head = [], ours.head
+    ours.head = lambda h: rows.append(len(h)) or head(h)
     assert abs(perplexity(ours, ids, 32, batch_size=2, logit_bytes=7 * 4 * 101) / math.exp(loss.item()) - 1) <= 1e-5
+    assert max(rows) == 7 and sum(rows) == 5 * 31
 
 
 def test_long_evaluation_shows_progress(monkeypatch, capsys):
@@ -521,10 +525,11 @@ def test_long_evaluation_shows_progress(monkeypatch, capsys):
     quiet = perplexity(model, ids, 32, batch_size=2)
     assert capsys.readouterr().err == ""
     monkeypatch.setattr(eval_module, "PROGRESS_EVERY", 0.0)
+    clock = itertools.count()  # a clock that ticks one second per reading: 1 s per batch
+    monkeypatch.setattr(eval_module, "time", types.SimpleNamespace(time=lambda: float(next(clock))))
     assert perplexity(model, ids, 32, batch_size=2) == quiet
-    lines = capsys.readouterr().err.splitlines()
-    assert [line.split(",")[0] for line in lines] == ["perplexity: batch 1/3", "perplexity: batch 2/3"]
-    assert all(re.fullmatch(r"perplexity: batch \d/3, \d+s elapsed, ~\d+s left", line) for line in lines)
+    assert capsys.readouterr().err.splitlines() == ["perplexity: batch 1/3, 1s elapsed, ~2s left",
+                                                    "perplexity: batch 2/3, 2s elapsed, ~1s left"]
     eval_module.loglikelihoods(model, [("a b", " c")] * 3, CharTokenizer(), batch_size=1)
     assert capsys.readouterr().err.count("zero-shot: batch") == 2
 
@@ -2417,20 +2422,26 @@ def test_elastic_file_settings_and_block_order_are_checksummed(tmp_path):
 def test_task_items_are_checked_when_read(tmp_path):
     """A malformed zero-shot item is a TaskError naming file, line and problem when the file is read: a label
     outside the choices, null or a number for a sentence, boolq's label 'yes', a WinoGrande sentence without '_',
-    an ARC answer key not among its labels, HellaSwag without endings, an empty ARC choice."""
+    an ARC answer key not among its labels, HellaSwag without endings, an empty ARC choice, one choice only, and a
+    file without items."""
     good = {name: doc for name, (doc, _, _) in TASK_EXAMPLES.items()}
     cases = [("boolq", dict(label="yes"), "cannot be scored"), ("boolq", dict(passage=None), "'passage' is None"),
              ("rte", dict(label=2), "not one of its 2 choices"), ("piqa", dict(goal=5), "'goal' is 5"),
              ("winogrande", dict(sentence="No blank here."), "cannot be scored"),
              ("arc_easy", dict(answerKey="Z"), "cannot be scored"), ("hellaswag", dict(endings=[]), "not one of"),
              ("arc_easy", dict(choices={"text": ["frozen water", " "], "label": ["A", "B"]}), "choices (or the text "
-              "after WinoGrande's blank) is empty")]
+              "after WinoGrande's blank) is empty"),
+             ("arc_easy", dict(choices={"text": ["frozen water"], "label": ["A"]}, answerKey="A"),
+              "not one of its 1 choices")]
     for name, change, message in cases:
         (tmp_path / f"{name}.jsonl").write_text(json.dumps(good[name]) + "\n" + json.dumps({**good[name], **change}))
         with pytest.raises(eval_module.TaskError, match=f"line 2: .*{re.escape(message)}"):
             eval_module.read_task(str(tmp_path), name)
         (tmp_path / f"{name}.jsonl").write_text(json.dumps(good[name]))
         assert eval_module.read_task(str(tmp_path), name) == [good[name]]
+    (tmp_path / "piqa.jsonl").write_text("\n")
+    with pytest.raises(eval_module.TaskError, match="piqa.jsonl holds no items"):
+        eval_module.read_task(str(tmp_path), "piqa")
 
 
 def test_more_inputs_that_are_errors_not_tracebacks(tiny, tmp_path, monkeypatch):
@@ -2857,6 +2868,9 @@ def test_task_prompts_are_lm_evals():
     assert eval_module.TASKS["rte"][1](premise) == eval_module.TASKS["rte"][1](TASK_EXAMPLES["rte"][0])
     google = {"passage": "Cats sleep a lot.", "question": "do cats sleep", "answer": True}
     assert eval_module.TASKS["boolq"][1](google) == eval_module.TASKS["boolq"][1](TASK_EXAMPLES["boolq"][0])
+    # the tasks whose lm-eval configs list acc_norm among their metrics
+    assert {name for name, (_, _, norm) in eval_module.TASKS.items() if norm} == {
+        "hellaswag", "arc_easy", "arc_challenge", "openbookqa", "piqa"}
 
 
 @needs_transformers
