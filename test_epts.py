@@ -1910,8 +1910,25 @@ def test_default_model_default_builds_caches_and_loads(tmp_path, monkeypatch):
     model, tok = epts.load(ckpt)
     assert len(model.blocks) == 1 and tok.vocab_size == 512
     assert os.path.getsize(defaults["eval"]) > 100_000 and os.path.getsize(defaults["calib"]) > 1_000_000
+    calib, held_out = (open(defaults[k], encoding="utf-8").read() for k in ("calib", "eval"))
+    assert held_out not in calib  # the evaluation documents are not among the training ones
     monkeypatch.setattr(default_model, "build_default", None)  # a second call must not rebuild
     assert default_model.ensure_default()[0] == ckpt
+
+
+def test_fixture_initialisation_is_transformers_initializer_range():
+    """init_weights: every Linear and Embedding weight N(0, 0.02), every bias zero (OPT has them), norms left alone."""
+    import default_model
+    torch.manual_seed(0)
+    model = M.build_model(M.config_from_dict(SMALL["opt"]))
+    default_model.init_weights(model)
+    for name, p in model.named_parameters():
+        if "layer_norm" in name:
+            assert torch.equal(p, torch.ones_like(p) if name.endswith("weight") else torch.zeros_like(p)), name
+        elif name.endswith("bias"):
+            assert not p.any(), name
+        else:
+            assert abs(p.std().item() / 0.02 - 1) < 0.1 and abs(p.mean().item()) < 2e-3, name
 
 
 # -----------------------------------------------------------------------------
@@ -2095,15 +2112,20 @@ def test_finished_run_with_other_settings_is_refused_and_one_run_per_folder(tiny
 
 @needs_transformers
 def test_damaged_files_are_errors_not_results(tiny, tmp_path):
-    """NaN bytes in a safetensors file, a changed or truncated elastic.pt, and truncated resume files each stop
-    with a message naming the file."""
+    """NaN bytes in a safetensors file, a changed (adapter, activation norm, flag) or truncated elastic.pt, and
+    truncated resume files each stop with a message naming the file."""
     main(**dict(tiny, methods=["epts"], sparsities=[0.5]))
     final = os.path.join(tiny["out"], "elastic.pt")
-    elastic = torch.load(final, weights_only=True)
-    elastic["blocks"][1]["B"]["mlp.up_proj"][0, 0, 0] += 1.0  # one adapter value changed, checksum not updated
-    torch.save(elastic, final)
-    with pytest.raises(UserError, match="fails its checksum"):
-        main(**dict(tiny, methods=["epts"], sparsities=[0.6], elastic=tiny["out"]))
+    written = torch.load(final, weights_only=True)
+    # one adapter value, one activation norm, or the low-group flag changed, the checksums not updated
+    for edit in (lambda rec: rec["B"]["mlp.up_proj"][0, 0, 0].add_(1.0),
+                 lambda rec: rec["act_norm"]["mlp.up_proj"][0].add_(1.0),
+                 lambda rec: rec.__setitem__("use_adapter0", not rec["use_adapter0"])):
+        elastic = copy.deepcopy(written)
+        edit(elastic["blocks"][1])
+        torch.save(elastic, final)
+        with pytest.raises(UserError, match="fails its checksum"):
+            main(**dict(tiny, methods=["epts"], sparsities=[0.6], elastic=tiny["out"]))
     raw = open(final, "rb").read()
     open(final, "wb").write(raw[: len(raw) // 2])
     with pytest.raises(UserError, match="elastic.pt"):
@@ -2754,6 +2776,16 @@ def test_windows_are_whole_batches_shared_out_in_order():
         assert all(lo % batch == 0 for lo, _ in slices)
     assert parallel.SOLO.windows(10, 3) == (0, 10)
     assert [g for g in range(7) if parallel.Procs(1, 3).owns(g)] == [1, 4]
+
+
+def test_adapters_that_differ_between_processes_stop_the_run():
+    """check_same compares each process's adapters with process 0's (here a stand-in for the broadcast)."""
+    procs = parallel.Procs(1, 2)
+    procs.broadcast = lambda t, src: t.zero_()  # process 0's adapters: other values
+    with pytest.raises(RuntimeError, match="process 1: adapters differ from process 0's"):
+        procs.check_same([torch.ones(3)])
+    procs.broadcast = lambda t, src: t  # the same values
+    procs.check_same([torch.ones(3)])
 
 
 def train_block_in_process(rank, size, init_file, edges, out):
