@@ -1610,6 +1610,19 @@ def interrupt_after_first_block(monkeypatch, blocks=1):
     return real
 
 
+def test_progress_says_blocks_done_time_elapsed_and_an_estimate_of_the_rest(monkeypatch, capsys):
+    """One stderr line per block: blocks done of all, seconds since the start, and the mean time per block so far
+    times the blocks left; a resumed run (start=1) counts from its first unfinished block."""
+    clock = iter([0.0, 2.0, 4.0, 9.0])
+    monkeypatch.setattr(prune, "time", types.SimpleNamespace(time=lambda: next(clock)))
+    progress = prune.Progress(4, "epts", start=1)
+    for _ in range(3):
+        progress.step(", loss 1 -> 0.5")
+    assert capsys.readouterr().err.splitlines() == ["epts: block 2/4 done, 2.0s elapsed, ~4.0s left, loss 1 -> 0.5",
+                                                    "epts: block 3/4 done, 4.0s elapsed, ~2.0s left, loss 1 -> 0.5",
+                                                    "epts: block 4/4 done, 9.0s elapsed, ~0.0s left, loss 1 -> 0.5"]
+
+
 @pytest.mark.parametrize("done", [1, 2])
 def test_resume_gives_bit_identical_adapters(tmp_path, monkeypatch, capsys, done):
     """A run interrupted after block 0 (or 1) and re-run ends with the same elastic model as an uninterrupted run:
@@ -1629,7 +1642,13 @@ def test_resume_gives_bit_identical_adapters(tmp_path, monkeypatch, capsys, done
     with pytest.raises(UserError, match="block 0 fails its checksum"):
         epts.run_epts(tiny_llama(num_hidden_layers=3), calib, str(tmp_path / "b"), epts.EPTSConfig(epochs=2))
     torch.save(rec, saved)
+    capsys.readouterr()
     resumed = epts.run_epts(tiny_llama(num_hidden_layers=3), calib, str(tmp_path / "b"), epts.EPTSConfig(epochs=2))
+    lines = capsys.readouterr().err.splitlines()  # the replayed blocks are announced, the trained ones counted
+    assert lines[0] == f"epts: resuming {tmp_path / 'b' / 'partial'}: blocks 0..{done - 1} are done, replaying " \
+                       "their outputs"
+    assert [re.match(r"epts: block (\d)/3 done, [\d.]+s elapsed, ~[\d.]+s left, loss ", line)[1]
+            for line in lines[1:]] == [str(b) for b in range(done + 1, 4)]
     for a, b in zip(full["blocks"], resumed["blocks"]):
         for key in ("A", "B", "act_norm"):
             assert all(torch.equal(a[key][n], b[key][n]) for n in a[key])
