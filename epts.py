@@ -781,10 +781,10 @@ def check_space(r, model, out_dir, config):
                                 f"{free / 2**20:.0f} MiB free; free some space or write elsewhere.")
 
 
-def available_memory():
+def available_memory(meminfo="/proc/meminfo"):
     """Bytes the machine can still give (MemAvailable plus free swap, from /proc/meminfo); None where unknown."""
     try:
-        with open("/proc/meminfo") as f:
+        with open(meminfo) as f:
             info = {line.split(":")[0]: int(line.split()[1]) * 1024 for line in f}
         return info["MemAvailable"] + info.get("SwapFree", 0)
     except (OSError, KeyError, ValueError, IndexError):

@@ -757,7 +757,7 @@ def test_eggs_masks_are_exact_nm_and_keep_every_input_in_every_tile(out_f, n, m,
 
 
 def test_eggs_without_diagonals_is_ria_and_refuses_what_it_cannot_do():
-    """b = 0 gives RIA's N:M mask exactly; a fraction or b > n is a clear error."""
+    """b = 0 gives RIA's N:M mask exactly; b = n keeps the diagonals alone; a fraction or b > n is a clear error."""
     W, act_norm = torch.randn(12, 16), torch.rand(16)
     score = prune.ria_score(W, act_norm)
     assert torch.equal(prune.eggs_mask(score, 2, 4, 0), prune.nm_mask(score, 2, 4))
@@ -774,6 +774,9 @@ def test_eggs_without_diagonals_is_ria_and_refuses_what_it_cannot_do():
         prune.prune_layer("eggs", layer(), stats, 0.5, config)
     with pytest.raises(ValueError, match="b must lie in"):
         prune.eggs_mask(score, 2, 4, 3)
+    # b = n, every kept weight on a diagonal, is the most a pattern allows: accepted up to the command line
+    assert torch.equal(prune.eggs_mask(score, 2, 4, 2), prune.diagonal_mask(score, 4, 2))
+    epts.check_methods(epts.Request(methods=["eggs"], sparsities=[(2, 4)], pruning=prune.PruneConfig(eggs_diagonals=2)))
 
 
 def low_rank_layer(out_f=48, in_f=96, seed=0):
@@ -2054,7 +2057,7 @@ def test_export_never_deletes_anything(tiny, tmp_path, monkeypatch):
     main(**dict(tiny, methods=["epts"], sparsities=[0.5]))  # an EPTS run in tiny["out"]
     monkeypatch.chdir(tmp_path)
     for target, message in ((str(notes), "not empty"), (tiny["ckpt"], "checkpoint folder itself"),
-                            (".", "not empty"), (tiny["out"], "not empty"), (str(tmp_path / "file"), "is a file")):
+                            (os.path.relpath(tiny["ckpt"]) + "/", "checkpoint folder itself"), (".", "not empty"), (tiny["out"], "not empty"), (str(tmp_path / "file"), "is a file")):
         with pytest.raises(UserError, match=message):
             main(**dict(tiny, methods=["magnitude"], sparsities=[0.5], export=target))
     assert (notes / "todo.txt").read_text() == "mine" and (tmp_path / "file").read_text() == "mine"
@@ -2319,21 +2322,31 @@ def test_outputs_never_replace_an_input_or_a_users_file(tiny, tmp_path, monkeypa
     for target in (os.path.join(tiny["ckpt"], "model.safetensors"), tiny["evals"][0], str(run / "elastic.pt")):
         with pytest.raises(UserError, match="--json .* (is an input of this run|is not a results file)"):
             main(**dict(tiny, methods=["wanda", "epts"], json=target))
-    (tmp_path / "notes.json").write_text('{"mine": 1}')
-    with pytest.raises(UserError, match="exists and is not a results file"):
-        main(**dict(tiny, methods=["dense"], json=str(tmp_path / "notes.json")))
-    assert (tmp_path / "notes.json").read_text() == '{"mine": 1}'
+    for mine in ('{"mine": 1}', '{"results": []}'):  # the second has a results list, but no ckpt: not ours
+        (tmp_path / "notes.json").write_text(mine)
+        with pytest.raises(UserError, match="exists and is not a results file"):
+            main(**dict(tiny, methods=["dense"], json=str(tmp_path / "notes.json")))
+        assert (tmp_path / "notes.json").read_text() == mine
     (run / "partial").mkdir(parents=True)
     (run / "partial" / "draft.txt").write_text("mine")
     for _ in ("draft.txt alone", "draft.txt beside a run's run.json"):
         with pytest.raises(UserError, match="holds a folder 'partial' that is not an unfinished EPTS run's"):
             main(**dict(tiny, methods=["epts"]))
         (run / "partial" / "run.json").write_text("{}")
+    os.remove(run / "partial" / "draft.txt")  # a run's own leftovers: an atomic write's temporary file, a block
+    for name in ("run.json.tmp-4242", "block_000.pt"):
+        (run / "partial" / name).write_text("")
+    epts.check_run_folder(str(run))
     shutil.rmtree(run / "partial")
     (run / "lock").write_text("do not touch")
     with pytest.raises(UserError, match="holds a file 'lock' that is not an EPTS run's"):
         main(**dict(tiny, methods=["epts"]))
     assert (run / "lock").read_text() == "do not touch"
+    # --json inside the --export folder is refused; beside it, under a name that begins the same, it is not
+    request = epts.Request(ckpt=tiny["ckpt"], export=str(tmp_path / "exp"), json=str(tmp_path / "exp" / "r.json"))
+    with pytest.raises(UserError, match="is an input of this run or a file it writes"):
+        epts.check_outputs(request, [("magnitude", 0.5)], None)
+    epts.check_outputs(dataclasses.replace(request, json=str(tmp_path / "exp.json")), [("magnitude", 0.5)], None)
     monkeypatch.undo()
     main(**dict(tiny, methods=["dense"], json=str(tmp_path / "r.json")))
     main(**dict(tiny, methods=["dense"], json=str(tmp_path / "r.json")))  # an earlier results JSON: accepted
@@ -2494,9 +2507,10 @@ def test_more_inputs_that_are_errors_not_tracebacks(tiny, tmp_path, monkeypatch)
     with pytest.raises(UserError, match="--eval 'boolq' has the name of a zero-shot row"):
         main(**dict(tiny, methods=["dense"], evals=[str(tmp_path / "boolq")], tasks=["boolq"],
                     tasks_dir=str(tmp_path / "tasks")))
-    (tmp_path / "alloc.json").write_text("[false, 0.5]")  # False would pass as 0
-    with pytest.raises(UserError, match="not uniform, owl, or a readable JSON file"):
-        main(**dict(tiny, methods=["dense"], allocation=str(tmp_path / "alloc.json")))
+    for refused in ("[false, 0.5]", "[1.0, 0.5]"):  # False would pass as 0; a block cannot lose every weight
+        (tmp_path / "alloc.json").write_text(refused)
+        with pytest.raises(UserError, match="not uniform, owl, or a readable JSON file"):
+            main(**dict(tiny, methods=["dense"], allocation=str(tmp_path / "alloc.json")))
     (tmp_path / "alloc.json").write_text("[0.6, 0.7]")  # mean 0.6499999999999999 in floating point
     report = main(**dict(tiny, methods=["magnitude"], allocation=str(tmp_path / "alloc.json")))
     assert report["results"][0]["sparsity"] == 0.65
@@ -2561,11 +2575,12 @@ def test_links_to_nothing_busy_folders_and_stale_caches_fail_before_any_work(tin
         default_model.ensure_default()
 
 
-def test_a_run_too_big_for_the_memory_is_refused_before_any_work(tiny, monkeypatch):
+def test_a_run_too_big_for_the_memory_is_refused_before_any_work(tiny, monkeypatch, tmp_path):
     """On a CPU the model, with EPTS's 4 calibration streams (N, T, C) or one pruned row's copy of the blocks
     (none for the last row, pruned in place) and streams (a baseline 2, with SI 3, magnitude none but 2 for OWL's
-    ratios), must fit in the memory the machine can give; under torchrun once per local process while EPTS
-    trains. The plan refuses a byte short of that least need and accepts it exactly, at LLaMA-2-7B's shapes too."""
+    ratios), must fit in the memory the machine can give (MemAvailable plus free swap); under torchrun once per
+    local process while EPTS trains. The plan refuses a byte short of that least need and accepts it exactly, at
+    LLaMA-2-7B's shapes too."""
     model = M.load_model(tiny["ckpt"])
     model_bytes, blocks_bytes = prune.param_bytes(model), prune.param_bytes(model.blocks)
     stream = 40 * tiny["seqlen"] * model.cfg.hidden_size * 4  # 40 windows in float32 on the CPU
@@ -2610,8 +2625,14 @@ def test_a_run_too_big_for_the_memory_is_refused_before_any_work(tiny, monkeypat
             epts.plan(dataclasses.replace(request, methods=methods), epts.EPTSConfig())
         monkeypatch.setattr(epts, "available_memory", lambda: need)
         epts.plan(dataclasses.replace(request, methods=methods), epts.EPTSConfig())
+    monkeypatch.undo()
     found = epts.available_memory()  # this machine's /proc/meminfo is read
     assert found is None or found > 0
+    meminfo = tmp_path / "meminfo"  # what a machine can still give: available memory plus free swap, in bytes
+    for text, expected in (("MemTotal: 4000 kB\nMemAvailable: 1000 kB\nSwapFree: 500 kB\n", 1500 * 1024),
+                           ("MemAvailable: 1000 kB\n", 1000 * 1024), ("MemTotal: 4000 kB\n", None)):
+        meminfo.write_text(text)
+        assert epts.available_memory(str(meminfo)) == expected
 
 
 def test_a_model_too_big_for_the_gpu_is_refused_with_offload_as_the_fix(tiny, monkeypatch):
