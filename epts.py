@@ -1026,7 +1026,8 @@ class Results:
                       file=sys.stderr)
                 earlier = {}
         for row in earlier.get("results", []):
-            self.earlier.setdefault((row["method"], row["sparsity"]), []).append(row)
+            if not (self.p.request.export and row["method"] != "dense"):  # the model to export is pruned again
+                self.earlier.setdefault((row["method"], row["sparsity"]), []).append(row)
         if "epts" in earlier:  # the EPTS run's time and size, if its rows are reused
             self.report["epts"] = earlier["epts"]
         found = sum((m, prune.format_sparsity(s)) in self.earlier for m, s in self.p.rows)

@@ -2354,7 +2354,8 @@ def test_outputs_never_replace_an_input_or_a_users_file(tiny, tmp_path, monkeypa
 
 def test_interrupted_run_reuses_the_rows_its_json_holds(tiny, tmp_path, monkeypatch, capsys):
     """A run stopped during a method and started again with the same command measures only the rows its --json
-    lacks, and ends with the uninterrupted run's report; other settings, or other code, measure every row again."""
+    lacks, and ends with the uninterrupted run's report; a row to --export is pruned again; other settings, or other
+    code, measure every row again."""
     args = dict(tiny, methods=["dense", "magnitude", "wanda", "sparsegpt", "epts"], sparsities=[0.5, 0.7],
                 json=str(tmp_path / "r.json"))
     full = main(**dict(args, json=str(tmp_path / "full.json")))
@@ -2384,6 +2385,13 @@ def test_interrupted_run_reuses_the_rows_its_json_holds(tiny, tmp_path, monkeypa
     again = main(**args)
     assert pruned == ["go on", "sparsegpt", "sparsegpt"]  # a finished run's every row reused, EPTS's time kept
     assert again["results"] == resumed["results"] and again["epts"] == resumed["epts"]
+    # one of its models asked for as a checkpoint is pruned again (a reused row would export nothing); dense is reused
+    exported = main(**dict(args, methods=["dense", "sparsegpt"], sparsities=[0.5], export=str(tmp_path / "exp")))
+    assert pruned == ["go on", "sparsegpt", "sparsegpt", "sparsegpt"]
+    assert os.path.isfile(tmp_path / "exp" / "model.safetensors")
+    assert strip(exported) == [row for row in strip(full) if (row["method"], row["sparsity"]) in
+                               (("dense", 0.0), ("sparsegpt", 0.5))]
+    assert "holds 1 of this run's 2 (method, sparsity) rows" in capsys.readouterr().err
     edited = tmp_path / "prune.py"
     edited.write_text(open(epts.prune.__file__).read() + "# edited\n")
     other_pruning = epts.prune.PruneConfig(percdamp=0.02)
