@@ -3021,13 +3021,14 @@ def test_zero_shot_tasks_through_main(tiny, tmp_path):
     """--tasks gives one row per task and their mean, in the table and --json; a missing task file or field is
     a clear error naming the expected path and fields."""
     (tmp_path / "tasks").mkdir()
-    for name in ("boolq", "winogrande"):
-        (tmp_path / "tasks" / f"{name}.jsonl").write_text(json.dumps(TASK_EXAMPLES[name][0]) + "\n")
-    report = main(**dict(tiny, methods=["dense"], evals=[], tasks=["boolq", "winogrande"],
-                         tasks_dir=str(tmp_path / "tasks")))
+    for name, key, golds in (("boolq", "label", (0, 1)), ("winogrande", "answer", ("1", "2"))):
+        # the same item twice with each answer: whatever the model picks, the accuracy is 1/2
+        items = [dict(TASK_EXAMPLES[name][0], **{key: gold}) for gold in golds]
+        (tmp_path / "tasks" / f"{name}.jsonl").write_text("".join(json.dumps(item) + "\n" for item in items))
+    report = main(**dict(tiny, methods=["dense"], tasks=["boolq", "winogrande"], tasks_dir=str(tmp_path / "tasks")))
     rows = {row["eval"]: row for row in report["results"]}
-    assert set(rows) == {"boolq", "winogrande", "zero-shot mean"}
-    assert rows["zero-shot mean"]["acc"] == (rows["boolq"]["acc"] + rows["winogrande"]["acc"]) / 2
+    assert set(rows) == {"eval.txt", "boolq", "winogrande", "zero-shot mean"}  # the mean is over the tasks alone
+    assert rows["boolq"]["acc"] == rows["winogrande"]["acc"] == rows["zero-shot mean"]["acc"] == 0.5
     with pytest.raises(eval_module.TaskError, match=r"piqa\.jsonl.*fields goal, sol1, sol2, label"):
         main(**dict(tiny, methods=["dense"], tasks=["piqa"], tasks_dir=str(tmp_path / "tasks")))
     (tmp_path / "tasks" / "piqa.jsonl").write_text('{"goal": "x", "sol1": "a", "sol2": "b"}\n')
