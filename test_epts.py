@@ -2729,10 +2729,12 @@ def test_sigterm_cleans_up_like_ctrl_c(tmp_path):
 
 @needs_transformers
 def test_legacy_non_zip_pytorch_model_bin_loads(tmp_path):
-    """A pytorch_model.bin in the pre-1.6 (non-zip) format, which cannot be memory-mapped, still loads."""
+    """A pytorch_model.bin in the pre-1.6 (non-zip) format, which cannot be memory-mapped, still loads, with its
+    tensors named as the facebook/opt-* releases name them (decoder.*, without transformers' "model.")."""
     ref = hf_tiny("opt_pre")
     ref.config.save_pretrained(tmp_path)
-    torch.save(ref.state_dict(), tmp_path / "pytorch_model.bin", _use_new_zipfile_serialization=False)
+    release = {name.removeprefix("model."): t for name, t in ref.state_dict().items()}
+    torch.save(release, tmp_path / "pytorch_model.bin", _use_new_zipfile_serialization=False)
     ours = M.load_model(str(tmp_path))
     idx = torch.randint(0, 101, (1, 12))
     with torch.no_grad():
