@@ -127,6 +127,20 @@ def test_safetensors_writer_roundtrip_and_reference_reader(tmp_path):
     chunked = dict(M.iter_safetensors(path, torch.float32, chunk_bytes=12))
     assert all(torch.equal(chunked[k], t.to(chunked[k].dtype)) for k, t in tensors.items())
     assert chunked["b"].dtype == torch.float32 and chunked["d"].dtype == torch.int64
+    with open(path, "rb") as f:  # the data section starts 8-byte aligned, as the safetensors package writes it
+        assert (8 + int.from_bytes(f.read(8), "little")) % 8 == 0
+
+
+def test_default_dtype_is_the_checkpoints_own_on_a_gpu_and_float32_on_the_cpu():
+    """config.json's torch_dtype (transformers >= 5: dtype) on a GPU if we run it, else float32; always float32 on
+    the CPU."""
+    base = dict(model_type="llama", vocab_size=64, hidden_size=32, intermediate_size=48, num_hidden_layers=1,
+                num_attention_heads=4)
+    for extra, on_gpu in ((dict(torch_dtype="bfloat16"), "bfloat16"), (dict(dtype="float16"), "float16"),
+                          (dict(torch_dtype="float64"), "float32"), ({}, "float32")):
+        cfg = M.config_from_dict(dict(base, **extra))
+        assert (M.default_dtype(cfg, "cuda"), M.default_dtype(cfg, "cuda:1"), M.default_dtype(cfg, "cpu")) == \
+            (on_gpu, on_gpu, "float32"), extra
 
 
 def test_safetensors_reads_a_tensor_stored_past_4_gib(tmp_path):
