@@ -131,9 +131,9 @@ def test_safetensors_writer_roundtrip_and_reference_reader(tmp_path):
         assert (8 + int.from_bytes(f.read(8), "little")) % 8 == 0
 
 
-def test_default_dtype_is_the_checkpoints_own_on_a_gpu_and_float32_on_the_cpu():
+def test_default_dtype_is_the_checkpoints_own_on_a_gpu_and_float32_on_the_cpu(tmp_path):
     """config.json's torch_dtype (transformers >= 5: dtype) on a GPU if we run it, else float32; always float32 on
-    the CPU."""
+    the CPU. An exported model's config.json names the dtype its weights are written in."""
     base = dict(model_type="llama", vocab_size=64, hidden_size=32, intermediate_size=48, num_hidden_layers=1,
                 num_attention_heads=4)
     for extra, on_gpu in ((dict(torch_dtype="bfloat16"), "bfloat16"), (dict(dtype="float16"), "float16"),
@@ -141,6 +141,8 @@ def test_default_dtype_is_the_checkpoints_own_on_a_gpu_and_float32_on_the_cpu():
         cfg = M.config_from_dict(dict(base, **extra))
         assert (M.default_dtype(cfg, "cuda"), M.default_dtype(cfg, "cuda:1"), M.default_dtype(cfg, "cpu")) == \
             (on_gpu, on_gpu, "float32"), extra
+    M.save_model(tiny_llama(torch_dtype="float32").to(torch.bfloat16), str(tmp_path / "exp"))
+    assert json.loads((tmp_path / "exp" / "config.json").read_text())["torch_dtype"] == "bfloat16"
 
 
 def test_safetensors_reads_a_tensor_stored_past_4_gib(tmp_path):
