@@ -1211,6 +1211,10 @@ def test_owl_sparsities_follow_the_definition():
     assert sorted(range(4), key=lambda i: s[i]) == sorted(range(4), key=lambda i: -ratios[i])  # monotone
     s, clipped = prune.owl_sparsities(ratios, 0.65, lam=0.08, hi=0.7)  # uncapped: up to ~0.74
     assert clipped and max(s) <= 0.7 + 1e-12 and sum(s) / 4 == pytest.approx(0.65, abs=1e-12)
+    # both bounds hit: raw [0.8, 0.4, 0.4, 0.4] clips to [0.6, 0.4, 0.4, 0.4], and the blocks at the lower bound
+    # (the ones that can rise) take back the mean
+    s, clipped = prune.owl_sparsities([0.0, 1.0, 1.0, 1.0], 0.5, lam=0.2, lo=0.4, hi=0.6)
+    assert clipped and s == pytest.approx([0.6] + [0.4 + 0.2 / 3] * 3, abs=1e-12)
     assert prune.owl_sparsities([0.02] * 3, 0.5)[0] == pytest.approx([0.5] * 3)  # no outlier contrast: uniform
 
 
