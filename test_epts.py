@@ -1228,6 +1228,27 @@ def test_outlier_ratio_is_the_share_above_M_times_the_mean():
         assert prune.outlier_ratio(block, norms, factor) == pytest.approx(share)
 
 
+
+def test_owl_ratios_come_from_each_blocks_inputs_in_the_dense_model():
+    """owl_ratios' D_l equals outlier_ratio with the norms ||X_j|| every layer sees in one forward pass of the
+    whole dense model (hooks on its layers), block after block."""
+    model, calib = tiny_llama(num_hidden_layers=3), calib_ids(4)
+    sq, hooks = {}, []
+    for b, block in enumerate(model.blocks):
+        for name, lin in block.linears().items():
+            def add(module, inputs, output, key=(b, name)):
+                sq[key] = sq.get(key, 0) + inputs[0].reshape(-1, inputs[0].shape[-1]).double().pow(2).sum(0)
+            hooks.append(lin.register_forward_hook(add))
+    with torch.no_grad():
+        model.hidden(calib)
+    for h in hooks:
+        h.remove()
+    expected = [prune.outlier_ratio(block, {name: sq[b, name].sqrt().float() for name in block.linears()}, M=2.0)
+                for b, block in enumerate(model.blocks)]  # M = 2: a random model has few scores above 5x the mean
+    assert prune.owl_ratios(model, calib, M=2.0) == pytest.approx(expected)
+    assert len(set(expected)) == 3  # the blocks differ, so a wrong block's inputs would show
+
+
 # -----------------------------------------------------------------------------
 # epts.py: MS-HiLoRA, reconstruction, mixer, elastic file, deployment
 
