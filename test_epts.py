@@ -2103,7 +2103,8 @@ def test_export_never_deletes_anything(tiny, tmp_path, monkeypatch):
     main(**dict(tiny, methods=["epts"], sparsities=[0.5]))  # an EPTS run in tiny["out"]
     monkeypatch.chdir(tmp_path)
     for target, message in ((str(notes), "not empty"), (tiny["ckpt"], "checkpoint folder itself"),
-                            (os.path.relpath(tiny["ckpt"]) + "/", "checkpoint folder itself"), (".", "not empty"), (tiny["out"], "not empty"), (str(tmp_path / "file"), "is a file")):
+                            (os.path.relpath(tiny["ckpt"]) + "/", "checkpoint folder itself"), (".", "not empty"),
+                            (tiny["out"], "not empty"), (str(tmp_path / "file"), "is a file")):
         with pytest.raises(UserError, match=message):
             main(**dict(tiny, methods=["magnitude"], sparsities=[0.5], export=target))
     assert (notes / "todo.txt").read_text() == "mine" and (tmp_path / "file").read_text() == "mine"
