@@ -1865,6 +1865,10 @@ def test_prune_config_refuses_a_setting_out_of_range(setting, message):
     (["--methods", "epts+si"], "it applies to magnitude, wanda, sparsegpt, ria, eggs, not epts"),
     (["--si-lambda", "-1"], "--si-lambda -1.0 must be a number >= 0"),
     (["--si-epochs", "0"], "--si-epochs 0 must be an integer >= 1"),
+    (["--nsamples", "0"], "--nsamples must be a positive integer"),
+    (["--seqlen", "-5"], "--seqlen must be a positive integer"),
+    (["--device", "tpu"], "--device: 'tpu' is not cpu or cuda"),
+    (["--groups", "0,0.5,x"], "--groups: '0,0.5,x' is not a comma-separated list of numbers"),
     (["--ckpt", "/nonexistent/model"], "does not exist"),
     (["--ckpt", "{tmp}"], "no config.json"),
     (["--ckpt", "{bad_type}"], "model_type 'bert' is not supported"),
@@ -1885,6 +1889,16 @@ def test_cli_user_errors(tmp_path, args, message):
         r = cli(*args)
         assert r.returncode == 2, r.stderr
         assert message in r.stderr and "Traceback" not in r.stderr
+
+
+
+def test_parse_args_defaults_follow_the_model():
+    """Flags left out take EPTS's defaults on a checkpoint, and the built-in model's shorter run without one."""
+    import default_model
+    request, config = epts.parse_args([])
+    assert request.ckpt is None and config.epochs == default_model.DEFAULTS["epochs"] != epts.EPTSConfig.epochs
+    request, config = epts.parse_args(["--ckpt", "model", "--offload", "--methods", "wanda+si"])
+    assert (config.epochs, request.offload, request.methods) == (epts.EPTSConfig.epochs, True, ["wanda+si"])
 
 
 # -----------------------------------------------------------------------------
