@@ -1949,6 +1949,8 @@ def test_evaluation_of_a_model_elsewhere_runs_block_by_block(monkeypatch):
     batches = [torch.randint(0, 64, (2, 5)) for _ in range(3)]
     states = list(eval_module.final_states(model, batches, "cpu", state_bytes=1))  # every batch its own group
     assert [m for m in moves if m in model.blocks] == [b for b in model.blocks for _ in range(2)] * 3
+    small = [model.embed_tokens, model.norm, model.lm_head]  # wait on the device for the caller's model.head
+    assert [m for m in moves if any(m is s for s in small)] == small and moves[-1] is model  # then all go home
     assert all(torch.equal(h, model.hidden(x)) for h, x in zip(states, batches))
 
 
