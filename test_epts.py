@@ -2,6 +2,7 @@
 
 import copy
 import dataclasses
+import errno
 import gzip
 import itertools
 import json
@@ -586,6 +587,16 @@ def test_calibration_leaves_the_global_random_state_alone(tmp_path):
     py_state, torch_state = random.getstate(), torch.get_rng_state()
     data.calibration(str(tmp_path / "t.txt"), CharTokenizer(), 4, 32, seed=123)
     assert random.getstate() == py_state and torch.equal(torch.get_rng_state(), torch_state)
+
+
+def test_c4_calibration_finds_the_one_long_document_among_many_short_ones(tmp_path):
+    """Windows come from documents longer than seqlen however rare: the draws give up only after 100 per window
+    plus 10 per document (one long document among 300 is found, not reported missing)."""
+    docs = [{"text": "short"}] * 300 + [{"text": "the one long document " * 10}]
+    (tmp_path / "c4.json").write_text("".join(json.dumps(d) + "\n" for d in docs))
+    windows = data.calibration(str(tmp_path / "c4.json"), CharTokenizer(), 1, 32, seed=2)  # its 378th draw
+    ids = CharTokenizer().encode(docs[-1]["text"])
+    assert any(ids[j:j + 32] == windows[0].tolist() for j in range(len(ids) - 31))
 
 
 def test_c4_json_gz_documents_and_windows(tmp_path):
@@ -1959,6 +1970,11 @@ def test_calibration_streams_go_to_cpu_when_they_would_not_fit(tmp_path, monkeyp
     """The placement rule, and that both drivers ask it with the right sizes and get the same embeddings."""
     cuda = torch.device("cuda:0")
     assert prune.stream_device("cpu", 10**12, 10**12) == torch.device("cpu")  # CPU is always home
+    for name, value in (("mem_get_info", lambda d: (100, 1000)), ("memory_reserved", lambda d: 50),
+                        ("memory_allocated", lambda d: 30)):
+        monkeypatch.setattr(torch.cuda, name, value)
+    assert prune.free_device_bytes(cuda) == 100 + 50 - 30  # free on the card, plus PyTorch's cache not in use
+    monkeypatch.undo()
     assert prune.stream_device(cuda, 60, 40, free_bytes=100) == cuda  # exactly fits
     assert prune.stream_device(cuda, 61, 40, free_bytes=100) == torch.device("cpu")
     assert prune.stream_device(cuda, 10, 95, free_bytes=100) == torch.device("cpu")  # the block needs room too
@@ -2285,6 +2301,10 @@ def test_warnings_and_rows_the_user_must_see(tiny, tmp_path, capsys):
     capsys.readouterr()
     main(**dict(tiny, methods=["wanda"], nsamples=3000))  # the text holds ~500 windows of 16 tokens
     assert "calibration windows overlap" in capsys.readouterr().err
+    (tmp_path / "hundred.txt").write_text("y" * 100)  # 101 ids with the BOS: 10 windows of 10 without overlap
+    for n, warned in ((10, False), (11, True)):
+        data.calibration(str(tmp_path / "hundred.txt"), CharTokenizer(), n, 10, seed=0)
+        assert ("calibration windows overlap" in capsys.readouterr().err) == warned, n
     docs = [{"text": open(tiny["calib"]).read()[k * 400:(k + 1) * 400]} for k in range(3)]
     (tmp_path / "c4.jsonl").write_text("\n".join(json.dumps(d) for d in docs))
     main(**dict(tiny, methods=["wanda"], calib=str(tmp_path / "c4.jsonl"), nsamples=3))
@@ -2605,12 +2625,13 @@ def test_more_inputs_that_are_errors_not_tracebacks(tiny, tmp_path, monkeypatch)
         with pytest.raises(data.DataError, match=re.escape(message)):
             data.load_tokenizer(str(ckpt), 1)
 
-    def full(*a, **k):
-        raise OSError(28, "No space left on device")
-    monkeypatch.setattr(json, "dump", full)
-    with pytest.raises(UserError, match=r"no space left to write .*r2.json.* MiB free there"):
-        M.save_json({}, str(tmp_path / "r2.json"))
-    assert not [n for n in os.listdir(tmp_path) if ".tmp-" in n]
+    for code in (errno.ENOSPC, errno.EDQUOT):  # a full disk, or the user's disk quota reached
+        def full(*a, **k):
+            raise OSError(code, os.strerror(code))
+        monkeypatch.setattr(json, "dump", full)
+        with pytest.raises(UserError, match=r"no space left to write .*r2.json.* MiB free there"):
+            M.save_json({}, str(tmp_path / "r2.json"))
+        assert not [n for n in os.listdir(tmp_path) if ".tmp-" in n]
 
 
 def test_links_to_nothing_busy_folders_and_stale_caches_fail_before_any_work(tiny, tmp_path, monkeypatch):
