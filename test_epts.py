@@ -2013,6 +2013,9 @@ def test_default_model_default_builds_caches_and_loads(tmp_path, monkeypatch):
     assert os.path.getsize(defaults["eval"]) > 100_000 and os.path.getsize(defaults["calib"]) > 1_000_000
     calib, held_out = (open(defaults[k], encoding="utf-8").read() for k in ("calib", "eval"))
     assert held_out not in calib  # the evaluation documents are not among the training ones
+    import pydoc_data.topics
+    docstrings = default_model.corpus()[len(pydoc_data.topics.topics):]  # after the reference topics
+    assert len(docstrings) > 1000 and min(map(len, docstrings)) > 40  # the standard library's longer docstrings
     monkeypatch.setattr(default_model, "build_default", None)  # a second call must not rebuild
     assert default_model.ensure_default()[0] == ckpt
 
