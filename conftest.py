@@ -198,10 +198,15 @@ def real_text(tmp_path_factory):
     return root
 
 
+def published_config(name):
+    """configs/NAME.json: a real release's config.json, as a dict."""
+    with open(os.path.join(HERE, "configs", f"{name}.json")) as f:
+        return json.load(f)
+
+
 def write_real_shape(real_text, name, out_dir, n_blocks=1):
     """configs/NAME.json with `n_blocks` random bf16 blocks, and a tokenizer of the family's kind."""
-    with open(os.path.join(HERE, "configs", f"{name}.json")) as f:
-        raw = json.load(f)
+    raw = published_config(name)
     M.save_random(raw, out_dir, n_blocks)
     kind = REAL_TOKENIZERS[name]
     if kind == "sentencepiece":

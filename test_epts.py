@@ -26,8 +26,8 @@ import prune
 import eval as eval_module
 from eval import perplexity
 from conftest import (LLAMA2_TOKENIZER, LLAMA3_PATTERN, QWEN2_PATTERN, REAL_TOKENIZERS, SMALL, TEXT, calib_ids,
-                      cli, hf_tiny, main, needs_transformers, save_bin, tiny_llama, torchrun, train_bpe,
-                      train_family_bpe, transformers, write_real_shape)
+                      cli, hf_tiny, main, needs_transformers, published_config, save_bin, tiny_llama, torchrun,
+                      train_bpe, train_family_bpe, transformers, write_real_shape)
 from model import UserError
 
 
@@ -411,8 +411,7 @@ def saved_llama(tmp_path):
 def test_published_configs_are_read_with_their_own_values(name):
     """configs/*.json (the releases' config.json): every field the model uses is read as the file gives it, rope_theta
     at the top level (Qwen2.5, Qwen3, LLaMA-3.1) included, never a default."""
-    with open(os.path.join(os.path.dirname(__file__), "configs", f"{name}.json")) as f:
-        raw = json.load(f)
+    raw = published_config(name)
     cfg = M.config_from_dict(raw)
     fields = ("vocab_size", "hidden_size", "intermediate_size", "ffn_dim", "num_hidden_layers", "num_attention_heads",
               "num_key_value_heads", "head_dim", "rms_norm_eps", "rope_theta", "rope_scaling",
@@ -427,16 +426,12 @@ def test_published_configs_are_read_with_their_own_values(name):
 def test_a_llama_1_config_is_multi_head_attention_and_an_eos_list_gives_its_first_id():
     """LLaMA-1's config.json has no num_key_value_heads: transformers reads multi-head attention, and so do we. A
     list of end ids (LLaMA-3.1 Instruct's eos_token_id) is read as its first."""
-    def published(name):
-        with open(os.path.join(os.path.dirname(__file__), "configs", f"{name}.json")) as f:
-            return json.load(f)
-
-    raw = {k: v for k, v in published("llama-2-7b").items() if k != "num_key_value_heads"}
+    raw = {k: v for k, v in published_config("llama-2-7b").items() if k != "num_key_value_heads"}
     cfg = M.config_from_dict(raw)
     assert cfg.num_key_value_heads == transformers.LlamaConfig(**raw).num_key_value_heads == 32
     assert cfg.head_dim == 128
-    assert M.config_from_dict(dict(published("llama-3.1-8b"), eos_token_id=[128001, 128008, 128009])).eos_token_id \
-        == 128001
+    eos_list = dict(published_config("llama-3.1-8b"), eos_token_id=[128001, 128008, 128009])
+    assert M.config_from_dict(eos_list).eos_token_id == 128001
 
 
 def test_error_missing_folder_and_config(tmp_path):
@@ -1240,7 +1235,6 @@ def test_outlier_ratio_is_the_share_above_M_times_the_mean():
         assert prune.outlier_ratio(block, norms, factor) == pytest.approx(share)
 
 
-
 def test_owl_ratios_come_from_each_blocks_inputs_in_the_dense_model():
     """owl_ratios' D_l equals outlier_ratio with the norms ||X_j|| every layer sees in one forward pass of the
     whole dense model (hooks on its layers), block after block."""
@@ -1903,7 +1897,6 @@ def test_cli_user_errors(tmp_path, args, message):
         assert message in r.stderr and "Traceback" not in r.stderr
 
 
-
 def test_parse_args_defaults_follow_the_model():
     """Flags left out take EPTS's defaults on a checkpoint, and the built-in model's shorter run without one."""
     import default_model
@@ -2091,8 +2084,7 @@ def test_eggs_and_ria_masks_at_llama_2_7b_down_proj_shape():
 def test_si_scales_at_llama_3_1_8b_block_shape():
     """Real-shape tier: Sparsity Induction's scales on one LLaMA-3.1-8B block (32 query heads sharing 8 KV heads,
     head_dim 128, 14336-wide MLP) leave its outputs unchanged (fp32)."""
-    with open(os.path.join(os.path.dirname(os.path.abspath(__file__)), "configs", "llama-3.1-8b.json")) as f:
-        cfg = M.config_from_dict(dict(json.load(f), num_hidden_layers=1))
+    cfg = M.config_from_dict(dict(published_config("llama-3.1-8b"), num_hidden_layers=1))
     torch.manual_seed(0)
     block = M.LlamaBlock(cfg).eval().requires_grad_(False)
     pairs = block.scale_pairs()
