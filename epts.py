@@ -410,7 +410,9 @@ def deploy(model, elastic, sparsity):
                         "on the --ckpt it was trained with, or train a new one for this checkpoint.")
     n_blocks = len(model.blocks)
     per_block = prune.block_sparsities(sparsity, n_blocks)
-    if len(per_block) != n_blocks or len(elastic["blocks"]) != n_blocks:
+    if len(elastic["blocks"]) != n_blocks:
+        raise UserError(f"the elastic model holds {len(elastic['blocks'])} blocks, but the model has {n_blocks}.")
+    if len(per_block) != n_blocks:
         raise UserError(f"deploy needs one sparsity per block ({n_blocks} blocks), got {len(per_block)}.")
     edges, G = elastic["edges"], len(elastic["edges"]) - 1
     for block, rec, s in zip(model.blocks, elastic["blocks"], per_block):
@@ -681,6 +683,10 @@ def check_methods(r):
                         "holds only fractions; add a pattern such as 2:4 or 4:8.")
     if eggs and fractional:
         print("note: eggs prunes N:M patterns only; fractional sparsities run for the other methods", file=sys.stderr)
+    if r.pruning.ria_alpha < 0 and any(m.removesuffix("+si") in ("ria", "eggs") for m in r.methods):
+        print(f"warning: --ria-alpha {r.pruning.ria_alpha} is negative: RIA and EGGS then favour the weights of the "
+              "least active inputs, and a dead input (||X_j|| = 0) scores infinity and is kept first",
+              file=sys.stderr)
     for n, m in (s for s in r.sparsities if isinstance(s, tuple) and eggs):
         if r.pruning.eggs_diagonals > n:
             raise UserError(f"--eggs-diagonals {r.pruning.eggs_diagonals} is more than the {n} weights {n}:{m} "
@@ -903,21 +909,49 @@ def load(ckpt, dtype=torch.float32):
     return model, tok
 
 
-def check_layers(model, r):
+def check_layers(model, r, allocation):
     """Every N:M pattern fits every layer it prunes (prune.check_nm), and SSLC's budget leaves its low-rank part
-    a rank of at least 1: checked before any method runs."""
+    a rank of at least 1 (check_sslc_rank; at every block's own sparsity under an --allocation file): checked
+    before any method runs. A model with low-rank parts (an SSLC export) is evaluated, never pruned again."""
+    if any(isinstance(lin, M.SparsePlusLowRank) for lin in model.blocks[0].linears().values()) and \
+            set(r.methods) != {"dense"}:
+        raise UserError(f"{r.ckpt!r} holds SSLC's low-rank parts (lora/), which the pruning methods would ignore; "
+                        "evaluate it with --methods dense, or prune the dense checkpoint it came from.")
     for s in r.sparsities:
-        for name, lin in model.blocks[0].linears().items():
-            if isinstance(s, tuple):
+        if isinstance(s, tuple):
+            for name, lin in model.blocks[0].linears().items():
                 try:
                     prune.check_nm(lin.in_features, *s, name)
                 except ValueError as e:
                     raise UserError(str(e)) from None
-            if "sslc" in r.methods and r.pruning.rank_ratio > 0 and \
-                    prune.sslc_budget(lin.out_features, lin.in_features, s, r.pruning.rank_ratio)[0] < 1:
-                raise UserError(f"SSLC at {prune.format_sparsity(s)} with --rank-ratio {r.pruning.rank_ratio} leaves "
-                                f"{name} ({lin.out_features} x {lin.in_features}) no rank for its low-rank part; "
-                                "raise --rank-ratio or lower the sparsity (--rank-ratio 0 is sparse only).")
+        if "sslc" in r.methods:
+            check_sslc_rank(model, allocation if isinstance(allocation, list) and not isinstance(s, tuple) else s,
+                            r.pruning.rank_ratio)
+
+
+def check_sslc_rank(model, sparsity, rank_ratio):
+    """SSLC's budget at `sparsity` (one for every block, or a list: one per block, e.g. OWL's) leaves every layer's
+    low-rank part a rank of at least 1, or --rank-ratio 0 asks for none."""
+    per_block = prune.block_sparsities(sparsity, len(model.blocks))
+    for i, (block, s) in enumerate(zip(model.blocks, per_block)):
+        for name, lin in block.linears().items():
+            if rank_ratio > 0 and prune.sslc_budget(lin.out_features, lin.in_features, s, rank_ratio)[0] < 1:
+                where = f" in block {i} (its sparsity {prune.format_sparsity(s)})" * isinstance(sparsity, list)
+                raise UserError(f"SSLC at {prune.format_sparsity(s)} with --rank-ratio {rank_ratio} leaves {name} "
+                                f"({lin.out_features} x {lin.in_features}){where} no rank for its low-rank part; raise "
+                                "--rank-ratio or lower the sparsity (--rank-ratio 0 is sparse only).")
+
+
+def check_finite_weights(model, method, sparsity, pruning):
+    """A pruned model's weights are finite (the checkpoint's were: model.check_finite), or the method that made
+    them is named, with the settings that can make it diverge."""
+    bad = next((name for name, t in model.named_parameters() if not torch.isfinite(t).all()), None)
+    if bad is None:
+        return
+    fix = "report it with the command" if not method.endswith("+si") else \
+        f"Sparsity Induction's training diverged at --si-lr {pruning.si_lr} --si-lambda {pruning.si_lambda} " \
+        f"--si-alpha {pruning.si_alpha} --si-p {pruning.si_p}: lower --si-lr or --si-lambda"
+    raise UserError(f"{method} at sparsity {prune.format_sparsity(sparsity)} made non-finite weights ({bad}); {fix}.")
 
 
 def eval_names(paths):
@@ -1055,17 +1089,18 @@ class Results:
             if isinstance(deployed, list):
                 sparse["block_sparsities"] = [round(x, 6) for x in deployed]
         for name, metrics in evaluated.items():
-            if not math.isfinite(metrics.get("ppl", 0)):
+            if not math.isfinite(metrics.get("ppl", 0)):  # its weights are finite (check_finite_weights)
+                why = "float32 overflow: a damaged checkpoint?" if self.p.dtype == "float32" else \
+                    f"{self.p.dtype} overflow: try --dtype float32"
                 raise UserError(f"{method} at sparsity {prune.format_sparsity(sparsity)} gives perplexity "
-                                f"{metrics['ppl']} on {name}: the model's outputs are not finite (a damaged "
-                                "checkpoint, or float16 overflow: try --dtype bfloat16 or float32).")
+                                f"{metrics['ppl']} on {name}: the model's outputs are not finite ({why}).")
             self.keep({"method": method, "sparsity": prune.format_sparsity(sparsity), "eval": name, **metrics,
                        "seconds": round(seconds, 3), **sparse})
-        if r.export and method != "dense":  # before --json: a row there is finished, its export included
+        if r.json:  # before --export: a failed export loses no measured row (and an export's row is never reused)
+            M.save_json(self.report, r.json)
+        if r.export and method != "dense":
             M.save_model(model, r.export, tokenizer_dir=r.ckpt)
             print(f"exported {method} at {prune.format_sparsity(sparsity)} to {r.export}", file=sys.stderr)
-        if r.json:
-            M.save_json(self.report, r.json)
 
 
 def train_elastic(model, calib_ids, p, procs, report):
@@ -1100,7 +1135,7 @@ def main(request=Request(), config=EPTSConfig()):
         return None  # several processes share only the EPTS optimisation; process 0 does the rest
     model, tok = load(r.ckpt, M.DTYPES[p.dtype])
     model.to("cpu" if r.offload else r.device)
-    check_layers(model, r)
+    check_layers(model, r, p.allocation)
     results = Results(p, measures(p, tok))
     calib_ids = data.calibration(r.calib, tok, p.nsamples, p.seqlen, p.config.seed) if p.needs_calib else None
     elastic = p.elastic
@@ -1126,7 +1161,10 @@ def main(request=Request(), config=EPTSConfig()):
         if method == "epts":
             deploy(pruned, elastic, deployed)
         else:
+            if method == "sslc" and isinstance(deployed, list):  # OWL's per-block sparsities, known only now
+                check_sslc_rank(model, deployed, r.pruning.rank_ratio)
             prune.prune_model(pruned, method, deployed, calib_ids, r.device, r.pruning)
+        check_finite_weights(pruned, method, s, r.pruning)
         results.add(method, s, pruned, time.time() - t0, deployed)
         del pruned  # before the next row's copy: one pruned model at a time
     if r.json:

@@ -517,6 +517,25 @@ class OPT(CausalLM):
 
 
 # -----------------------------------------------------------------------------
+# the layer an SSLC model holds (prune.sslc_prune): written as weights plus a PEFT LoRA folder, read back
+
+
+class SparsePlusLowRank(nn.Linear):
+    """y = S x + U (V x) + b: SSLC's layer. `weight` is S (a sparse matrix stored dense, as every pruned weight
+    here is), so whatever reads a Linear's weight reads S; U (out, r) and V (r, in) hold the low-rank part."""
+
+    def __init__(self, S, U, V, bias=None):
+        super().__init__(S.shape[1], S.shape[0], bias=bias is not None, device="meta")
+        self.weight = nn.Parameter(S, requires_grad=False)
+        self.bias = None if bias is None else nn.Parameter(bias, requires_grad=False)
+        self.U = nn.Parameter(U.to(S.dtype), requires_grad=False)
+        self.V = nn.Parameter(V.to(S.dtype), requires_grad=False)
+
+    def forward(self, x):
+        return F.linear(x, self.weight, self.bias) + x @ self.V.t() @ self.U.t()
+
+
+# -----------------------------------------------------------------------------
 # config.json -> config dataclass, and the checkpoint's tensor names
 
 
@@ -782,7 +801,47 @@ def load_model(ckpt_dir, dtype=torch.float32):
     model.load_state_dict(loaded, assign=True, strict=False)
     if getattr(cfg, "tie_word_embeddings", True):
         model.lm_head.weight = model.embed_tokens.weight
+    load_lora(model, os.path.join(ckpt_dir, "lora"), dtype)
     return model.eval().requires_grad_(False)  # pruning never trains the weights themselves
+
+
+def load_lora(model, lora_dir, dtype):
+    """The low-rank parts save_lora wrote (an SSLC export's lora/ folder), put back: every layer it names becomes
+    a SparsePlusLowRank computing W x + U (V x), U = lora_B * alpha / r and V = lora_A, as PEFT merges them.
+    Nothing happens without the folder."""
+    config_path = os.path.join(lora_dir, "adapter_config.json")
+    if not os.path.isfile(config_path):
+        return
+    fix = "delete the lora/ folder to evaluate the sparse weights alone, or export the model again."
+    try:
+        with open(config_path) as f:
+            cfg = json.load(f)
+        assert cfg.get("peft_type") == "LORA" and not cfg.get("fan_in_fan_out") and not cfg.get("use_dora") \
+            and cfg.get("bias", "none") == "none"
+    except (json.JSONDecodeError, UnicodeDecodeError, AssertionError, AttributeError):
+        raise UserError(f"{config_path} is not a plain LoRA adapter of this program's (PEFT LoRA, no fan_in_fan_out, "
+                        f"DoRA or biases); {fix}") from None
+    path = os.path.join(lora_dir, "adapter_model.safetensors")
+    if not os.path.isfile(path):
+        raise UserError(f"{lora_dir} has adapter_config.json but no adapter_model.safetensors; {fix}")
+    tensors = dict(iter_safetensors(path, dtype))
+    ours = {hf.removesuffix(".weight"): key.removesuffix(".weight") for key, hf in hf_name_map(model.cfg).items()}
+    for key, A in ((k, t) for k, t in tensors.items() if k.endswith(".lora_A.weight")):
+        module = key.removeprefix("base_model.model.").removesuffix(".lora_A.weight")
+        B = tensors.get(key.replace(".lora_A.", ".lora_B."))
+        name = ours.get(module)
+        lin = model.get_submodule(name) if name and ".blocks." in f".{name}" else None
+        if B is None or not isinstance(lin, nn.Linear) or B.shape[1] != A.shape[0] \
+                or (B.shape[0], A.shape[1]) != tuple(lin.weight.shape):
+            raise UserError(f"{path}: {key!r} does not fit a prunable layer of this model (or lacks its lora_B); {fix}")
+        r = cfg.get("rank_pattern", {}).get(module, cfg.get("r", A.shape[0]))
+        alpha = cfg.get("alpha_pattern", {}).get(module, cfg.get("lora_alpha", r))
+        scaling = alpha / math.sqrt(r) if cfg.get("use_rslora") else alpha / r
+        U = B if scaling == 1 else (B.float() * scaling).to(dtype)  # ours: alpha = r, so U is lora_B bit for bit
+        parent, _, attr = name.rpartition(".")
+        setattr(model.get_submodule(parent), attr, SparsePlusLowRank(lin.weight, U, A, lin.bias))
+    print(f"model: {lora_dir}: low-rank parts applied to {sum(k.endswith('.lora_A.weight') for k in tensors)} "
+          "layers (each computes W x + U (V x), as the run that exported it measured it)", file=sys.stderr)
 
 
 # the files of a checkpoint's tokenizer (data.load_tokenizer reads them), copied with an exported model
@@ -798,14 +857,15 @@ def save_model(model, out_dir, tokenizer_dir=None):
     and nothing that already exists is removed.
     """
     check_writable(out_dir, "the export folder", folder=True, new=True)
+    target = os.path.realpath(out_dir)  # a link to an empty folder is written through: the folder is replaced
     raw = declare_biases(model)
     sd = model.state_dict()
     tensors = {hf: sd[key] for key, hf in hf_name_map(config_from_dict(raw)).items()}
     raw["torch_dtype"] = str(next(iter(tensors.values())).dtype).removeprefix("torch.")
-    with atomic_folder(out_dir) as tmp:
+    with atomic_folder(target) as tmp:
         save_safetensors(tensors, os.path.join(tmp, "model.safetensors"))
         save_json(raw, os.path.join(tmp, "config.json"))
-        save_lora(model, os.path.join(tmp, "lora"))
+        save_lora(model, os.path.join(tmp, "lora"), os.path.abspath(out_dir))
         if tokenizer_dir:
             for name in TOKENIZER_FILES:
                 if os.path.isfile(os.path.join(tokenizer_dir, name)):
@@ -835,10 +895,11 @@ def declare_biases(model):
     return dict(raw, model_type="llama", architectures=["LlamaForCausalLM"], attention_bias=True, mlp_bias=True)
 
 
-def save_lora(model, out_dir):
+def save_lora(model, out_dir, base_model):
     """The low-rank parts of layers computing W x + U (V x) (SSLC's) as a PEFT LoRA adapter folder beside the
-    exported weights: lora_A = V (r, in), lora_B = U (out, r), each layer's own rank in rank_pattern and
-    alpha = rank in alpha_pattern, so that PEFT's scaling alpha / r is 1. Nothing is written without them."""
+    exported weights (the folder `base_model`): lora_A = V (r, in), lora_B = U (out, r), each layer's own rank in
+    rank_pattern and alpha = rank in alpha_pattern, so that PEFT's scaling alpha / r is 1. Nothing is written
+    without them; load_lora reads them back."""
     names = hf_name_map(model.cfg)
     tensors, ranks = {}, {}
     for key, lin in model.named_modules():
@@ -852,7 +913,9 @@ def save_lora(model, out_dir):
     os.makedirs(out_dir)
     save_safetensors(tensors, os.path.join(out_dir, "adapter_model.safetensors"))
     r = max(ranks.values())
-    save_json({"peft_type": "LORA", "task_type": "CAUSAL_LM", "r": r, "lora_alpha": r, "rank_pattern": ranks,
+    # the base model is the export folder itself: AutoPeftModelForCausalLM.from_pretrained(lora/) loads both
+    save_json({"peft_type": "LORA", "task_type": "CAUSAL_LM", "base_model_name_or_path": base_model,
+               "r": r, "lora_alpha": r, "rank_pattern": ranks,
                "alpha_pattern": ranks, "target_modules": sorted(ranks), "lora_dropout": 0.0, "bias": "none",
                "fan_in_fan_out": False, "use_rslora": False, "inference_mode": True}, os.path.join(out_dir,
                                                                                                  "adapter_config.json"))

@@ -15,6 +15,8 @@ from types import SimpleNamespace
 
 import torch
 
+from model import SparsePlusLowRank  # SSLC's layer: the model files read and write it
+
 
 # -----------------------------------------------------------------------------
 # scores and masks (mask: True = weight kept)
@@ -61,8 +63,10 @@ def row_mask(score, s):
 def check_nm(in_features, n, m, name="one"):
     """An N:M pattern needs the layer's inputs to split into runs of m."""
     if in_features % m:
+        fits = [f"{k // 2}:{k}" for k in range(2, 65) if in_features % k == 0][:2]  # patterns that do fit
+        hint = f", e.g. {' or '.join(fits)}" if fits else ""
         raise ValueError(f"N:M sparsity {n}:{m} needs every layer's in_features divisible by {m}, but {name} has "
-                         f"{in_features}; choose an M that divides it, e.g. 2:4 or 4:8.")
+                         f"{in_features}; choose an M that divides it{hint}.")
 
 
 def nm_mask(score, n, m):
@@ -244,8 +248,12 @@ def sslc_prune(W, act_norm, sparsity, rank_ratio=0.25, alternations=20, keep=0.0
     statistic for X): alternately U V = the best rank-r fit of W D - S, and S = the largest entries of what it
     leaves (per row, or n of every m), the top `keep` of |W_ij| ||X_j|| in the layer always in S. Stops when the
     error stops falling. Returns S, U, V and the error after each alternation."""
-    d = act_norm.float().clamp_min(1e-8)  # (in,); a dead input's weights are pruned freely
-    Wd = W.float() * d  # (out, in): W D, in whose units |.| is Wanda's score
+    d = act_norm.float()  # (in,)
+    # inputs silent on the calibration windows (relative to the loudest, so at any activation scale) carry nothing
+    # to fit: their columns stay out of S and U V, pruned as Wanda prunes them, instead of 1/d times rounding noise
+    dead = d <= 1e-6 * d.max()
+    d = torch.where(dead, 1.0, d)
+    Wd = W.float() * d * ~dead  # (out, in): W D, in whose units |.| is Wanda's score
     r, k = sslc_budget(*W.shape, sparsity, rank_ratio)
     forced = matrix_mask(Wd.abs(), 1 - keep)  # True at the top `keep` of |W_ij| ||X_j|| in the layer
 
@@ -264,22 +272,7 @@ def sslc_prune(W, act_norm, sparsity, rank_ratio=0.25, alternations=20, keep=0.0
         errors.append(err)
         best = (S, U, V)
     S, U, V = best
-    return S / d, U, V / d, errors
-
-
-class SparsePlusLowRank(torch.nn.Linear):
-    """y = S x + U (V x) + b: SSLC's layer. `weight` is S (a sparse matrix stored dense, as every pruned weight
-    here is), so whatever reads a Linear's weight reads S; U (out, r) and V (r, in) hold the low-rank part."""
-
-    def __init__(self, S, U, V, bias=None):
-        super().__init__(S.shape[1], S.shape[0], bias=bias is not None, device="meta")
-        self.weight = torch.nn.Parameter(S, requires_grad=False)
-        self.bias = None if bias is None else torch.nn.Parameter(bias, requires_grad=False)
-        self.U = torch.nn.Parameter(U.to(S.dtype), requires_grad=False)
-        self.V = torch.nn.Parameter(V.to(S.dtype), requires_grad=False)
-
-    def forward(self, x):
-        return torch.nn.functional.linear(x, self.weight, self.bias) + x @ self.V.t() @ self.U.t()
+    return S * ~dead / d, U, V * ~dead / d, errors
 
 
 # -----------------------------------------------------------------------------
@@ -432,16 +425,18 @@ class PruneConfig:
         """Every setting in its range, or a ValueError naming it (as its command-line flag where it has one)."""
         checks = (("blocksize", self.blocksize >= 1, "an integer >= 1"),
                   ("percdamp", self.percdamp >= 0, "a number >= 0"),
-                  ("ria_alpha", True, "a finite number"),
+                  # ||X_j||^a overflows float32 past |a| ~ 4 on real activations (every larger score ties at inf)
+                  ("ria_alpha", -4 <= self.ria_alpha <= 4, "a number in [-4, 4]"),
                   ("eggs_diagonals", self.eggs_diagonals >= 0, "an integer >= 0"),
                   ("rank_ratio", 0 <= self.rank_ratio < 1, "a number in [0, 1)"),
                   ("alternations", self.alternations >= 1, "an integer >= 1"),
                   ("si_epochs", self.si_epochs >= 0, "an integer >= 0"),  # 0: the transform as initialised
-                  ("si_lr", self.si_lr > 0, "a number > 0"),
-                  ("si_lambda", self.si_lambda >= 0, "a number >= 0"),
-                  ("si_alpha", self.si_alpha >= 0, "a number >= 0"),
-                  ("si_p", self.si_p > 0, "a number > 0"),
-                  ("si_clamp", self.si_clamp >= 1, "a number >= 1"),
+                  # SI trains in float32: bounds past which a step, |W|^p or exp(-alpha ...) leaves its range
+                  ("si_lr", 0 < self.si_lr <= 1, "a number in (0, 1]"),
+                  ("si_lambda", 0 <= self.si_lambda <= 1e6, "a number in [0, 1e6]"),
+                  ("si_alpha", 0 <= self.si_alpha <= 100, "a number in [0, 100]"),
+                  ("si_p", 1 <= self.si_p <= 8, "a number in [1, 8]"),
+                  ("si_clamp", 1 <= self.si_clamp <= 1e6, "a number in [1, 1e6]"),
                   ("batch_size", self.batch_size >= 1, "an integer >= 1"))
         for name, ok, rule in checks:
             v = getattr(self, name)
@@ -619,7 +614,8 @@ def induce_and_prune(block, streams, stats, method, sparsity, config):
         lin.bias = torch.nn.Parameter(b[n].to(W[n].dtype), requires_grad=False)
     log_s = {g: s.log().requires_grad_() for g, s in si_init(block, pairs, stats, config.si_clamp).items()}
     delta = {n: stats[n].mean.requires_grad_() for n in layers}  # the optimum for a fixed mask
-    abs_W = {n: (W[n].float().abs() ** p, torch.linalg.vector_norm(W[n].float(), p)) for n in layers}
+    # an all-zero layer has no norm to scale (0/0, and an infinite gradient of x^(1/p) at 0): left out of the term
+    abs_W = {n: (W[n].float().abs() ** p, torch.linalg.vector_norm(W[n].float(), p)) for n in layers if W[n].any()}
     opt = torch.optim.Adam([*log_s.values(), *delta.values()], lr=config.si_lr)
     proxy, gen = "wanda" if method == "sparsegpt" else method, torch.Generator().manual_seed(0)
     for _ in range(config.si_epochs):

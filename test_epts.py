@@ -880,6 +880,85 @@ def test_sslc_runs_through_main_and_exports_a_model_peft_loads(tiny, tmp_path):
             assert (ref(idx).logits - ours(idx)).abs().max() <= 1e-4
 
 
+@needs_transformers
+def test_sslc_export_is_read_back_whole_by_our_loader_and_by_autopeft(tiny, tmp_path, capsys):
+    """An SSLC export evaluated by epts.py (--methods dense) gives the perplexity the SSLC run printed, its
+    low-rank parts applied (said on stderr); AutoPeftModelForCausalLM loads lora/ alone, base model included,
+    with our logits; pruning such a model again is refused."""
+    peft = pytest.importorskip("peft")
+    exported = tmp_path / "exp"
+    row = main(**dict(tiny, methods=["sslc"], sparsities=[0.5], export=str(exported)))["results"][0]
+    capsys.readouterr()
+    again = main(**dict(tiny, ckpt=str(exported), methods=["dense"]))["results"][0]
+    assert f"{again['ppl']:.3f}" == f"{row['ppl']:.3f}" and "low-rank parts applied to 14 layers" in \
+        capsys.readouterr().err
+    ours, _ = epts.load(str(exported))
+    assert isinstance(ours.blocks[1].mlp.down_proj, prune.SparsePlusLowRank)
+    ref = peft.AutoPeftModelForCausalLM.from_pretrained(str(exported / "lora")).eval()
+    idx = torch.randint(0, 512, (2, 24))
+    with torch.no_grad():
+        assert (ref(idx).logits - ours(idx)).abs().max() <= 1e-4
+    with pytest.raises(UserError, match="holds SSLC's low-rank parts"):
+        main(**dict(tiny, ckpt=str(exported), methods=["wanda"]))
+
+
+@pytest.mark.parametrize("scale", [1e-3, 1.0, 1e3])
+def test_sslc_dead_input_column_is_pruned_not_blown_up(scale):
+    """An input silent on the calibration windows (||x_j|| = 0) leaves its column of S + U V no larger than W's own
+    (here: pruned), at any activation scale, instead of rounding noise divided by a clamped norm."""
+    g = torch.Generator().manual_seed(0)
+    W = torch.randn(256, 512, generator=g) * 0.02
+    act_norm = (torch.rand(512, generator=g) + 0.5) * 20 * scale
+    act_norm[7] = 0
+    S, U, V, _ = prune.sslc_prune(W, act_norm, 0.5)
+    assert torch.linalg.norm((S + U @ V)[:, 7]) <= torch.linalg.norm(W[:, 7])
+    assert torch.isfinite(U).all() and torch.isfinite(V).all()
+
+
+def test_sslc_stops_at_the_first_step_that_does_not_lower_the_error(monkeypatch):
+    """When the low-rank step at alternation k makes the error worse, sslc_prune returns alternation k - 1's S, U, V
+    and errors, strictly falling (the same as a run of k - 1 alternations); low_rank gives bit-identical factors
+    whatever the caller's seed, and leaves the caller's random state as it was."""
+    W, act_norm = low_rank_layer()
+    A = W * act_norm
+    torch.manual_seed(1)
+    state = torch.get_rng_state()
+    U1, V1 = prune.low_rank(A, 5)
+    assert torch.equal(torch.get_rng_state(), state)
+    torch.manual_seed(2)
+    U2, V2 = prune.low_rank(A, 5)
+    assert torch.equal(U1, U2) and torch.equal(V1, V2)
+    k, real, calls = 5, prune.low_rank, []
+
+    def worse_at_k(A, r):
+        calls.append(1)
+        U, V = real(A, r)
+        return (U * 1.2, V) if len(calls) == k else (U, V)  # an overshoot: worse than step k - 1, better than 1
+
+    expected = prune.sslc_prune(W, act_norm, 0.5, alternations=k - 1)
+    monkeypatch.setattr(prune, "low_rank", worse_at_k)
+    S, U, V, errors = prune.sslc_prune(W, act_norm, 0.5, alternations=2 * k)
+    assert len(calls) == k and errors == expected[3] and len(errors) == k - 1
+    assert all(b < a for a, b in zip(errors, errors[1:]))
+    assert torch.equal(S, expected[0]) and torch.equal(U, expected[1]) and torch.equal(V, expected[2])
+
+
+@needs_transformers
+def test_sslc_refuses_a_block_that_allocation_leaves_without_rank(tiny, tmp_path):
+    """A per-block file or OWL that puts a block above the target, where SSLC's budget leaves a layer rank 0,
+    is refused naming the block (the file's before any work), never silently made sparse-only."""
+    config = prune.PruneConfig(rank_ratio=0.3)  # q_proj (64 x 64) keeps rank 1 at 0.88 and none at 0.96
+    assert prune.sslc_budget(64, 64, 0.88, 0.3)[0] == 1 and prune.sslc_budget(64, 64, 0.96, 0.3)[0] == 0
+    (tmp_path / "alloc.json").write_text("[0.8, 0.96]")
+    with pytest.raises(UserError, match=r"in block 1 \(its sparsity 0.96\) no rank"):
+        main(**dict(tiny, methods=["wanda", "sslc"], allocation=str(tmp_path / "alloc.json"), pruning=config,
+                    json=str(tmp_path / "r.json")))
+    assert not os.path.exists(tmp_path / "r.json")  # refused before the first row
+    with pytest.raises(UserError, match=r"in block \d \(its sparsity 0.9[56]\d*\) no rank"):
+        main(**dict(tiny, methods=["sslc"], sparsities=[0.88], allocation="owl", pruning=config))
+    main(**dict(tiny, methods=["sslc"], sparsities=[0.88], pruning=config))  # uniform: every block keeps rank 1
+
+
 # -----------------------------------------------------------------------------
 # Sparsity Induction
 
@@ -1077,6 +1156,80 @@ def test_si_runs_through_main_and_exports_biases_transformers_loads(tiny, tmp_pa
                 pytest.MonkeyPatch.context() as m:
             m.setattr(prune, "prune_model", None)
             main(**dict(tiny, ckpt=str(tmp_path / "mw"), methods=["dense", "wanda+si"], export=str(tmp_path / "x")))
+
+
+def biased_block(**over):
+    """A tiny LLaMA's first block with random nonzero biases on every layer, its inputs X, its statistics (as
+    prune_model keeps them for SparseGPT + SI) and its dense outputs Y."""
+    model = tiny_llama(attention_bias=True, mlp_bias=True, **over)
+    block, g = model.blocks[0], torch.Generator().manual_seed(1)
+    for lin in block.linears().values():
+        lin.bias.copy_(torch.randn(lin.out_features, generator=g) * 0.1)
+    X = model.embed(calib_ids(n=8))
+    stats = prune.new_stats(block, True, "cpu", sample_every=2)
+    return block, X, prune.run_block(block, X, "cpu", 8, stats), stats
+
+
+@pytest.mark.parametrize("method", ["magnitude", "wanda", "sparsegpt"])
+def test_si_at_sparsity_zero_keeps_the_block_and_its_own_biases(method):
+    """At sparsity 0 nothing is removed, so the block with SI's biases computes what it did, its own random
+    biases included (OPT's and Qwen2's layers have them)."""
+    block, X, Y, stats = biased_block()
+    with torch.no_grad():
+        prune.induce_and_prune(block, (X, Y), stats, method, 0.0, prune.PruneConfig())
+    torch.testing.assert_close(prune.run_block(block, X, "cpu", 8), Y, rtol=1e-4, atol=1e-5)
+
+
+def test_si_trains_through_the_bias_of_the_removed_weights_only(monkeypatch):
+    """During training the block runs with biases b + (W - P) delta (the weights the mask removes, as folded back
+    at the end), not b + W delta: with steps too small to move anything, the training forward equals the final
+    pruned block's."""
+    block, X, Y, stats = biased_block()
+    real, seen = torch.func.functional_call, []
+
+    def spy(module, params, args):
+        out = real(module, params, args)
+        seen.append((args[0].clone(), out.detach().clone()))
+        return out
+
+    monkeypatch.setattr(torch.func, "functional_call", spy)
+    with torch.no_grad():
+        prune.induce_and_prune(block, (X, Y), stats, "wanda", 0.5, prune.PruneConfig(si_epochs=1, si_lr=1e-9))
+    x, out = seen[0]
+    torch.testing.assert_close(block(x), out, rtol=1e-4, atol=1e-5)
+
+
+def test_si_refreshes_the_masks_every_epoch_sparsegpt_from_wandas_stand_in(monkeypatch):
+    """Each epoch prunes every layer anew in the current basis (the scales moved since the last), SparseGPT
+    through Wanda's score as documented, and the final pruning is SparseGPT's own."""
+    block, X, Y, stats = biased_block()
+    real, calls = prune.si_prune_layer, []
+
+    def spy(method, W, stats, sparsity, basis, config):
+        calls.append((method, [f.clone() for f in basis]))
+        return real(method, W, stats, sparsity, basis, config)
+
+    monkeypatch.setattr(prune, "si_prune_layer", spy)
+    config = prune.PruneConfig(si_epochs=3, si_lr=0.1, si_lambda=1.0, si_alpha=0.01)  # scales that move
+    with torch.no_grad():
+        prune.induce_and_prune(block, (X, Y), stats, "sparsegpt", 0.5, config)
+    L = len(block.linears())
+    assert [m for m, _ in calls] == ["wanda"] * 3 * L + ["sparsegpt"] * L
+    for e in (1, 2):  # this epoch's bases are not the last epoch's
+        assert any(not torch.equal(a[0], b[0]) for (_, a), (_, b) in zip(calls[(e - 1) * L:e * L], calls[e * L:]))
+
+
+@pytest.mark.parametrize("zero", ["self_attn.v_proj", "mlp.down_proj"])
+def test_si_with_an_all_zero_layer_gives_a_finite_model(zero):
+    """A checkpoint with one all-zero layer (and so dead inputs further on): every +si method, with and without
+    the norm term, gives finite weights and logits, and the zero layer stays zero."""
+    for method, s in (("magnitude", 0.5), ("wanda", 0.5), ("sparsegpt", 0.5), ("ria", 0.5), ("eggs", (2, 4))):
+        for lam in (0.0, 1e-2):
+            model = tiny_llama()
+            model.blocks[0].get_submodule(zero).weight.zero_()
+            prune.prune_model(model, f"{method}+si", s, calib_ids(), config=prune.PruneConfig(si_lambda=lam))
+            assert all(torch.isfinite(t).all() for t in model.parameters()), (method, lam)
+            assert torch.isfinite(model(calib_ids())).all() and not model.blocks[0].get_submodule(zero).weight.any()
 
 
 def test_baseline_defaults_are_the_papers():
@@ -1845,10 +1998,19 @@ def test_main_refuses_missing_calibration_and_ambiguous_export(tmp_path):
 
 
 @pytest.mark.parametrize("setting,message", [
-    (dict(si_clamp=0.5), "--si-clamp 0.5 must be a number >= 1"),
-    (dict(si_lr=float("nan")), "--si-lr nan must be a number > 0"),
+    (dict(si_clamp=0.5), "--si-clamp 0.5 must be a number in [1, 1e6]"),
+    (dict(si_lr=float("nan")), "--si-lr nan must be a number in (0, 1]"),
     (dict(alternations=2.0), "--alternations 2.0 must be an integer >= 1"),
-    (dict(ria_alpha=float("inf")), "--ria-alpha inf must be a finite number"),
+    (dict(ria_alpha=float("inf")), "--ria-alpha inf must be a number in [-4, 4]"),
+    # values that pass a float64 check but overflow, underflow or turn NaN in SI's float32 training (or saturate
+    # RIA's scores): refused before any work
+    (dict(ria_alpha=1e10), "--ria-alpha 10000000000.0 must be a number in [-4, 4]"),
+    (dict(si_lr=1e39), "--si-lr 1e+39 must be a number in (0, 1]"),
+    (dict(si_clamp=1e39), "--si-clamp 1e+39 must be a number in [1, 1e6]"),
+    (dict(si_p=300.0), "--si-p 300.0 must be a number in [1, 8]"),
+    (dict(si_p=1e-6), "--si-p 1e-06 must be a number in [1, 8]"),
+    (dict(si_alpha=1e39), "--si-alpha 1e+39 must be a number in [0, 100]"),
+    (dict(si_lambda=1e39), "--si-lambda 1e+39 must be a number in [0, 1e6]"),
     (dict(eggs_diagonals=-1), "--eggs-diagonals -1 must be an integer >= 0"),
     (dict(batch_size=0), "batch_size 0 must be an integer >= 1"),  # no flag: --batch-size is EPTS's
 ])
@@ -1869,12 +2031,14 @@ def test_prune_config_refuses_a_setting_out_of_range(setting, message):
     (["--rank-ratio", "1"], "--rank-ratio 1.0 must be a number in [0, 1)"),
     (["--alternations", "0"], "--alternations 0 must be an integer >= 1"),
     (["--methods", "epts+si"], "it applies to magnitude, wanda, sparsegpt, ria, eggs, not epts"),
-    (["--si-lambda", "-1"], "--si-lambda -1.0 must be a number >= 0"),
+    (["--si-lambda", "-1"], "--si-lambda -1.0 must be a number in [0, 1e6]"),
     (["--si-epochs", "0"], "--si-epochs 0 must be an integer >= 1"),
     (["--nsamples", "0"], "--nsamples must be a positive integer"),
     (["--seqlen", "-5"], "--seqlen must be a positive integer"),
     (["--device", "tpu"], "--device: 'tpu' is not cpu or cuda"),
     (["--groups", "0,0.5,x"], "--groups: '0,0.5,x' is not a comma-separated list of numbers"),
+    (["--si-lr", "1e39"], "--si-lr 1e+39 must be a number in (0, 1]"),
+    (["--ria-alpha", "1e10"], "--ria-alpha 10000000000.0 must be a number in [-4, 4]"),
     (["--ckpt", "/nonexistent/model"], "does not exist"),
     (["--ckpt", "{tmp}"], "no config.json"),
     (["--ckpt", "{bad_type}"], "model_type 'bert' is not supported"),
@@ -2118,6 +2282,55 @@ def test_sslc_at_llama_2_7b_gate_proj_shape():
 
 def leftovers(folder):
     return [n for n in os.listdir(folder) if ".tmp-" in n]
+
+
+@needs_transformers
+def test_export_through_a_link_and_a_failed_export_keep_the_row(tiny, tmp_path, monkeypatch):
+    """--export naming a link to an existing empty folder writes the model through the link (the link stays);
+    an export that fails after the work keeps the measured row in --json."""
+    (tmp_path / "target").mkdir()
+    os.symlink(tmp_path / "target", tmp_path / "link")
+    main(**dict(tiny, methods=["magnitude"], sparsities=[0.5], export=str(tmp_path / "link")))
+    assert os.path.islink(tmp_path / "link") and os.path.isfile(tmp_path / "target" / "model.safetensors")
+
+    def full_disk(*args, **kw):
+        raise UserError("no space left")
+
+    monkeypatch.setattr(M, "save_model", full_disk)
+    with pytest.raises(UserError, match="no space left"):
+        main(**dict(tiny, methods=["magnitude"], sparsities=[0.5], export=str(tmp_path / "exp"),
+                    json=str(tmp_path / "r.json")))
+    assert [r["method"] for r in json.loads((tmp_path / "r.json").read_text())["results"]] == ["magnitude"]
+
+
+@needs_transformers
+def test_non_finite_results_name_what_made_them(tiny, monkeypatch):
+    """Weights a method made non-finite are reported as that method's, with Sparsity Induction's settings for
+    +si; a non-finite perplexity of a float32 run does not blame float16."""
+    def diverged(block, streams, stats, method, sparsity, config):
+        block.mlp.up_proj.weight.fill_(float("nan"))
+
+    monkeypatch.setattr(prune, "induce_and_prune", diverged)
+    with pytest.raises(UserError, match=r"wanda\+si at sparsity 0.5 made non-finite weights \(blocks.0.mlp.up_proj."
+                       r"weight\); Sparsity Induction's training diverged at --si-lr 0.01 --si-lambda 0.01"):
+        main(**dict(tiny, methods=["wanda+si"], sparsities=[0.5]))
+    monkeypatch.setattr(epts, "perplexity", lambda *a, **kw: float("inf"))
+    with pytest.raises(UserError, match=r"not finite \(float32 overflow: a damaged checkpoint\?\)\.$"):
+        main(**dict(tiny, methods=["dense"]))
+
+
+@needs_transformers
+def test_messages_say_what_is_true(tiny, capsys):
+    """The N:M refusal suggests patterns that fit the layer; deploy's refusal counts the elastic file's blocks; a
+    negative RIA exponent is warned about."""
+    with pytest.raises(ValueError, match=r"has 130; choose an M that divides it, e.g. 1:2 or 2:5\.$"):
+        prune.check_nm(130, 2, 4, "a layer")
+    model = tiny_llama()
+    elastic = {"fingerprint": M.fingerprint(model), "blocks": [{}] * 3, "edges": [0, 0.5], "rank": 2}
+    with pytest.raises(UserError, match="the elastic model holds 3 blocks, but the model has 2"):
+        epts.deploy(model, elastic, 0.5)
+    main(**dict(tiny, methods=["ria"], sparsities=[0.5], pruning=prune.PruneConfig(ria_alpha=-0.5)))
+    assert "warning: --ria-alpha -0.5 is negative" in capsys.readouterr().err
 
 
 @needs_transformers
