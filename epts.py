@@ -1212,6 +1212,9 @@ def parse_args(argv):
     p.add_argument("--alternations", type=int, default=prune.PruneConfig.alternations,
                    help="SSLC: at most this many (low-rank, sparse) steps per layer (fewer once the error stops "
                    "falling)")
+    p.add_argument("--sslc-momentum", type=float, default=prune.PruneConfig.sslc_momentum,
+                   help="SSLC: the low-rank step fits S extrapolated by this share of its last change (0: plain "
+                   "alternation, as OATS)")
     si = prune.PruneConfig
     p.add_argument("--si-epochs", type=int, default=si.si_epochs, help="Sparsity Induction: epochs per block, "
                    "the masks refreshed at each")
@@ -1255,7 +1258,8 @@ def parse_args(argv):
         p.error(f"--si-epochs {a.si_epochs} must be an integer >= 1")
     try:
         pruning = prune.PruneConfig(ria_alpha=a.ria_alpha, eggs_diagonals=a.eggs_diagonals, rank_ratio=a.rank_ratio,
-                                    alternations=a.alternations, si_epochs=a.si_epochs, si_lr=a.si_lr,
+                                    alternations=a.alternations, sslc_momentum=a.sslc_momentum,
+                                    si_epochs=a.si_epochs, si_lr=a.si_lr,
                                     si_lambda=a.si_lambda, si_alpha=a.si_alpha, si_p=a.si_p, si_clamp=a.si_clamp)
     except ValueError as e:
         p.error(str(e))

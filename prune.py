@@ -232,22 +232,30 @@ def sslc_budget(out_f, in_f, sparsity, rank_ratio):
     return r, (budget - r * (out_f + in_f)) // out_f
 
 
-def low_rank(A, r):
-    """The best rank-r approximation of A (out, in), as U (out, r) and V (r, in), by randomized SVD: seeded, so a
-    layer gives the same factors in every run, and the caller's random state is left as it was."""
+def low_rank(A, r, V=None):
+    """The best rank-r approximation of A (out, in), as U (out, r) and V (r, in, orthonormal rows). Cold: a
+    randomized SVD, seeded, so a layer gives the same factors in every run and the caller's random state is left
+    as it was. Warm, given the last alternation's V: one step of subspace iteration from V's row space, a third
+    of the products, for A moves little from one alternation to the next."""
     if r == 0:
         return A.new_zeros(A.shape[0], 0), A.new_zeros(0, A.shape[1])
-    with torch.random.fork_rng(devices=[A.device] if A.is_cuda else []):
-        torch.manual_seed(0)
-        U, s, V = torch.svd_lowrank(A, q=min(r + 10, *A.shape))  # 10 extra columns, 2 power iterations
-    return U[:, :r] * s[:r], V[:, :r].t()
+    if V is None:
+        with torch.random.fork_rng(devices=[A.device] if A.is_cuda else []):
+            torch.manual_seed(0)
+            U, s, V = torch.svd_lowrank(A, q=min(r + 10, *A.shape))  # 10 extra columns, 2 power iterations
+        return U[:, :r] * s[:r], V[:, :r].t()
+    Q = torch.linalg.qr(A @ V.t()).Q  # (out, r): an orthonormal basis of A's range, seen from V
+    Ub, s, V = torch.linalg.svd(Q.t() @ A, full_matrices=False)  # (r, r), (r,), (r, in)
+    return (Q @ Ub) * s, V
 
 
-def sslc_prune(W, act_norm, sparsity, rank_ratio=0.25, alternations=20, keep=0.01):
+def sslc_prune(W, act_norm, sparsity, rank_ratio=0.25, alternations=10, keep=0.01, momentum=0.8):
     """W (out, in) as S + U V minimising the weighted error ||(W - S - U V) D||_F, D = diag(||X_j||) (Wanda's
     statistic for X): alternately U V = the best rank-r fit of W D - S, and S = the largest entries of what it
-    leaves (per row, or n of every m), the top `keep` of |W_ij| ||X_j|| in the layer always in S. Stops when the
-    error stops falling. Returns S, U, V and the error after each alternation."""
+    leaves (per row, or n of every m), the top `keep` of |W_ij| ||X_j|| in the layer always in S. The low-rank
+    step fits S extrapolated along its last change (heavy-ball `momentum`; 0: plain alternation, as OATS), warm
+    from the last step's factors. Stops when the error stops falling. Returns S, U, V and the error after each
+    alternation kept."""
     d = act_norm.float()  # (in,)
     # inputs silent on the calibration windows (relative to the loudest, so at any activation scale) carry nothing
     # to fit: their columns stay out of S and U V, pruned as Wanda prunes them, instead of 1/d times rounding noise
@@ -261,14 +269,15 @@ def sslc_prune(W, act_norm, sparsity, rank_ratio=0.25, alternations=20, keep=0.0
         score = torch.where(forced, math.inf, R.abs())
         return R * (nm_mask(score, *sparsity) if isinstance(sparsity, tuple) else ~lowest_k(score, W.shape[1] - k))
 
-    S, errors, best = torch.zeros_like(Wd), [], None
+    S = S_last = torch.zeros_like(Wd)
+    errors, best, V = [], None, None
     for _ in range(alternations):
-        U, V = low_rank(Wd - S, r)
+        U, V = low_rank(Wd - S - momentum * (S - S_last), r, V)
         R = torch.addmm(Wd, U, V, alpha=-1)  # W D - U V
-        S = sparsify(R)
+        S_last, S = S, sparsify(R)
         err = torch.linalg.norm(R - S).item()
         if errors and err >= errors[-1]:
-            break  # a randomized SVD may not lower it: keep the last step that did
+            break  # an inexact low-rank step, or the extrapolation, may not lower it: keep the last step that did
         errors.append(err)
         best = (S, U, V)
     S, U, V = best
@@ -412,7 +421,8 @@ class PruneConfig:
     ria_alpha: float = 0.5  # RIA's exponent a on ||X_j||
     eggs_diagonals: int = 1  # EGGS: b cyclic diagonals kept in every m x m tile
     rank_ratio: float = 0.25  # SSLC: the share of the kept parameters given to the low-rank part
-    alternations: int = 20  # SSLC: at most this many (low-rank, sparse) steps per layer
+    alternations: int = 10  # SSLC: at most this many (low-rank, sparse) steps per layer
+    sslc_momentum: float = 0.8  # SSLC: the low-rank step's extrapolation of S (ours; 0: plain alternation, as OATS)
     si_epochs: int = 2  # Sparsity Induction (ours where the paper is silent: docs/methods.md): mask refreshes
     si_lr: float = 1e-2  # Adam's step on the log-scales and the shifts
     si_lambda: float = 1e-2  # weight of the norm term
@@ -430,6 +440,7 @@ class PruneConfig:
                   ("eggs_diagonals", self.eggs_diagonals >= 0, "an integer >= 0"),
                   ("rank_ratio", 0 <= self.rank_ratio < 1, "a number in [0, 1)"),
                   ("alternations", self.alternations >= 1, "an integer >= 1"),
+                  ("sslc_momentum", 0 <= self.sslc_momentum < 1, "a number in [0, 1)"),
                   ("si_epochs", self.si_epochs >= 0, "an integer >= 0"),  # 0: the transform as initialised
                   # SI trains in float32: bounds past which a step, |W|^p or exp(-alpha ...) leaves its range
                   ("si_lr", 0 < self.si_lr <= 1, "a number in (0, 1]"),
@@ -454,7 +465,8 @@ def prune_layer(method, lin, stats, sparsity, config):
     itself, its weight changed in place, or for SSLC a new SparsePlusLowRank layer."""
     W = lin.weight
     if method == "sslc":
-        S, U, V, _ = sslc_prune(W, stats.act_norm, sparsity, config.rank_ratio, config.alternations)
+        S, U, V, _ = sslc_prune(W, stats.act_norm, sparsity, config.rank_ratio, config.alternations,
+                                momentum=config.sslc_momentum)
         return SparsePlusLowRank(S.to(W.dtype), U, V, lin.bias)
     if method == "sparsegpt":
         W.copy_(sparsegpt_prune(W, stats.H, sparsity, config.blocksize, config.percdamp))

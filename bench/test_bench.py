@@ -173,19 +173,25 @@ def test_nm_bench_counts_inputs_cut_off_and_writes_its_tables(tmp_path):
 
 
 def test_sslc_bench_tables():
-    """sslc_bench's table: one row per setting with the perplexity, time per block and kept parameters."""
+    """sslc_bench's tables: one row per setting with the perplexity, time per block and kept parameters; the
+    7B-shaped layer's runs with their seconds, alternations, error and ratio to SparseGPT's seconds."""
     rows = [{"method": "dense", "ppl": 10.0},
-            {"method": "sslc", "sparsity": 0.5, "rank_ratio": 0.25, "alternations": 20, "block_s": 1.5, "kept": 0.499,
-             "ppl": 11.0},
-            {"method": "wanda", "sparsity": 0.5, "rank_ratio": None, "alternations": None, "block_s": 0.1,
-             "kept": 0.5, "ppl": 12.0}]
+            {"method": "sslc", "sparsity": 0.5, "rank_ratio": 0.25, "alternations": 10, "momentum": 0.8,
+             "block_s": 1.5, "kept": 0.499, "ppl": 11.0},
+            {"method": "wanda", "sparsity": 0.5, "rank_ratio": None, "alternations": None, "momentum": None,
+             "block_s": 0.1, "kept": 0.5, "ppl": 12.0}]
+    run = {"s": 30.0, "alternations": 10, "error": 700.0}
     table = sslc_bench.tables({"fixtures": {"opt": rows},
-                               "real_shape": {"layer": "x", "sslc_s": 30.0, "alternations": 20, "sparsegpt_s": 3.0,
+                               "real_shape": {"layer": "x", "sslc": run, "plain": dict(run, s=60.0, alternations=20),
+                                              "oats": dict(run, s=300.0, alternations=12, reached=False),
+                                              "sparsegpt_s": 3.0,
                                               "one_block": {"block": "b", "sslc": 60.0, "sparsegpt": 12.0}}})
-    assert "| opt | 0.5 | sslc | 0.25 | 20 | 11.00 | 1.50 | 49.9 % |" in table
-    assert "| opt | 0.5 | wanda | — | — | 12.00 | 0.10 | 50.0 % |" in table
-    assert "| x | 30.0 s (20 alternations) | 3.0 s | 10.0 |" in table
-    assert "| one b block (calibration pass included) | 60.0 s | 12.0 s | 5.0 |" in table
+    assert "| opt | 0.5 | sslc | 0.25 | 10 | 0.8 | 11.00 | 1.50 | 49.9 % |" in table
+    assert "| opt | 0.5 | wanda | — | — | — | 12.00 | 0.10 | 50.0 % |" in table
+    assert "| SSLC, defaults (momentum 0.8, warm low-rank steps) | 30.0 | 10 | 700.00 | 10.0 |" in table
+    assert "| plain alternation (momentum 0), 20 alternations | 60.0 | 20 | 700.00 | 20.0 |" in table
+    assert "| OATS's loop (full SVD), until the defaults' error | 300.0 | 12 (not reached) | 700.00 | 100.0 |" in table
+    assert "| b | 60.0 s | 12.0 s | 5.0 |" in table
 
 
 def test_si_bench_mean_bias_and_tables():
