@@ -69,6 +69,13 @@ class EPTSConfig:
     batch_size: int = 1  # calibration windows per training step
     seed: int = 0  # calibration sampling, adapter init, sparsity draws
     check_sparsity: float = 0.3  # where the low-group check decides whether adapter 0 is deployed
+    # the paper's ablations, each off only to measure what it buys (bench/ablation.py): the hierarchy (group g sums
+    # adapters 0..g; False: its own adapter g alone), the mixer ("msfm"; "dense": the next block trains on the
+    # dense outputs; a sparsity s: on this block's outputs at s alone) and the low-group check (False: adapter 0
+    # always deployed)
+    nested: bool = True
+    mixer: object = "msfm"
+    check_low_group: bool = True
 
     def __post_init__(self):
         e = self.edges
@@ -80,6 +87,9 @@ class EPTSConfig:
                 raise UserError(f"--{name.replace('_', '-')} must be a positive integer.")
         if not 0 <= self.lr < math.inf:  # 0 trains nothing: the deployed masks are Wanda's, the adapters zero
             raise UserError(f"--lr {self.lr} must be a number >= 0 (the authors use 1e-3).")
+        m = self.mixer
+        if m not in ("msfm", "dense") and not (isinstance(m, (int, float)) and not isinstance(m, bool) and 0 <= m < 1):
+            raise UserError(f"--mixer {m!r} must be msfm, dense, or one sparsity in [0, 1) such as 0.5.")
 
 
 # -----------------------------------------------------------------------------
@@ -96,6 +106,14 @@ def extend_edges(edges, max_sparsity, step=0.05):
                         f"need one reaching {edges[-1]:g}; give --groups whose last edge lies between "
                         f"{max_sparsity} and 1 (e.g. {','.join(f'{e:g}' for e in edges[:-1])},{max_sparsity:g}).")
     return edges
+
+
+def group_adapters(g, nested, use_adapter0=True):
+    """The adapter pairs group g sums: True, pairs 0..g (MS-HiLoRA's hierarchy); slice(g, g + 1), its own pair
+    alone (nesting off); False, none (group 0 where the low-group check turned adapter 0 off)."""
+    if g == 0 and not use_adapter0:
+        return False
+    return True if nested else slice(g, g + 1)
 
 
 def group_of(edges, s):
@@ -183,15 +201,17 @@ class ElasticLinear(nn.Module):
         """The same mask as mask(s), by selection instead of a full sort."""
         return prune.row_mask(prune.wanda_score(self.W, self.act_norm), s)
 
-    def stacked(self, g):
-        """The pairs 0..g side by side: B (out, (g+1)r) and A ((g+1)r, in), so that B @ A = sum_{k<=g} B_k A_k."""
-        G1, out_f, r = g + 1, self.B.shape[1], self.B.shape[2]
-        return self.B[:G1].permute(1, 0, 2).reshape(out_f, G1 * r), self.A[:G1].reshape(G1 * r, -1)
+    def stacked(self, pairs):
+        """The pairs `pairs` (a slice) side by side: B (out, n r) and A (n r, in), so that B @ A = sum_k B_k A_k."""
+        B, A = self.B[pairs], self.A[pairs]  # (n, out, r), (n, r, in)
+        return B.permute(1, 0, 2).reshape(B.shape[1], -1), A.reshape(-1, A.shape[2])
 
     def weight(self, g, mask, adapters=True):
-        if not adapters:
+        """W_eff of group g: adapters True sums the pairs 0..g, a slice the pairs it names, False none
+        (group_adapters)."""
+        if adapters is False:
             return self.W * mask
-        B, A = self.stacked(g)
+        B, A = self.stacked(slice(0, g + 1) if adapters is True else adapters)
         return MaskedMerge.apply(self.W, B, A, mask, self.scale)
 
     def forward(self, x, g, mask, adapters=True):
@@ -213,11 +233,11 @@ def block_forward(block, layers, x, g, s, adapters=True):
     return functional_call(block, block_weights(layers, g, s, adapters), (x,))
 
 
-def deployed_forward(block, layers, use_adapter0):
+def deployed_forward(block, layers, use_adapter0, nested=True):
     """forward(x, g, s) of the block as deploy() will build it: group 0's adapter only if the low-group check
     kept it. x may live elsewhere (streams in CPU memory): it moves to the block's device."""
     device = prune.device_of(block)
-    return lambda x, g, s: block_forward(block, layers, x.to(device), g, s, adapters=g > 0 or use_adapter0)
+    return lambda x, g, s: block_forward(block, layers, x.to(device), g, s, group_adapters(g, nested, use_adapter0))
 
 
 # -----------------------------------------------------------------------------
@@ -233,13 +253,14 @@ def group_loss(out, y, out0=None):
 
 
 def train_step(block, layers, x, y, draws, procs=SOLO):
-    """The gradients of one EPTS step: every group g at its drawn sparsity draws[g], each group's loss
-    backpropagated so that their gradients accumulate. Returns the summed loss (0-d, on y's device).
-    x, y: (B, T, C) pruned inputs and dense targets. With several processes each computes its own groups."""
+    """The gradients of one EPTS step: every group g at its drawn sparsity with its adapters, draws[g] = (s,
+    group_adapters(g, ...)), each group's loss backpropagated so that their gradients accumulate. Returns the
+    summed loss (0-d, on y's device). x, y: (B, T, C) pruned inputs and dense targets. With several processes
+    each computes its own groups."""
     out0, total = None, torch.zeros((), device=y.device)  # out0: group 0's output, detached
-    for g, s in enumerate(draws):
+    for g, (s, adapters) in enumerate(draws):
         if procs.owns(g):
-            out = block_forward(block, layers, x, g, s).float()
+            out = block_forward(block, layers, x, g, s, adapters).float()
             loss = group_loss(out, y, out0)  # group 0 runs first, with out0 still None
             loss.backward()
             total += loss.detach()
@@ -271,7 +292,8 @@ def train_block(block, layers, streams, config, gen, procs=SOLO):
             step = epoch * per_epoch + b
             idx = order[b * batch_size:(b + 1) * batch_size]
             x, y = X[idx].to(device), Y[idx].to(device).float()  # (B, T, C)
-            loss = train_step(block, layers, x, y, [d[step] for d in draws], procs)
+            groups = [(d[step], group_adapters(g, config.nested)) for g, d in enumerate(draws)]
+            loss = train_step(block, layers, x, y, groups, procs)
             total += procs.sum_gradients(params, loss).double()
             opt.step()
             opt.zero_grad(set_to_none=True)
@@ -333,8 +355,20 @@ class MSFM:
     @torch.no_grad()
     def mix(self, forward, x, draws):
         """sum_g w_g forward(x, g, draws[g]) in float32: one batch x (B, T, C) through the block at one drawn
-        sparsity per group, forward(x, g, s) being the block at sparsity s in group g."""
-        return sum(w * forward(x, g, s).float() for g, (w, s) in enumerate(zip(self.weights, draws)))
+        sparsity per group, forward(x, g, s) being the block at sparsity s in group g (not run where w_g = 0)."""
+        return sum(w * forward(x, g, s).float() for g, (w, s) in enumerate(zip(self.weights, draws)) if w)
+
+
+class OneSparsity(MSFM):
+    """The mixer's ablation: the next block's pruned inputs are this block's outputs at the one sparsity s."""
+
+    def __init__(self, edges, s):
+        g = group_of(edges, s)
+        super().__init__(edges, weights=[float(k == g) for k in range(len(edges) - 1)])
+        self.s = s
+
+    def draw(self, gen):
+        return [self.s] * (len(self.edges) - 1)
 
 
 def mix_stream(msfm, forward, X, batch_size, gen, procs=SOLO):
@@ -360,7 +394,8 @@ def train_blocks(model, calib_ids, config, device, resume, procs=SOLO):
                                       reserve_bytes=6 * prune.param_bytes(model.blocks[0]))  # (N, T, C)
     X_pruned = X_dense.clone()
     progress = prune.Progress(len(model.blocks), "epts", start=len(done))
-    msfm = MSFM(config.edges)
+    msfm = MSFM(config.edges) if config.mixer == "msfm" else OneSparsity(config.edges, config.mixer) \
+        if config.mixer != "dense" else None
     if done and partial:
         print(f"epts: resuming {partial}: blocks 0..{len(done) - 1} are done, replaying their outputs",
               file=sys.stderr)
@@ -381,13 +416,14 @@ def train_blocks(model, calib_ids, config, device, resume, procs=SOLO):
             act_norms = {n: s.act_norm for n, s in stats.items()}
             layers = elastic_layers(block, act_norms, G, config.rank, generator=gen)
             losses = train_block(block, layers, (X_pruned, Y), config, gen, procs)
-            use0 = low_group_check(block, layers, (X_pruned, Y), config, procs)
+            use0 = low_group_check(block, layers, (X_pruned, Y), config, procs) if config.check_low_group else True
             rec = block_record(layers, use0, act_norms, losses)
             if partial:
                 save(rec, os.path.join(partial, f"block_{i:03d}.pt"))
         records.append(rec)
-        X_pruned = mix_stream(msfm, deployed_forward(block, layers, rec["use_adapter0"]), X_pruned,
-                              config.batch_size, mix_gen, procs)
+        X_pruned = Y if msfm is None else mix_stream(  # mixer "dense": the next block trains on dense inputs
+            msfm, deployed_forward(block, layers, rec["use_adapter0"], config.nested), X_pruned, config.batch_size,
+            mix_gen, procs)
         X_dense = Y
         del layers
         block.to(home)
@@ -420,7 +456,8 @@ def deploy(model, elastic, sparsity):
         layers = restore_layers(block, rec, G, elastic["rank"])
         for name, lin in block.linears().items():
             layer = layers[name]
-            lin.weight.copy_(layer.weight(g, layer.deploy_mask(s), adapters=g > 0 or rec["use_adapter0"]))
+            adapters = group_adapters(g, elastic.get("nested", True), rec["use_adapter0"])
+            lin.weight.copy_(layer.weight(g, layer.deploy_mask(s), adapters))
     return model
 
 
@@ -889,6 +926,8 @@ def plan(r, config, procs=SOLO):
             group_of(elastic["edges"], s)  # every requested sparsity inside the trained range, or a clear error
     if train_epts:
         config = replace(config, edges=tuple(extend_edges(config.edges, max(deployed))))
+        if config.mixer not in ("msfm", "dense"):
+            group_of(config.edges, config.mixer)  # the one sparsity fed forward lies inside the trained range
         if procs.size > len(config.edges) - 1:
             raise UserError(f"{procs.size} processes for {len(config.edges) - 1} groups: each process computes "
                             "whole groups, so run at most as many processes as groups.")
@@ -1203,6 +1242,11 @@ def parse_args(argv):
     p.add_argument("--rank", type=int, default=defaults.rank, help="the LoRA rank r of every adapter")
     p.add_argument("--batch-size", type=int, default=defaults.batch_size, help="EPTS calibration windows per step")
     p.add_argument("--seed", type=int, default=defaults.seed)
+    p.add_argument("--no-nesting", action="store_true", help="EPTS ablation: group g uses its own adapter alone, "
+                   "not adapters 0..g")
+    p.add_argument("--mixer", default="msfm", help="EPTS: the next block's pruned inputs: msfm (the paper's mix), "
+                   "dense (the dense outputs), or one sparsity such as 0.5 (ablations)")
+    p.add_argument("--no-low-group-check", action="store_true", help="EPTS ablation: always deploy adapter 0")
     p.add_argument("--ria-alpha", type=float, default=prune.PruneConfig.ria_alpha,
                    help="RIA and EGGS: the exponent a on the input norm ||X_j||")
     p.add_argument("--eggs-diagonals", type=int, default=prune.PruneConfig.eggs_diagonals,
@@ -1247,7 +1291,11 @@ def parse_args(argv):
     except ValueError:
         p.error(f"--groups: {a.groups!r} is not a comma-separated list of numbers")
     try:
-        config = EPTSConfig(edges, epochs, a.lr, a.rank, a.batch_size, a.seed)
+        mixer = a.mixer if a.mixer in ("msfm", "dense") else float(a.mixer)
+        config = EPTSConfig(edges, epochs, a.lr, a.rank, a.batch_size, a.seed, nested=not a.no_nesting, mixer=mixer,
+                            check_low_group=not a.no_low_group_check)
+    except ValueError:
+        p.error(f"--mixer {a.mixer!r} must be msfm, dense, or one sparsity in [0, 1) such as 0.5.")
     except UserError as e:
         p.error(str(e))
     tasks = [t.strip() for t in a.tasks.split(",") if t.strip()]

@@ -1465,9 +1465,11 @@ def test_untrained_adapters_deploy_equals_wanda_with_dense_scores(tmp_path):
             assert torch.equal(dep.linears()[name].weight, lin.weight * topk_mask(lin.weight, norm[name], 0.5)), name
 
 
-def test_deploy_uses_the_cumulative_adapters_of_the_sparsitys_group():
+@pytest.mark.parametrize("nested", [True, False])
+def test_deploy_uses_the_cumulative_adapters_of_the_sparsitys_group(nested):
     """A deployed weight is (W + sum_{k<=g} B_k A_k) ⊙ M_s, g the group whose range (edges[g], edges[g+1]] holds s:
-    a sparsity inside every group and one on every upper edge, every adapter nonzero, so a group off by one shows."""
+    a sparsity inside every group and one on every upper edge, every adapter nonzero, so a group off by one shows.
+    An elastic file trained without nesting deploys (W + B_g A_g) ⊙ M_s, its group's own pair alone."""
     model, calib = tiny_llama(), calib_ids()
     norms, gen, records = dense_act_norms(model, calib), torch.Generator().manual_seed(0), []
     for block, norm in zip(model.blocks, norms):
@@ -1476,11 +1478,13 @@ def test_deploy_uses_the_cumulative_adapters_of_the_sparsitys_group():
             layer.B.data.normal_(generator=gen)
         records.append(epts.block_record(layers, True, norm, [0.0]))
     elastic = {"edges": [0.0, 0.3, 0.5, 0.7], "rank": 2, "fingerprint": M.fingerprint(model), "blocks": records}
+    if not nested:
+        elastic["nested"] = False  # files written before the switch have no key: nested, the paper's
     for s, g in ((0.2, 0), (0.3, 0), (0.4, 1), (0.5, 1), (0.6, 2), (0.7, 2)):
         deployed = epts.deploy(tiny_llama(), elastic, s)
         for block, rec, norm, dep in zip(model.blocks, records, norms, deployed.blocks):
             for name, lin in block.linears().items():
-                delta = sum(rec["B"][name][k] @ rec["A"][name][k] for k in range(g + 1))
+                delta = sum(rec["B"][name][k] @ rec["A"][name][k] for k in (range(g + 1) if nested else [g]))
                 expect = (lin.weight + delta) * topk_mask(lin.weight, norm[name], s)
                 torch.testing.assert_close(dep.linears()[name].weight, expect, rtol=0, atol=1e-5)
 
@@ -1816,6 +1820,60 @@ def test_every_block_and_every_seed_draws_its_own_adapters():
     assert all(torch.equal(a, b) for a, b in zip(A, first_draws(0)))
 
 
+def test_nesting_off_trains_each_group_on_its_own_adapter(monkeypatch):
+    """EPTSConfig(nested=False): group g's weight is (W + B_g A_g) ⊙ M, every training forward of group g uses pair
+    g alone, so pair 0 learns from group 0's loss only; the default sums pairs 0..g (MS-HiLoRA)."""
+    block, layers, X, Y, _ = trained_block([0.0, 0.4, 0.55, 0.7])
+    layer, mask = layers["mlp.down_proj"], layers["mlp.down_proj"].mask(0.6)
+    for g in range(3):
+        own = (layer.W + layer.B[g] @ layer.A[g]) * mask
+        torch.testing.assert_close(layer.weight(g, mask, epts.group_adapters(g, False)), own)
+        summed = (layer.W + sum(layer.B[k] @ layer.A[k] for k in range(g + 1))) * mask
+        torch.testing.assert_close(layer.weight(g, mask, epts.group_adapters(g, True)), summed)
+    assert epts.group_adapters(0, False, use_adapter0=False) is False
+    seen, real = [], epts.block_forward
+    monkeypatch.setattr(epts, "block_forward", lambda b, l, x, g, s, adapters=True: seen.append((g, adapters)) or
+                        real(b, l, x, g, s, adapters))
+    config = epts.EPTSConfig((0.0, 0.4, 0.55, 0.7), epochs=1, lr=1e-2, batch_size=4, nested=False)
+    epts.train_block(block, layers, (X, Y), config, torch.Generator().manual_seed(0))
+    assert seen and all(a == slice(g, g + 1) for g, a in seen)
+    grads = []
+    for draws in ([(0.3, slice(0, 1))], [(0.3, slice(0, 1)), (0.5, slice(1, 2)), (0.6, slice(2, 3))]):
+        layer.B.grad = None
+        epts.train_step(block, layers, X[:4], Y[:4], draws)
+        grads.append(layer.B.grad[0].clone())
+    torch.testing.assert_close(grads[0], grads[1])  # groups 1 and 2 leave pair 0 alone
+
+
+@pytest.mark.parametrize("mixer", ["dense", 0.5])
+def test_mixer_off_feeds_the_next_block_exactly_the_chosen_stream(mixer, monkeypatch):
+    """EPTSConfig(mixer="dense"): block 1 trains on block 0's dense outputs; mixer=s: on block 0's outputs at s
+    alone, as deployed (its group's adapters), not on MSFM's mix."""
+    model, calib = tiny_llama(), calib_ids(8)
+    config = epts.EPTSConfig((0.0, 0.4, 0.55, 0.7), epochs=1, lr=1e-2, rank=4, batch_size=4, mixer=mixer)
+    streams, real = [], epts.train_block
+    monkeypatch.setattr(epts, "train_block", lambda b, l, st, *a: streams.append([t.clone() for t in st]) or
+                        real(b, l, st, *a))
+    records = epts.train_blocks(model, calib, config, "cpu", (None, []))
+    X0, Y0 = streams[0]
+    if mixer == "dense":
+        assert torch.equal(streams[1][0], Y0)
+    else:
+        layers = epts.restore_layers(model.blocks[0], records[0], 3, 4)
+        g = epts.group_of(config.edges, 0.5)
+        expected = epts.block_forward(model.blocks[0], layers, X0, g, 0.5, epts.group_adapters(g, True)).detach()
+        torch.testing.assert_close(streams[1][0], expected, rtol=0, atol=1e-6)
+        assert not torch.allclose(streams[1][0], Y0, atol=1e-3)
+
+
+def test_low_group_check_off_always_deploys_adapter_0(monkeypatch):
+    """EPTSConfig(check_low_group=False): no block runs the check, every block's record keeps adapter 0."""
+    monkeypatch.setattr(epts, "low_group_check", None)  # called: a TypeError
+    config = epts.EPTSConfig((0.0, 0.4, 0.7), epochs=1, lr=1e-2, rank=2, batch_size=4, check_low_group=False)
+    records = epts.train_blocks(tiny_llama(), calib_ids(8), config, "cpu", (None, []))
+    assert [r["use_adapter0"] for r in records] == [True, True]
+
+
 def test_deploy_honours_the_low_group_flag(tmp_path):
     """A block whose adapter 0 is flagged off deploys group-0 sparsities as plain Wanda; flagged on, it does not."""
     model, calib = tiny_llama(), calib_ids()
@@ -2070,6 +2128,8 @@ def test_prune_config_refuses_a_setting_out_of_range(setting, message):
     (["--device", "tpu"], "--device: 'tpu' is not cpu or cuda"),
     (["--groups", "0,0.5,x"], "--groups: '0,0.5,x' is not a comma-separated list of numbers"),
     (["--si-lr", "1e39"], "--si-lr 1e+39 must be a number in (0, 1]"),
+    (["--mixer", "x"], "--mixer 'x' must be msfm, dense, or one sparsity in [0, 1) such as 0.5."),
+    (["--mixer", "1.5"], "--mixer 1.5 must be msfm, dense, or one sparsity in [0, 1) such as 0.5."),
     (["--ria-alpha", "1e10"], "--ria-alpha 10000000000.0 must be a number in [-4, 4]"),
     (["--ckpt", "/nonexistent/model"], "does not exist"),
     (["--ckpt", "{tmp}"], "no config.json"),
@@ -2100,6 +2160,10 @@ def test_parse_args_defaults_follow_the_model():
     assert request.ckpt is None and config.epochs == default_model.DEFAULTS["epochs"] != epts.EPTSConfig.epochs
     request, config = epts.parse_args(["--ckpt", "model", "--offload", "--methods", "wanda+si"])
     assert (config.epochs, request.offload, request.methods) == (epts.EPTSConfig.epochs, True, ["wanda+si"])
+    assert (config.nested, config.mixer, config.check_low_group) == (True, "msfm", True)  # the paper's
+    _, config = epts.parse_args(["--no-nesting", "--mixer", "0.55", "--no-low-group-check"])
+    assert (config.nested, config.mixer, config.check_low_group) == (False, 0.55, False)
+    assert epts.parse_args(["--mixer", "dense"])[1].mixer == "dense"
 
 
 # -----------------------------------------------------------------------------
@@ -2514,6 +2578,7 @@ def test_bad_requests_fail_before_any_work(tiny, tmp_path, monkeypatch):
         (dict(methods=["wanda", "epts"], sparsities=[0.5, 0.8], elastic=tiny["out"]),
          "above the elastic model's range"),
         (dict(methods=["dense"], evals=tiny["evals"] * 2), "--eval names one file twice"),
+        (dict(methods=["epts"], sparsities=[0.5], mixer=0.9), "sparsity 0.9 is above the elastic model's range"),
     ]
     for kw, message in cases:
         with pytest.raises(UserError, match=message):
