@@ -265,9 +265,12 @@ def sslc_prune(W, act_norm, sparsity, rank_ratio=0.25, alternations=10, keep=0.0
     r, k = sslc_budget(*W.shape, sparsity, rank_ratio)
     forced = matrix_mask(Wd.abs(), 1 - keep)  # True at the top `keep` of |W_ij| ||X_j|| in the layer
 
-    def sparsify(R):  # the entries S keeps of R: forced ones first, then the largest per row (or n of m)
+    def sparsify(R):  # the entries S keeps of R: forced ones first, then the k largest per row (or n of m)
         score = torch.where(forced, math.inf, R.abs())
-        return R * (nm_mask(score, *sparsity) if isinstance(sparsity, tuple) else ~lowest_k(score, W.shape[1] - k))
+        if isinstance(sparsity, tuple):
+            return R * nm_mask(score, *sparsity)
+        top = score.topk(k, dim=1, sorted=False).indices  # (out, k): a selection, ~2x faster than lowest_k's
+        return R * torch.zeros_like(R, dtype=torch.bool).scatter_(1, top, True)
 
     S = S_last = torch.zeros_like(Wd)
     errors, best, V = [], None, None
