@@ -10,12 +10,15 @@ import pytest
 import torch
 
 import epts
-from conftest import tiny_llama
+import model as M
+import prune
+from conftest import calib_ids, tiny_llama
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 import bench  # noqa: E402
 import memory_check  # noqa: E402
 import nm_bench  # noqa: E402
+import outliers  # noqa: E402
 import si_bench  # noqa: E402
 import sslc_bench  # noqa: E402
 
@@ -215,3 +218,50 @@ def test_si_bench_mean_bias_and_tables():
     assert "| opt | wanda, mean bias only (no SI) | 12.00 | 12.00 | 12.00 | |" in table
     assert "| opt | the same on the calibration windows: Wanda → mean bias | 8.00 → 9.00 | 8.00 → 9.00 | " \
         "8.00 → 9.00 | |" in table
+
+
+@pytest.mark.parametrize("family", ["llama", "opt"])
+def test_outlier_bed_keeps_the_function_and_wandas_masks_and_strips_magnitudes(family):
+    """add_outliers (k = 64) leaves the model's logits and Wanda's 50 % masks the same to the last bit, while
+    magnitude's 50 % masks now empty the outlier columns of every layer a norm feeds and nothing else changes."""
+    if family == "llama":
+        model = tiny_llama(num_hidden_layers=2)
+    else:
+        cfg = dict(model_type="opt", vocab_size=64, hidden_size=32, ffn_dim=64, num_hidden_layers=2,
+                   num_attention_heads=4, max_position_embeddings=64, word_embed_proj_dim=32, do_layer_norm_before=True)
+        torch.manual_seed(0)
+        model = M.build_model(M.config_from_dict(cfg)).eval().requires_grad_(False)
+        for block in model.blocks:  # LayerNorms with weights and biases away from 1 and 0
+            for norm in (block.self_attn_layer_norm, block.final_layer_norm):
+                norm.weight.uniform_(0.5, 1.5)
+                norm.bias.normal_(0, 0.1)
+    channels, ids = outliers.outlier_channels(model.cfg.hidden_size), calib_ids(4, 16, 64)
+    bed = outliers.add_outliers(epts.prunable_copy(model), channels)
+    assert not torch.equal(bed.blocks[0].linears()[next(iter(bed.blocks[0].linears()))].weight,
+                           model.blocks[0].linears()[next(iter(model.blocks[0].linears()))].weight)
+    assert torch.equal(bed(ids), model(ids))
+    masks = {}
+    for name, m in (("plain", model), ("bed", bed)):
+        for method in ("wanda", "magnitude"):
+            pruned = prune.prune_model(epts.prunable_copy(m), method, 0.5, ids)
+            masks[name, method] = [lin.weight != 0 for b in pruned.blocks for lin in b.linears().values()]
+    assert all(torch.equal(a, b) for a, b in zip(masks["plain", "wanda"], masks["bed", "wanda"]))
+    fed = [n for n, lin in bed.blocks[0].linears().items() if lin.in_features == model.cfg.hidden_size
+           and not n.endswith(("o_proj", "out_proj", "down_proj", "fc2"))]  # the layers a norm feeds
+    per_block = len(bed.blocks[0].linears())
+    for i, name in enumerate(list(bed.blocks[0].linears()) * len(bed.blocks)):
+        stripped = masks["bed", "magnitude"][i][:, channels]
+        assert not stripped.any() if name in fed else stripped.any(), name
+    assert len(fed) == (5 if family == "llama" else 4) and per_block > len(fed)
+    assert any(m[:, channels].any() for m in masks["plain", "magnitude"])
+
+
+def test_outliers_table():
+    """outliers.py's table: one row per fixture and method, plain and outlier bed side by side."""
+    rows = [{"model": "llama", "bed": bed, "method": m, "sparsity": s, "ppl": p}
+            for bed, base in (("plain", 10.0), ("outliers", 20.0))
+            for m in ("dense", *outliers.METHODS) for s, p in ((0.0, base), (0.5, base + 1), (0.7, base + 2))
+            if (m == "dense") == (s == 0.0)]
+    table = outliers.table({"rows": rows})
+    assert "| llama | dense | 10.00 | 20.00 |" in table
+    assert "| llama | magnitude | 11.00 / 12.00 | 21.00 / 22.00 |" in table
