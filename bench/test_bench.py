@@ -20,6 +20,7 @@ import memory_check  # noqa: E402
 import nm_bench  # noqa: E402
 import outliers  # noqa: E402
 import si_bench  # noqa: E402
+import smollm2  # noqa: E402
 import sslc_bench  # noqa: E402
 
 
@@ -265,3 +266,12 @@ def test_outliers_table():
     table = outliers.table({"rows": rows})
     assert "| llama | dense | 10.00 | 20.00 |" in table
     assert "| llama | magnitude | 11.00 / 12.00 | 21.00 / 22.00 |" in table
+
+
+def test_smollm2_unpermute_undoes_llama_cpps_rotary_interleave():
+    """llama.cpp's converter stores each q/k head's rows as (d, d + hd/2) pairs interleaved for its RoPE;
+    smollm2.unpermute puts them back in Hugging Face's order (rows of 3 heads of 8, 2 inputs)."""
+    n_head, hd, in_f = 3, 8, 2
+    W = torch.arange(n_head * hd * in_f, dtype=torch.float32).view(n_head * hd, in_f).numpy()
+    interleaved = W.reshape(n_head, 2, hd // 2, in_f).swapaxes(1, 2).reshape(n_head * hd, in_f)  # llama.cpp's
+    assert (interleaved[1] == W[hd // 2]).all() and (smollm2.unpermute(interleaved, n_head) == W).all()
