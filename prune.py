@@ -249,10 +249,13 @@ def low_rank(A, r, V=None):
     return (Q @ Ub) * s, V
 
 
-def sslc_prune(W, act_norm, sparsity, rank_ratio=0.25, alternations=10, keep=0.01, momentum=0.8):
+SSLC_KEEP = 0.01  # the paper's "top 1 % most important weights", always in S
+
+
+def sslc_prune(W, act_norm, sparsity, rank_ratio=0.25, alternations=10, momentum=0.8):
     """W (out, in) as S + U V minimising the weighted error ||(W - S - U V) D||_F, D = diag(||X_j||) (Wanda's
     statistic for X): alternately U V = the best rank-r fit of W D - S, and S = the largest entries of what it
-    leaves (per row, or n of every m), the top `keep` of |W_ij| ||X_j|| in the layer always in S. The low-rank
+    leaves (per row, or n of every m), the top SSLC_KEEP of |W_ij| ||X_j|| in the layer always in S. The low-rank
     step fits S extrapolated along its last change (heavy-ball `momentum`; 0: plain alternation, as OATS), warm
     from the last step's factors. Stops when the error stops falling. Returns S, U, V and the error after each
     alternation kept."""
@@ -263,7 +266,7 @@ def sslc_prune(W, act_norm, sparsity, rank_ratio=0.25, alternations=10, keep=0.0
     d = torch.where(dead, 1.0, d)
     Wd = W.float() * d * ~dead  # (out, in): W D, in whose units |.| is Wanda's score
     r, k = sslc_budget(*W.shape, sparsity, rank_ratio)
-    forced = matrix_mask(Wd.abs(), 1 - keep)  # True at the top `keep` of |W_ij| ||X_j|| in the layer
+    forced = matrix_mask(Wd.abs(), 1 - SSLC_KEEP)  # True at the top 1 % of |W_ij| ||X_j|| in the layer
 
     def sparsify(R):  # the entries S keeps of R: forced ones first, then the k largest per row (or n of m)
         score = torch.where(forced, math.inf, R.abs())
