@@ -31,9 +31,17 @@ METHODS = ("magnitude", "wanda", "sparsegpt", "magnitude+si", "wanda+si")
 SPARSITIES = (0.5, 0.7)
 
 
-def outlier_channels(hidden_size, n=CHANNELS, seed=0):
-    """The n hidden channels that carry the outliers, the same in every block (as in real LLMs)."""
-    return torch.randperm(hidden_size, generator=torch.Generator().manual_seed(seed))[:n]
+@torch.no_grad()
+def outlier_channels(model, calib, n=CHANNELS):
+    """The n hidden channels that carry the outliers, the same in every block (as in real LLMs): those the first
+    block's attention norm gives the largest ||x_j|| on the calibration windows. Real outlier channels are the most
+    active ones, and the model relies on them; two channels drawn at random change magnitude's perplexity on the
+    LLaMA fixture by less than 1 % (42.37 against 41.99 at 0.5), these two by 28 % at 0.7 (71.68 against 55.94)."""
+    block = model.blocks[0]
+    stats = prune.new_stats(block, hessian=False, device="cpu")
+    prune.run_block(block, model.embed(calib), "cpu", 8, stats)
+    first = next(iter(stats.values()))  # q_proj's inputs: the attention norm's outputs
+    return first.act_norm.topk(n).indices
 
 
 @torch.no_grad()
@@ -59,7 +67,7 @@ def rows(kind):
     found = []
     for bed in ("plain", "outliers"):
         if bed == "outliers":
-            add_outliers(model, outlier_channels(model.cfg.hidden_size))
+            add_outliers(model, outlier_channels(model, calib))
         found.append({"model": kind, "bed": bed, "method": "dense", "sparsity": 0.0, "ppl": ppl(model)})
         for method in METHODS:
             for s in SPARSITIES:

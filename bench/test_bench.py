@@ -236,7 +236,12 @@ def test_outlier_bed_keeps_the_function_and_wandas_masks_and_strips_magnitudes(f
             for norm in (block.self_attn_layer_norm, block.final_layer_norm):
                 norm.weight.uniform_(0.5, 1.5)
                 norm.bias.normal_(0, 0.1)
-    channels, ids = outliers.outlier_channels(model.cfg.hidden_size), calib_ids(4, 16, 64)
+    ids = calib_ids(4, 16, 64)
+    channels = outliers.outlier_channels(model, ids)
+    norms = prune.new_stats(model.blocks[0], False, "cpu")
+    prune.run_block(model.blocks[0], model.embed(ids), "cpu", 4, norms)
+    act_norm = next(iter(norms.values())).act_norm  # the first norm's outputs: the outliers are its loudest
+    assert (act_norm[channels].min() >= act_norm.topk(outliers.CHANNELS).values.min()) and len(channels) == 2
     bed = outliers.add_outliers(epts.prunable_copy(model), channels)
     assert not torch.equal(bed.blocks[0].linears()[next(iter(bed.blocks[0].linears()))].weight,
                            model.blocks[0].linears()[next(iter(model.blocks[0].linears()))].weight)
