@@ -69,7 +69,7 @@ class EPTSConfig:
     batch_size: int = 1  # calibration windows per training step
     seed: int = 0  # calibration sampling, adapter init, sparsity draws
     check_sparsity: float = 0.3  # where the low-group check decides whether adapter 0 is deployed
-    # the paper's ablations, each off only to measure what it buys (bench/ablation.py): the hierarchy (group g sums
+    # the paper's ablations, each off only to measure what it buys (its ablation table): the hierarchy (group g sums
     # adapters 0..g; False: its own adapter g alone), the mixer ("msfm"; "dense": the next block trains on the
     # dense outputs; a sparsity s: on this block's outputs at s alone) and the low-group check (False: adapter 0
     # always deployed)
