@@ -171,9 +171,11 @@ class ElasticLinear(nn.Module):
 
     def __init__(self, linear, act_norm, n_groups, rank, scale=1.0, generator=None):
         super().__init__()
-        self.W = linear.weight.detach()  # (out, in), frozen, in the model's dtype
-        self.bias = None if linear.bias is None else linear.bias.detach()
-        self.act_norm = act_norm  # (in,)
+        # buffers, so that .to() moves them; not in state_dict(): the elastic file keeps only what is new (A, B and
+        # the activation norms, which block_record saves itself)
+        self.register_buffer("W", linear.weight.detach(), persistent=False)  # (out, in), frozen, the model's dtype
+        self.register_buffer("bias", None if linear.bias is None else linear.bias.detach(), persistent=False)
+        self.register_buffer("act_norm", act_norm, persistent=False)  # (in,)
         out_f, in_f = self.W.shape
         self.scale = scale
         A = torch.empty(n_groups, rank, in_f)

@@ -1454,6 +1454,21 @@ def dense_act_norms(model, calib):
     return norms
 
 
+def test_elastic_linear_moves_its_frozen_tensors_and_saves_only_its_adapters():
+    """ElasticLinear's W, bias and activation norm are buffers: .to() moves them with A and B (a layer copied into
+    another repo and sent to a device keeps working), W still shares the model's storage until then, and
+    state_dict() holds A and B alone (the elastic file keeps the activation norms itself)."""
+    block = tiny_llama(attention_bias=True).blocks[0]
+    lin = block.self_attn.q_proj
+    layer = epts.ElasticLinear(lin, torch.rand(lin.in_features), n_groups=2, rank=2)
+    assert layer.W.data_ptr() == lin.weight.data_ptr() and sorted(layer.state_dict()) == ["A", "B"]
+    layer.to(torch.float64)
+    assert {t.dtype for t in (layer.W, layer.bias, layer.act_norm, layer.A, layer.B)} == {torch.float64}
+    x = torch.randn(3, lin.in_features, dtype=torch.float64)
+    torch.testing.assert_close(layer(x, 1, layer.mask(0.5)), F.linear(x, lin.weight.double() * layer.mask(0.5),
+                                                                      lin.bias.double()))
+
+
 def test_untrained_adapters_deploy_equals_wanda_with_dense_scores(tmp_path):
     """With B = 0 (lr 0), the deployed weight is W masked by Wanda's per-row mask from dense activations."""
     model, calib = tiny_llama(), calib_ids()
