@@ -9,7 +9,7 @@ setup:
 # the whole suite, the real-shape tier included (about 10 minutes on 2 CPU cores); pytest exits 5 when no
 # test ran, which must fail too
 test:
-	$(PYTHON) -m pytest -q test_epts.py bench/test_bench.py; rc=$$?; \
+	$(PYTHON) -m pytest -q test_*.py bench/test_bench.py; rc=$$?; \
 	if [ $$rc -eq 5 ]; then echo "error: no test ran"; fi; exit $$rc
 
 # the main job on the built-in model (trains it the first time, a few minutes on a laptop CPU)

@@ -1,4 +1,4 @@
-"""Builders of the tests' fixtures, shared by test_epts.py and bench/test_bench.py: tiny transformers models
+"""Builders of the tests' fixtures, shared by the test_*.py files and bench/test_bench.py: tiny transformers models
 of every family, tokenizers trained by `tokenizers`, small trained checkpoints, real-shaped random ones."""
 
 import dataclasses
@@ -11,11 +11,16 @@ import sys
 import pytest
 import torch
 
+import cli
 import data
 import epts
 import model as M
+import parallel
+import prune
 
 HERE = os.path.dirname(os.path.abspath(__file__))
+sys.path.insert(1, os.path.join(HERE, "bench"))
+from random_checkpoint import save_random  # noqa: E402
 SHARED = os.path.join(HERE, "..", "shared", "data")
 
 LLAMA2_TOKENIZER = os.path.join(SHARED, "llama2-tokenizer", "tokenizer.model")
@@ -163,7 +168,7 @@ def small(tmp_path_factory):
     return root
 
 
-def cli(*args, timeout=120):
+def run_command(*args, timeout=120):
     # THP_MEM_ALLOC_ENABLE: PyTorch backs large CPU tensors with huge pages, which spares the page faults that
     # dominate multi-GB temporaries on the CPU (README, "Scale"); results are identical
     return subprocess.run([sys.executable, os.path.join(HERE, "epts.py"), *args], capture_output=True, text=True,
@@ -207,7 +212,7 @@ def published_config(name):
 def write_real_shape(real_text, name, out_dir, n_blocks=1):
     """configs/NAME.json with `n_blocks` random bf16 blocks, and a tokenizer of the family's kind."""
     raw = published_config(name)
-    M.save_random(raw, out_dir, n_blocks)
+    save_random(raw, out_dir, n_blocks)
     kind = REAL_TOKENIZERS[name]
     if kind == "sentencepiece":
         shutil.copy(real_text / "sp" / "tokenizer.model", out_dir)
@@ -243,7 +248,81 @@ def tiny(tmp_path):
 
 
 def main(**kw):
-    """epts.main with one flat set of arguments, split into its Request and its EPTSConfig."""
+    """cli.main with one flat set of arguments, split into its Request and its EPTSConfig."""
     config = {f.name for f in dataclasses.fields(epts.EPTSConfig)}
-    return epts.main(epts.Request(**{k: v for k, v in kw.items() if k not in config}),
+    return cli.main(cli.Request(**{k: v for k, v in kw.items() if k not in config}),
                      epts.EPTSConfig(**{k: v for k, v in kw.items() if k in config}))
+
+
+def write_config(path, **cfg):
+    os.makedirs(path, exist_ok=True)
+    with open(os.path.join(path, "config.json"), "w") as f:
+        json.dump(cfg, f)
+
+
+class CharTokenizer:
+    bos_id, eos_id = 0, 0
+
+    def encode(self, text, bos=True):
+        return [0] * bos + [ord(c) % 256 + 1 for c in text]
+
+
+def trained_block(groups=epts.EPTSConfig.edges, epochs=2, procs=parallel.SOLO, batch_size=8):
+    """Block 0 of a tiny LLaMA with trained adapters, its dense inputs X and target Y (computed `batch_size`
+    windows at a time), and the per-epoch losses; trained by `procs`, all of them or one."""
+    model, calib = tiny_llama(), calib_ids(8)
+    block, X = model.blocks[0], model.embed(calib)
+    stats = prune.new_stats(block, False, "cpu")
+    Y = procs.run_block(block, X, "cpu", batch_size, stats)
+    layers = epts.elastic_layers(block, {n: s.act_norm for n, s in stats.items()}, len(groups) - 1, 4,
+                                 torch.Generator().manual_seed(0))
+    losses = epts.train_block(block, layers, (X, Y), epts.EPTSConfig(tuple(groups), epochs, lr=1e-2, batch_size=4),
+                              torch.Generator().manual_seed(0), procs)
+    return block, layers, X, Y, losses
+
+
+def interrupt_after_first_block(monkeypatch, blocks=1):
+    """Make epts.train_block raise KeyboardInterrupt once `blocks` blocks are trained (a run stopped after block
+    blocks - 1); returns the real one."""
+    real, calls = epts.train_block, []
+
+    def interrupted(*args, **kw):
+        calls.append(1)
+        if len(calls) == blocks + 1:
+            raise KeyboardInterrupt
+        return real(*args, **kw)
+
+    monkeypatch.setattr(epts, "train_block", interrupted)
+    return real
+
+
+# one item per task in the public datasets' field names, and the (context, continuation) pairs lm-eval's task
+# definitions make of it, written out by hand
+TASK_EXAMPLES = {
+    "boolq": ({"passage": "Cats sleep a lot.", "question": "do cats sleep", "label": 1},
+              [("Cats sleep a lot.\nQuestion: do cats sleep?\nAnswer:", " no"),
+               ("Cats sleep a lot.\nQuestion: do cats sleep?\nAnswer:", " yes")], 1),
+    "rte": ({"sentence1": "A man walks.", "sentence2": "A person moves.", "label": 0},
+            [("A man walks.\nQuestion: A person moves. True or False?\nAnswer:", " True"),
+             ("A man walks.\nQuestion: A person moves. True or False?\nAnswer:", " False")], 0),
+    "hellaswag": ({"activity_label": "Baking", "ctx_a": "She mixes flour.", "ctx_b": "then she",
+                   "endings": ["bakes [title] it.", "runs  away."], "label": "0"},
+                  [("Baking: She mixes flour. Then she", " bakes. it."), ("Baking: She mixes flour. Then she", " runs away.")],
+                  0),
+    "winogrande": ({"sentence": "The cup fell off the table because _ was slippery.", "option1": "the cup",
+                    "option2": "the table", "answer": "2"},
+                   [("The cup fell off the table because the cup", " was slippery."),
+                    ("The cup fell off the table because the table", " was slippery.")], 1),
+    "arc_easy": ({"question": "What is ice?", "choices": {"text": ["frozen water", "hot air"], "label": ["A", "B"]},
+                  "answerKey": "A"},
+                 [("Question: What is ice?\nAnswer:", " frozen water"), ("Question: What is ice?\nAnswer:", " hot air")],
+                 0),
+    "arc_challenge": ({"question": "Pick 2.", "choices": {"text": ["one", "two"], "label": ["1", "2"]},
+                       "answerKey": "2"},
+                      [("Question: Pick 2.\nAnswer:", " one"), ("Question: Pick 2.\nAnswer:", " two")], 1),
+    "openbookqa": ({"question_stem": "The sun is", "choices": {"text": ["a star", "a moon"], "label": ["A", "B"]},
+                    "answerKey": "A"},
+                   [("The sun is", " a star"), ("The sun is", " a moon")], 0),
+    "piqa": ({"goal": "Open a jar", "sol1": "twist the lid", "sol2": "eat the lid", "label": 0},
+             [("Question: Open a jar\nAnswer:", " twist the lid"), ("Question: Open a jar\nAnswer:", " eat the lid")], 0),
+}

@@ -27,217 +27,8 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 
-class UserError(Exception):
-    """Bad input from the user (a file, a flag, a config): the message says what and how to fix it."""
-
-
-@contextlib.contextmanager
-def atomic_write(path, mode="w"):
-    """A file object whose content replaces `path` only once fully written (a temporary file beside it, then a
-    rename): a crash or Ctrl-C leaves the old file or none, never half of one."""
-    tmp = f"{path}.tmp-{os.getpid()}"
-    try:
-        with no_space_is_an_error(path), open(tmp, mode) as f:
-            yield f
-        os.replace(tmp, path)
-    finally:
-        if os.path.exists(tmp):
-            os.remove(tmp)
-
-
-@contextlib.contextmanager
-def no_space_is_an_error(path):
-    """A full disk while writing `path` becomes a UserError that names the path and the space left."""
-    try:
-        yield
-    except OSError as e:
-        if e.errno not in (errno.ENOSPC, errno.EDQUOT):
-            raise
-        free = shutil.disk_usage(os.path.dirname(os.path.abspath(path))).free
-        raise UserError(f"no space left to write {path!r} ({free / 2**20:.1f} MiB free there); free some space or "
-                        "write to another disk.") from None
-
-
-def save_json(obj, path):
-    with atomic_write(path) as f:
-        json.dump(obj, f, indent=2)
-
-
-@contextlib.contextmanager
-def atomic_folder(out_dir):
-    """A new temporary folder beside `out_dir` that becomes `out_dir` once filled, and is removed if anything
-    fails. `out_dir` may not exist yet or be an empty folder; nothing that exists is ever deleted."""
-    parent = os.path.dirname(os.path.abspath(out_dir))
-    os.makedirs(parent, exist_ok=True)
-    tmp = tempfile.mkdtemp(dir=parent, prefix=f".{os.path.basename(os.path.abspath(out_dir))}.tmp-")
-    umask = os.umask(0)
-    os.umask(umask)
-    os.chmod(tmp, 0o777 & ~umask)  # mkdtemp makes it private (0700); the folder it becomes should not be
-    try:
-        with no_space_is_an_error(out_dir):
-            yield tmp
-        try:
-            os.rename(tmp, out_dir)  # POSIX: replaces an empty folder, fails on a non-empty one
-        except OSError as e:
-            raise UserError(f"{out_dir!r} could not be written ({e.strerror}); it must not exist or be an empty "
-                            "folder.") from None
-    finally:
-        shutil.rmtree(tmp, ignore_errors=True)
-
-
-def nearest_existing(path):
-    """`path` itself if it exists, else its closest existing parent folder (where a new folder would be made)."""
-    existing = os.path.abspath(path)
-    while not os.path.exists(existing):
-        existing = os.path.dirname(existing)
-    return existing
-
-
-def check_writable(path, flag, folder=False, new=False):
-    """A file (in an existing folder) or a folder (created with its parents; if `new`, absent or empty) that
-    will be written later: checked now, before any time is spent."""
-    if os.path.islink(path) and not os.path.exists(path):
-        raise UserError(f"{flag} {path!r} is a link to nothing ({os.readlink(path)!r}); give a path that exists or "
-                        "a new name.")
-    if os.path.exists(path) and os.path.isdir(path) != folder:
-        raise UserError(f"{flag} {path!r} is a {'file' if folder else 'folder'}; give a "
-                        f"{'folder' if folder else 'file'} name.")
-    if new and os.path.isdir(path) and os.listdir(path):
-        raise UserError(f"{flag} {path!r} already exists and is not empty; nothing is overwritten or deleted: "
-                        "choose a new folder name.")
-    existing = nearest_existing(path) if folder else os.path.dirname(os.path.abspath(path))
-    if not os.path.isdir(existing) or not os.access(existing, os.W_OK):
-        raise UserError(f"{flag} {path!r} cannot be written: the folder {existing!r} is missing or not writable.")
-
-
 # -----------------------------------------------------------------------------
-# LLaMA
-
-
-def check_sizes(cfg, names):
-    """Every named size of a config must be a positive integer (a 0 or null would fail deep inside torch)."""
-    for name in names:
-        v = getattr(cfg, name)
-        if not isinstance(v, int) or isinstance(v, bool) or v < 1:
-            raise UserError(f"config.json: {name}={v!r} must be a positive integer; the checkpoint's config is "
-                            "damaged or not a model config.")
-
-
-def check_positive(name, v):
-    """A config value that must be a finite number > 0 (a 0 or negative eps or factor gives NaN logits later)."""
-    if not isinstance(v, (int, float)) or isinstance(v, bool) or not 0 < v < math.inf:
-        raise UserError(f"config.json: {name}={v!r} must be a positive number; the checkpoint's config is damaged.")
-
-
-ROPE_SCALING_KEYS = {"default": (), "linear": ("factor",),
-                     "llama3": ("factor", "low_freq_factor", "high_freq_factor", "original_max_position_embeddings")}
-
-
-def check_rope_scaling(scaling):
-    """rope_scaling is absent, or a supported kind with every number it needs."""
-    if scaling is None:
-        return
-    kind = scaling.get("rope_type", scaling.get("type", "default")) if isinstance(scaling, dict) else None
-    if kind not in ROPE_SCALING_KEYS:
-        raise UserError(f"config.json: rope_scaling {scaling!r} is not supported (supported: "
-                        f"{', '.join(ROPE_SCALING_KEYS)}).")
-    for key in ROPE_SCALING_KEYS[kind]:
-        check_positive(f"rope_scaling.{key}", scaling.get(key))
-    if kind == "llama3" and scaling["high_freq_factor"] <= scaling["low_freq_factor"]:
-        raise UserError("config.json: rope_scaling.high_freq_factor must exceed low_freq_factor.")
-
-
-def check_token_ids(cfg):
-    """bos/eos ids are null (the model has none) or rows of the embedding."""
-    for name in ("bos_token_id", "eos_token_id"):
-        v = getattr(cfg, name)
-        if v is not None and (not isinstance(v, int) or isinstance(v, bool) or not 0 <= v < cfg.vocab_size):
-            raise UserError(f"config.json: {name}={v!r} is not a token id below vocab_size={cfg.vocab_size}; the "
-                            "checkpoint's config is damaged.")
-
-
-@dataclass
-class LlamaConfig:
-    vocab_size: int
-    hidden_size: int
-    intermediate_size: int
-    num_hidden_layers: int
-    num_attention_heads: int
-    num_key_value_heads: int = None  # None: multi-head attention
-    head_dim: int = None  # None: hidden_size // num_attention_heads
-    rms_norm_eps: float = 1e-6
-    rope_theta: float = 10000.0
-    rope_scaling: dict = None  # None, {"rope_type": "linear"|"llama3", ...}
-    max_position_embeddings: int = 2048
-    attention_bias: bool = False  # biases on q, k, v and o
-    qkv_bias: bool = False  # biases on q, k, v only (Qwen2)
-    qk_norm: bool = False  # RMSNorm over each head of q and k before RoPE (Qwen3)
-    mlp_bias: bool = False
-    hidden_act: str = "silu"  # SwiGLU's gate; every supported release has silu
-    tie_word_embeddings: bool = False
-    bos_token_id: int = 1
-    eos_token_id: int = 2
-    raw: dict = field(default_factory=dict, repr=False)  # config.json as read, written back on export
-
-    def __post_init__(self):
-        if self.num_key_value_heads is None:
-            self.num_key_value_heads = self.num_attention_heads
-        check_sizes(self, ("vocab_size", "hidden_size", "intermediate_size", "num_hidden_layers",
-                           "num_attention_heads", "num_key_value_heads", "max_position_embeddings"))
-        if self.head_dim is None:
-            self.head_dim = self.hidden_size // self.num_attention_heads
-        check_sizes(self, ("head_dim",))
-        check_positive("rope_theta", self.rope_theta)
-        check_positive("rms_norm_eps", self.rms_norm_eps)
-        check_rope_scaling(self.rope_scaling)
-        check_token_ids(self)
-        if self.hidden_act != "silu":
-            raise UserError(f"config.json: hidden_act {self.hidden_act!r} is not supported (supported: silu).")
-        if self.num_attention_heads % self.num_key_value_heads:
-            raise UserError(f"config.json: num_attention_heads={self.num_attention_heads} is not a multiple of "
-                            f"num_key_value_heads={self.num_key_value_heads}; the checkpoint's config is inconsistent.")
-        self.windows = attention_windows(self.raw, self.num_hidden_layers)
-
-
-def attention_windows(raw, n_blocks):
-    """Each block's sliding attention window (None: full causal attention), as transformers reads config.json:
-    Mistral's sliding_window (default 4096) on every block; Qwen2/3's only with use_sliding_window, on the blocks
-    its layer_types name, else on those from max_window_layers (default 28) on."""
-    kind, window = raw.get("model_type"), raw.get("sliding_window", 4096)
-    if kind == "mistral" and window is not None:
-        types = ["sliding_attention"] * n_blocks
-    elif kind in ("qwen2", "qwen3") and window is not None and raw.get("use_sliding_window"):
-        first = raw.get("max_window_layers", 28)
-        types = raw.get("layer_types") or ["sliding_attention" if i >= first else "full" for i in range(n_blocks)]
-    else:
-        return [None] * n_blocks
-    if not isinstance(window, int) or isinstance(window, bool) or window < 1 or len(types) != n_blocks:
-        raise UserError(f"config.json: sliding_window={window!r} must be a positive integer and layer_types list "
-                        f"one type per block ({n_blocks}); the checkpoint's config is damaged.")
-    return [window if t == "sliding_attention" else None for t in types]
-
-
-def rope_inv_freq(cfg):
-    """RoPE inverse frequencies (head_dim/2,), float32, with the `linear` or `llama3` rescaling."""
-    d = cfg.head_dim
-    inv_freq = 1.0 / (cfg.rope_theta ** (torch.arange(0, d, 2, dtype=torch.int64, device="cpu").float() / d))
-    scaling = cfg.rope_scaling or {}
-    kind = scaling.get("rope_type", scaling.get("type", "default"))
-    if kind == "default":
-        return inv_freq
-    if kind == "linear":
-        return inv_freq / scaling["factor"]
-    if kind == "llama3":
-        # LLaMA-3.1: keep high frequencies, divide low ones by `factor`, interpolate in between
-        factor, lo, hi = scaling["factor"], scaling["low_freq_factor"], scaling["high_freq_factor"]
-        old_len = scaling["original_max_position_embeddings"]
-        wavelen = 2 * math.pi / inv_freq
-        scaled = torch.where(wavelen > old_len / lo, inv_freq / factor, inv_freq)
-        smooth = (old_len / wavelen - lo) / (hi - lo)
-        smoothed = (1 - smooth) * scaled / factor + smooth * scaled
-        medium = (wavelen >= old_len / hi) & (wavelen <= old_len / lo)
-        return torch.where(medium, smoothed, scaled)
-    raise UserError(f"config.json: rope_scaling type {kind!r} is not supported (supported: default, linear, llama3).")
+# LLaMA (and the families that differ from it by a flag: Mistral, Qwen2/3, SmolLM)
 
 
 def rotate_half(x):
@@ -390,44 +181,31 @@ class Llama(CausalLM):
         return self.lm_head(self.norm(x))
 
 
+def rope_inv_freq(cfg):
+    """RoPE inverse frequencies (head_dim/2,), float32, with the `linear` or `llama3` rescaling."""
+    d = cfg.head_dim
+    inv_freq = 1.0 / (cfg.rope_theta ** (torch.arange(0, d, 2, dtype=torch.int64, device="cpu").float() / d))
+    scaling = cfg.rope_scaling or {}
+    kind = scaling.get("rope_type", scaling.get("type", "default"))
+    if kind == "default":
+        return inv_freq
+    if kind == "linear":
+        return inv_freq / scaling["factor"]
+    if kind == "llama3":
+        # LLaMA-3.1: keep high frequencies, divide low ones by `factor`, interpolate in between
+        factor, lo, hi = scaling["factor"], scaling["low_freq_factor"], scaling["high_freq_factor"]
+        old_len = scaling["original_max_position_embeddings"]
+        wavelen = 2 * math.pi / inv_freq
+        scaled = torch.where(wavelen > old_len / lo, inv_freq / factor, inv_freq)
+        smooth = (old_len / wavelen - lo) / (hi - lo)
+        smoothed = (1 - smooth) * scaled / factor + smooth * scaled
+        medium = (wavelen >= old_len / hi) & (wavelen <= old_len / lo)
+        return torch.where(medium, smoothed, scaled)
+    raise UserError(f"config.json: rope_scaling type {kind!r} is not supported (supported: default, linear, llama3).")
+
+
 # -----------------------------------------------------------------------------
 # OPT
-
-
-OPT_ACTIVATIONS = {"relu": F.relu, "gelu": F.gelu}
-
-
-@dataclass
-class OPTConfig:
-    vocab_size: int
-    hidden_size: int
-    ffn_dim: int
-    num_hidden_layers: int
-    num_attention_heads: int
-    max_position_embeddings: int = 2048
-    do_layer_norm_before: bool = True  # False: post-LN blocks (OPT-350M)
-    word_embed_proj_dim: int = None  # != hidden_size: project_in / project_out (OPT-350M)
-    enable_bias: bool = True
-    layer_norm_elementwise_affine: bool = True
-    activation_function: str = "relu"
-    _remove_final_layer_norm: bool = False
-    bos_token_id: int = 2  # OPT prepends </s>
-    eos_token_id: int = 2
-    raw: dict = field(default_factory=dict, repr=False)
-
-    def __post_init__(self):
-        if self.word_embed_proj_dim is None:
-            self.word_embed_proj_dim = self.hidden_size
-        check_sizes(self, ("vocab_size", "hidden_size", "ffn_dim", "num_hidden_layers", "num_attention_heads",
-                           "max_position_embeddings", "word_embed_proj_dim"))
-        if self.hidden_size % self.num_attention_heads:
-            raise UserError(f"config.json: hidden_size={self.hidden_size} is not a multiple of num_attention_heads="
-                            f"{self.num_attention_heads}; the checkpoint's config is inconsistent.")
-        check_token_ids(self)
-        if self.activation_function not in OPT_ACTIVATIONS:
-            raise UserError(f"config.json: activation_function {self.activation_function!r} is not supported "
-                            f"(supported: {', '.join(OPT_ACTIVATIONS)}).")
-        self.has_final_norm = self.do_layer_norm_before and not self._remove_final_layer_norm
 
 
 class OPTAttention(nn.Module):
@@ -536,7 +314,150 @@ class SparsePlusLowRank(nn.Linear):
 
 
 # -----------------------------------------------------------------------------
-# config.json -> config dataclass, and the checkpoint's tensor names
+# config.json -> config dataclass (LLaMA's, OPT's), checked
+
+
+def check_sizes(cfg, names):
+    """Every named size of a config must be a positive integer (a 0 or null would fail deep inside torch)."""
+    for name in names:
+        v = getattr(cfg, name)
+        if not isinstance(v, int) or isinstance(v, bool) or v < 1:
+            raise UserError(f"config.json: {name}={v!r} must be a positive integer; the checkpoint's config is "
+                            "damaged or not a model config.")
+
+
+def check_positive(name, v):
+    """A config value that must be a finite number > 0 (a 0 or negative eps or factor gives NaN logits later)."""
+    if not isinstance(v, (int, float)) or isinstance(v, bool) or not 0 < v < math.inf:
+        raise UserError(f"config.json: {name}={v!r} must be a positive number; the checkpoint's config is damaged.")
+
+
+ROPE_SCALING_KEYS = {"default": (), "linear": ("factor",),
+                     "llama3": ("factor", "low_freq_factor", "high_freq_factor", "original_max_position_embeddings")}
+
+
+def check_rope_scaling(scaling):
+    """rope_scaling is absent, or a supported kind with every number it needs."""
+    if scaling is None:
+        return
+    kind = scaling.get("rope_type", scaling.get("type", "default")) if isinstance(scaling, dict) else None
+    if kind not in ROPE_SCALING_KEYS:
+        raise UserError(f"config.json: rope_scaling {scaling!r} is not supported (supported: "
+                        f"{', '.join(ROPE_SCALING_KEYS)}).")
+    for key in ROPE_SCALING_KEYS[kind]:
+        check_positive(f"rope_scaling.{key}", scaling.get(key))
+    if kind == "llama3" and scaling["high_freq_factor"] <= scaling["low_freq_factor"]:
+        raise UserError("config.json: rope_scaling.high_freq_factor must exceed low_freq_factor.")
+
+
+def check_token_ids(cfg):
+    """bos/eos ids are null (the model has none) or rows of the embedding."""
+    for name in ("bos_token_id", "eos_token_id"):
+        v = getattr(cfg, name)
+        if v is not None and (not isinstance(v, int) or isinstance(v, bool) or not 0 <= v < cfg.vocab_size):
+            raise UserError(f"config.json: {name}={v!r} is not a token id below vocab_size={cfg.vocab_size}; the "
+                            "checkpoint's config is damaged.")
+
+
+@dataclass
+class LlamaConfig:
+    vocab_size: int
+    hidden_size: int
+    intermediate_size: int
+    num_hidden_layers: int
+    num_attention_heads: int
+    num_key_value_heads: int = None  # None: multi-head attention
+    head_dim: int = None  # None: hidden_size // num_attention_heads
+    rms_norm_eps: float = 1e-6
+    rope_theta: float = 10000.0
+    rope_scaling: dict = None  # None, {"rope_type": "linear"|"llama3", ...}
+    max_position_embeddings: int = 2048
+    attention_bias: bool = False  # biases on q, k, v and o
+    qkv_bias: bool = False  # biases on q, k, v only (Qwen2)
+    qk_norm: bool = False  # RMSNorm over each head of q and k before RoPE (Qwen3)
+    mlp_bias: bool = False
+    hidden_act: str = "silu"  # SwiGLU's gate; every supported release has silu
+    tie_word_embeddings: bool = False
+    bos_token_id: int = 1
+    eos_token_id: int = 2
+    raw: dict = field(default_factory=dict, repr=False)  # config.json as read, written back on export
+
+    def __post_init__(self):
+        if self.num_key_value_heads is None:
+            self.num_key_value_heads = self.num_attention_heads
+        check_sizes(self, ("vocab_size", "hidden_size", "intermediate_size", "num_hidden_layers",
+                           "num_attention_heads", "num_key_value_heads", "max_position_embeddings"))
+        if self.head_dim is None:
+            self.head_dim = self.hidden_size // self.num_attention_heads
+        check_sizes(self, ("head_dim",))
+        check_positive("rope_theta", self.rope_theta)
+        check_positive("rms_norm_eps", self.rms_norm_eps)
+        check_rope_scaling(self.rope_scaling)
+        check_token_ids(self)
+        if self.hidden_act != "silu":
+            raise UserError(f"config.json: hidden_act {self.hidden_act!r} is not supported (supported: silu).")
+        if self.num_attention_heads % self.num_key_value_heads:
+            raise UserError(f"config.json: num_attention_heads={self.num_attention_heads} is not a multiple of "
+                            f"num_key_value_heads={self.num_key_value_heads}; the checkpoint's config is inconsistent.")
+        self.windows = attention_windows(self.raw, self.num_hidden_layers)
+
+
+def attention_windows(raw, n_blocks):
+    """Each block's sliding attention window (None: full causal attention), as transformers reads config.json:
+    Mistral's sliding_window (default 4096) on every block; Qwen2/3's only with use_sliding_window, on the blocks
+    its layer_types name, else on those from max_window_layers (default 28) on."""
+    kind, window = raw.get("model_type"), raw.get("sliding_window", 4096)
+    if kind == "mistral" and window is not None:
+        types = ["sliding_attention"] * n_blocks
+    elif kind in ("qwen2", "qwen3") and window is not None and raw.get("use_sliding_window"):
+        first = raw.get("max_window_layers", 28)
+        types = raw.get("layer_types") or ["sliding_attention" if i >= first else "full" for i in range(n_blocks)]
+    else:
+        return [None] * n_blocks
+    if not isinstance(window, int) or isinstance(window, bool) or window < 1 or len(types) != n_blocks:
+        raise UserError(f"config.json: sliding_window={window!r} must be a positive integer and layer_types list "
+                        f"one type per block ({n_blocks}); the checkpoint's config is damaged.")
+    return [window if t == "sliding_attention" else None for t in types]
+
+
+OPT_ACTIVATIONS = {"relu": F.relu, "gelu": F.gelu}
+
+
+@dataclass
+class OPTConfig:
+    vocab_size: int
+    hidden_size: int
+    ffn_dim: int
+    num_hidden_layers: int
+    num_attention_heads: int
+    max_position_embeddings: int = 2048
+    do_layer_norm_before: bool = True  # False: post-LN blocks (OPT-350M)
+    word_embed_proj_dim: int = None  # != hidden_size: project_in / project_out (OPT-350M)
+    enable_bias: bool = True
+    layer_norm_elementwise_affine: bool = True
+    activation_function: str = "relu"
+    _remove_final_layer_norm: bool = False
+    bos_token_id: int = 2  # OPT prepends </s>
+    eos_token_id: int = 2
+    raw: dict = field(default_factory=dict, repr=False)
+
+    def __post_init__(self):
+        if self.word_embed_proj_dim is None:
+            self.word_embed_proj_dim = self.hidden_size
+        check_sizes(self, ("vocab_size", "hidden_size", "ffn_dim", "num_hidden_layers", "num_attention_heads",
+                           "max_position_embeddings", "word_embed_proj_dim"))
+        if self.hidden_size % self.num_attention_heads:
+            raise UserError(f"config.json: hidden_size={self.hidden_size} is not a multiple of num_attention_heads="
+                            f"{self.num_attention_heads}; the checkpoint's config is inconsistent.")
+        check_token_ids(self)
+        if self.activation_function not in OPT_ACTIVATIONS:
+            raise UserError(f"config.json: activation_function {self.activation_function!r} is not supported "
+                            f"(supported: {', '.join(OPT_ACTIVATIONS)}).")
+        self.has_final_norm = self.do_layer_norm_before and not self._remove_final_layer_norm
+
+
+# -----------------------------------------------------------------------------
+# the checkpoint's tensor names, and the config's family
 
 
 # the LLaMA layout and the families that differ from it only by a flag (Qwen2: q/k/v biases; Qwen3: q/k norms)
@@ -960,29 +881,88 @@ def fingerprint(model):
     return h.hexdigest()[:32]
 
 
-def save_random(raw, out_dir, n_blocks, seed=0, dtype=torch.bfloat16):
-    """A checkpoint folder with a real model's config.json but `n_blocks` decoder blocks and random weights
-    (N(0, 0.02); norms near 1), sharded as real releases are: embeddings and head in one file, blocks in another.
+# -----------------------------------------------------------------------------
+# file safety: a user's error is one message; every write is atomic, a full disk a clear error
 
-    Real tensor sizes at a fraction of the disk: for tests and benchmarks at the shapes users bring.
-    """
-    raw = dict(raw, num_hidden_layers=n_blocks)
-    cfg = config_from_dict(raw)
-    with torch.device("meta"):
-        shapes = {key: t.shape for key, t in build_model(cfg).state_dict().items()}
-    gen = torch.Generator().manual_seed(seed)
-    shards = ({}, {})
-    for key, hf in hf_name_map(cfg).items():
-        t = torch.empty(shapes[key], dtype=dtype).normal_(0, 0.02, generator=gen)  # drawn in dtype: no fp32 copy
-        if "norm" in key and key.endswith("weight"):
-            t.add_(1)
-        shards[key.startswith("blocks.")][hf] = t
-    os.makedirs(out_dir, exist_ok=True)
-    names = [f"model-{i + 1:05d}-of-{len(shards):05d}.safetensors" for i in range(len(shards))]
-    for name, tensors in zip(names, shards):
-        save_safetensors(tensors, os.path.join(out_dir, name))
-    index = {"metadata": {"total_size": sum(t.numel() * t.element_size() for sh in shards for t in sh.values())},
-             "weight_map": {hf: name for name, sh in zip(names, shards) for hf in sh}}
-    save_json(index, os.path.join(out_dir, "model.safetensors.index.json"))
-    save_json(raw, os.path.join(out_dir, "config.json"))
-    return out_dir
+
+class UserError(Exception):
+    """Bad input from the user (a file, a flag, a config): the message says what and how to fix it."""
+
+
+@contextlib.contextmanager
+def atomic_write(path, mode="w"):
+    """A file object whose content replaces `path` only once fully written (a temporary file beside it, then a
+    rename): a crash or Ctrl-C leaves the old file or none, never half of one."""
+    tmp = f"{path}.tmp-{os.getpid()}"
+    try:
+        with no_space_is_an_error(path), open(tmp, mode) as f:
+            yield f
+        os.replace(tmp, path)
+    finally:
+        if os.path.exists(tmp):
+            os.remove(tmp)
+
+
+@contextlib.contextmanager
+def no_space_is_an_error(path):
+    """A full disk while writing `path` becomes a UserError that names the path and the space left."""
+    try:
+        yield
+    except OSError as e:
+        if e.errno not in (errno.ENOSPC, errno.EDQUOT):
+            raise
+        free = shutil.disk_usage(os.path.dirname(os.path.abspath(path))).free
+        raise UserError(f"no space left to write {path!r} ({free / 2**20:.1f} MiB free there); free some space or "
+                        "write to another disk.") from None
+
+
+def save_json(obj, path):
+    with atomic_write(path) as f:
+        json.dump(obj, f, indent=2)
+
+
+@contextlib.contextmanager
+def atomic_folder(out_dir):
+    """A new temporary folder beside `out_dir` that becomes `out_dir` once filled, and is removed if anything
+    fails. `out_dir` may not exist yet or be an empty folder; nothing that exists is ever deleted."""
+    parent = os.path.dirname(os.path.abspath(out_dir))
+    os.makedirs(parent, exist_ok=True)
+    tmp = tempfile.mkdtemp(dir=parent, prefix=f".{os.path.basename(os.path.abspath(out_dir))}.tmp-")
+    umask = os.umask(0)
+    os.umask(umask)
+    os.chmod(tmp, 0o777 & ~umask)  # mkdtemp makes it private (0700); the folder it becomes should not be
+    try:
+        with no_space_is_an_error(out_dir):
+            yield tmp
+        try:
+            os.rename(tmp, out_dir)  # POSIX: replaces an empty folder, fails on a non-empty one
+        except OSError as e:
+            raise UserError(f"{out_dir!r} could not be written ({e.strerror}); it must not exist or be an empty "
+                            "folder.") from None
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+
+
+def nearest_existing(path):
+    """`path` itself if it exists, else its closest existing parent folder (where a new folder would be made)."""
+    existing = os.path.abspath(path)
+    while not os.path.exists(existing):
+        existing = os.path.dirname(existing)
+    return existing
+
+
+def check_writable(path, flag, folder=False, new=False):
+    """A file (in an existing folder) or a folder (created with its parents; if `new`, absent or empty) that
+    will be written later: checked now, before any time is spent."""
+    if os.path.islink(path) and not os.path.exists(path):
+        raise UserError(f"{flag} {path!r} is a link to nothing ({os.readlink(path)!r}); give a path that exists or "
+                        "a new name.")
+    if os.path.exists(path) and os.path.isdir(path) != folder:
+        raise UserError(f"{flag} {path!r} is a {'file' if folder else 'folder'}; give a "
+                        f"{'folder' if folder else 'file'} name.")
+    if new and os.path.isdir(path) and os.listdir(path):
+        raise UserError(f"{flag} {path!r} already exists and is not empty; nothing is overwritten or deleted: "
+                        "choose a new folder name.")
+    existing = nearest_existing(path) if folder else os.path.dirname(os.path.abspath(path))
+    if not os.path.isdir(existing) or not os.access(existing, os.W_OK):
+        raise UserError(f"{flag} {path!r} cannot be written: the folder {existing!r} is missing or not writable.")

@@ -7,24 +7,19 @@ A sparsity is either a fraction s in [0, 1) or an (n, m) pair: keep n of every
 m consecutive input weights of a row (2:4 and 4:8 are 50 %, 1:4 is 75 %).
 """
 
+
+import copy
 import math
 import sys
 import time
 from dataclasses import dataclass
 from types import SimpleNamespace
-
 import torch
-
 from model import SparsePlusLowRank  # SSLC's layer: the model files read and write it
 
 
 # -----------------------------------------------------------------------------
-# scores and masks (mask: True = weight kept)
-
-
-def wanda_score(W, act_norm):
-    """Wanda (Sun et al. 2023, eq. 1): S_ij = |W_ij| * ||X_j||_2.  W: (out, in), act_norm: (in,)."""
-    return W.abs().float() * act_norm.float().view(1, -1)
+# scores and masks the methods share (mask: True = weight kept)
 
 
 def row_order(score):
@@ -85,15 +80,28 @@ def matrix_mask(score, s):
     return ~lowest_k(score.reshape(1, -1), int(score.numel() * s)).view_as(score)
 
 
+def score_mask(score, sparsity):
+    """The mask of a per-weight score: every row keeps its highest scores (fraction), or n of every m (N:M)."""
+    return nm_mask(score, *sparsity) if isinstance(sparsity, tuple) else row_mask(score, sparsity)
+
+
+# -----------------------------------------------------------------------------
+# magnitude: |W_ij|, one threshold per matrix
+
+
 def magnitude_mask(W, sparsity):
     """Magnitude baseline: one threshold per matrix (fraction), or N:M on |W|."""
     score = W.abs().float()
     return nm_mask(score, *sparsity) if isinstance(sparsity, tuple) else matrix_mask(score, sparsity)
 
 
-def score_mask(score, sparsity):
-    """The mask of a per-weight score: every row keeps its highest scores (fraction), or n of every m (N:M)."""
-    return nm_mask(score, *sparsity) if isinstance(sparsity, tuple) else row_mask(score, sparsity)
+# -----------------------------------------------------------------------------
+# Wanda (Sun et al. 2023): |W_ij| ||X_j||, compared within each output row
+
+
+def wanda_score(W, act_norm):
+    """Wanda (Sun et al. 2023, eq. 1): S_ij = |W_ij| * ||X_j||_2.  W: (out, in), act_norm: (in,)."""
+    return W.abs().float() * act_norm.float().view(1, -1)
 
 
 def wanda_mask(W, act_norm, sparsity):
@@ -291,253 +299,6 @@ def sslc_prune(W, act_norm, sparsity, rank_ratio=0.25, alternations=10, momentum
 
 
 # -----------------------------------------------------------------------------
-# statistics: forward hooks that only accumulate
-
-
-class InputStats:
-    """Accumulates a linear layer's inputs: column sums and sums of squares (Wanda), optionally X^T X (SparseGPT)
-    and every `sample_every`-th token (Sparsity Induction's medians)."""
-
-    def __init__(self, n_in, hessian, device, sample_every=0):
-        self.sum = torch.zeros(n_in, dtype=torch.float32, device=device)
-        self.sq = torch.zeros(n_in, dtype=torch.float32, device=device)
-        self.XtX = torch.zeros(n_in, n_in, dtype=torch.float32, device=device) if hessian else None
-        self.sample_every, self.samples = sample_every, []
-        self.n = 0  # tokens seen
-
-    def add(self, x):
-        x = x.detach().reshape(-1, x.shape[-1]).float()  # (tokens, in)
-        self.sum += x.sum(0)
-        self.sq += x.pow(2).sum(0)
-        if self.XtX is not None:
-            self.XtX += x.t() @ x
-        if self.sample_every:  # a copy: a strided view would keep the whole batch alive
-            self.samples.append(x[::self.sample_every].clone())
-        self.n += x.shape[0]
-
-    @property
-    def mean(self):
-        return self.sum / self.n  # E[X_j] over all calibration tokens
-
-    @property
-    def act_norm(self):
-        return self.sq.sqrt()  # ||X_j||_2 over all calibration tokens
-
-    @property
-    def H(self):
-        return 2 * self.XtX / self.n
-
-
-def run_block(block, X, device, batch_size, stats=None):
-    """Run `block` over the stream X (N, T, C) in batches; optionally feed `stats` {name: InputStats}."""
-    hooks = [] if stats is None else [
-        lin.register_forward_hook(lambda mod, inp, out, s=stats[name]: s.add(inp[0]))
-        for name, lin in block.linears().items()]
-    out = torch.empty_like(X)
-    with torch.no_grad():
-        for i in range(0, X.shape[0], batch_size):
-            out[i:i + batch_size] = block(X[i:i + batch_size].to(device)).to(out.device)
-    for h in hooks:
-        h.remove()
-    return out
-
-
-def new_stats(block, hessian, device, sample_every=0):
-    return {name: InputStats(lin.in_features, hessian, device, sample_every) for name, lin in block.linears().items()}
-
-
-def free_device_bytes(device):
-    """Bytes a CUDA device can still give: free on the card plus what PyTorch's cache holds unused."""
-    free, _ = torch.cuda.mem_get_info(device)
-    return free + torch.cuda.memory_reserved(device) - torch.cuda.memory_allocated(device)
-
-
-def stream_device(device, stream_bytes, reserve_bytes, free_bytes=None):
-    """Where the calibration streams live: on the compute device when they fit beside `reserve_bytes` (one
-    block's working set), else in CPU memory, from where each batch moves to the device when it is used."""
-    device = torch.device(device)
-    if device.type == "cpu":
-        return device
-    if free_bytes is None:
-        free_bytes = free_device_bytes(device)
-    return device if stream_bytes + reserve_bytes <= free_bytes else torch.device("cpu")
-
-
-def device_of(module):
-    """Where a model or block's weights are (all of one module's weights are on one device)."""
-    return next(module.parameters()).device
-
-
-@torch.no_grad()
-def embed_calibration(model, calib, device, batch_size, n_streams, reserve_bytes):
-    """The first block's inputs (N, T, C) for calibration ids (N, T).
-
-    The caller keeps `n_streams` tensors of this size alive at once (inputs, targets, ...); they go where
-    stream_device() says, which is CPU memory when they would not fit on the device beside one block.
-    """
-    home = device_of(model)
-    first = model.embed(calib[:1].to(home))  # (1, T, C)
-    shape = (len(calib), *first.shape[1:])
-    stream_bytes = n_streams * math.prod(shape) * first.element_size()
-    where = stream_device(device, stream_bytes, reserve_bytes)
-    if where != torch.device(device):
-        print(f"calibration streams ({stream_bytes / 2**30:.1f} GiB) do not fit on {device} beside one block "
-              f"({reserve_bytes / 2**30:.1f} GiB); keeping them in CPU memory, moved per batch",
-              file=sys.stderr)
-    X = torch.empty(shape, dtype=first.dtype, device=where)
-    for i in range(0, len(calib), batch_size):
-        X[i:i + batch_size] = model.embed(calib[i:i + batch_size].to(home)).to(where)
-    return X
-
-
-def param_bytes(module):
-    """Bytes of a module's parameters (a tied weight counts once)."""
-    return sum(p.numel() * p.element_size() for p in module.parameters())
-
-
-# -----------------------------------------------------------------------------
-# the block-wise driver, one for every model family
-
-
-class Progress:
-    """Per-block progress on stderr with elapsed time and an estimate of what remains."""
-
-    def __init__(self, total, what, start=0):
-        self.total, self.what, self.start, self.done, self.t0 = total, what, start, 0, time.time()
-
-    def step(self, extra=""):
-        self.done += 1
-        elapsed = time.time() - self.t0
-        eta = elapsed / self.done * (self.total - self.start - self.done)
-        print(f"{self.what}: block {self.start + self.done}/{self.total} done, {elapsed:.1f}s elapsed, "
-              f"~{eta:.1f}s left{extra}", file=sys.stderr, flush=True)
-
-
-def block_sparsities(sparsity, n_blocks):
-    """The sparsity of each block: a list already holds one per block; a fraction or an (n, m) N:M pattern
-    applies to every block (which is why per-block sparsities are a list, never a tuple)."""
-    return sparsity if isinstance(sparsity, list) else [sparsity] * n_blocks
-
-
-@dataclass(frozen=True)
-class PruneConfig:
-    """The baselines' settings; the defaults are their papers' (SSLC's: ours, see docs/methods.md)."""
-    blocksize: int = 128  # SparseGPT's lazy-batch width
-    percdamp: float = 0.01  # SparseGPT's dampening: 1 % of the mean diagonal of H
-    ria_alpha: float = 0.5  # RIA's exponent a on ||X_j||
-    eggs_diagonals: int = 1  # EGGS: b cyclic diagonals kept in every m x m tile
-    rank_ratio: float = 0.25  # SSLC: the share of the kept parameters given to the low-rank part
-    alternations: int = 10  # SSLC: at most this many (low-rank, sparse) steps per layer
-    sslc_momentum: float = 0.8  # SSLC: the low-rank step's extrapolation of S (ours; 0: plain alternation, as OATS)
-    si_epochs: int = 2  # Sparsity Induction (ours where the paper is silent: docs/methods.md): mask refreshes
-    si_lr: float = 1e-2  # Adam's step on the log-scales and the shifts
-    si_lambda: float = 1e-2  # weight of the norm term
-    si_alpha: float = 1.0  # its exponent's factor
-    si_p: float = 2.0  # its entrywise p-norm
-    si_clamp: float = 10.0  # Eq. 5's scales clamped into [1 / c, c] times their median (1: the shift alone)
-    batch_size: int = 8  # calibration windows per forward pass
-
-    def __post_init__(self):
-        """Every setting in its range, or a ValueError naming it (as its command-line flag where it has one)."""
-        checks = (("blocksize", self.blocksize >= 1, "an integer >= 1"),
-                  ("percdamp", self.percdamp >= 0, "a number >= 0"),
-                  # ||X_j||^a overflows float32 past |a| ~ 4 on real activations (every larger score ties at inf)
-                  ("ria_alpha", -4 <= self.ria_alpha <= 4, "a number in [-4, 4]"),
-                  ("eggs_diagonals", self.eggs_diagonals >= 0, "an integer >= 0"),
-                  ("rank_ratio", 0 <= self.rank_ratio < 1, "a number in [0, 1)"),
-                  ("alternations", self.alternations >= 1, "an integer >= 1"),
-                  ("sslc_momentum", 0 <= self.sslc_momentum < 1, "a number in [0, 1)"),
-                  ("si_epochs", self.si_epochs >= 0, "an integer >= 0"),  # 0: the transform as initialised
-                  # SI trains in float32: bounds past which a step, |W|^p or exp(-alpha ...) leaves its range
-                  ("si_lr", 0 < self.si_lr <= 1, "a number in (0, 1]"),
-                  ("si_lambda", 0 <= self.si_lambda <= 1e6, "a number in [0, 1e6]"),
-                  ("si_alpha", 0 <= self.si_alpha <= 100, "a number in [0, 100]"),
-                  ("si_p", 1 <= self.si_p <= 8, "a number in [1, 8]"),
-                  ("si_clamp", 1 <= self.si_clamp <= 1e6, "a number in [1, 1e6]"),
-                  ("batch_size", self.batch_size >= 1, "an integer >= 1"))
-        for name, ok, rule in checks:
-            v = getattr(self, name)
-            if not (ok and math.isfinite(v) and (isinstance(v, int) or "integer" not in rule)):
-                flagless = name in ("blocksize", "percdamp", "batch_size")
-                raise ValueError(f"{name if flagless else '--' + name.replace('_', '-')} {v!r} must be {rule}")
-
-
-BASELINES = ("magnitude", "wanda", "sparsegpt", "ria", "eggs", "sslc")
-SI_BASES = ("magnitude", "wanda", "sparsegpt", "ria", "eggs")  # "+si": Sparsity Induction before them
-
-
-def prune_layer(method, lin, stats, sparsity, config):
-    """The Linear `lin` pruned by `method` at `sparsity`, from its calibration statistics (InputStats): `lin`
-    itself, its weight changed in place, or for SSLC a new SparsePlusLowRank layer."""
-    W = lin.weight
-    if method == "sslc":
-        S, U, V, _ = sslc_prune(W, stats.act_norm, sparsity, config.rank_ratio, config.alternations,
-                                momentum=config.sslc_momentum)
-        return SparsePlusLowRank(S.to(W.dtype), U, V, lin.bias)
-    if method == "sparsegpt":
-        W.copy_(sparsegpt_prune(W, stats.H, sparsity, config.blocksize, config.percdamp))
-    elif method == "magnitude":
-        W.mul_(magnitude_mask(W, sparsity))
-    elif method == "wanda":
-        W.mul_(score_mask(wanda_score(W, stats.act_norm), sparsity))
-    elif method == "ria":
-        W.mul_(score_mask(ria_score(W, stats.act_norm, config.ria_alpha), sparsity))
-    elif method == "eggs":
-        if not isinstance(sparsity, tuple):
-            raise ValueError(f"EGGS prunes N:M patterns such as 2:4, not the fraction {sparsity}")
-        W.mul_(eggs_mask(ria_score(W, stats.act_norm, config.ria_alpha), *sparsity, config.eggs_diagonals))
-    else:
-        raise ValueError(f"unknown pruning method {method!r}; choose from {', '.join(BASELINES)}")
-    return lin
-
-
-def calibration_streams(method):
-    """How many calibration streams (N, T, C) prune_model holds at once: a block's inputs and outputs, and with
-    Sparsity Induction the dense block's outputs too; plain magnitude pruning reads no data."""
-    return 0 if method == "magnitude" else 2 + method.endswith("+si")
-
-
-@torch.no_grad()
-def prune_model(model, method, sparsity, calib=None, device="cpu", config=PruneConfig()):
-    """Prune every Linear in every decoder block of `model` in place with `method` (one of BASELINES, or one of
-    SI_BASES + "+si": Sparsity Induction first, induce_and_prune), at `sparsity` (a fraction, an (n, m) N:M
-    pattern, or a list: one fraction per block).
-
-    The statistics of block i come from inputs that went through the already-pruned blocks 0..i-1
-    (as in Wanda and SparseGPT). One block at a time visits `device`, with the calibration streams where they
-    fit there (embed_calibration), else one batch of them at a time.
-    """
-    home, bs = device_of(model), config.batch_size
-    base, si, streams = method.removesuffix("+si"), method.endswith("+si"), calibration_streams(method)
-    # beside the block: SparseGPT's Hessians and temporaries (SI: also a copy of the weights, and |W|^p and the
-    # removed weights in fp32)
-    X = None if not streams else embed_calibration(model, calib, device, bs, n_streams=streams,
-                                                   reserve_bytes=(4 + 5 * si) * param_bytes(model.blocks[0]))
-    progress = Progress(len(model.blocks), method)
-    for block, s in zip(model.blocks, block_sparsities(sparsity, len(model.blocks))):
-        block.to(device)
-        stats, Y = {}, None
-        if X is not None:  # SI: every k-th token too, about 4096 in all, for its medians
-            every = max(1, X.shape[0] * X.shape[1] // 4096) if si else 0
-            stats = new_stats(block, base == "sparsegpt", device, every)
-            Y = run_block(block, X, device, bs, stats)  # the dense block's outputs
-        if si:
-            induce_and_prune(block, (X, Y), stats, base, s, config)
-        else:
-            for name, lin in block.linears().items():
-                pruned = prune_layer(method, lin, stats.get(name), s, config)
-                if pruned is not lin:  # a new kind of layer (SSLC's) takes the Linear's place in the block
-                    parent, _, attr = name.rpartition(".")
-                    setattr(block.get_submodule(parent), attr, pruned)
-        del stats, Y
-        if X is not None:
-            X = run_block(block, X, device, bs)  # next block's inputs, from this pruned block
-        block.to(home)
-        progress.step()
-    return model
-
-
-# -----------------------------------------------------------------------------
 # Sparsity Induction (Jiang et al. 2026): prune each block in a rescaled, shifted basis, then fold it back
 #
 # Per layer W~ = diag(row) W diag(col) and x~ = (x - delta) / col, the scales shared by the layer pairs of
@@ -728,6 +489,140 @@ def allocate(allocation, s, ratios=None, hi=0.99, method=""):
     return sparsities
 
 
+# -----------------------------------------------------------------------------
+# the block-wise driver, one for every model family
+
+
+def block_sparsities(sparsity, n_blocks):
+    """The sparsity of each block: a list already holds one per block; a fraction or an (n, m) N:M pattern
+    applies to every block (which is why per-block sparsities are a list, never a tuple)."""
+    return sparsity if isinstance(sparsity, list) else [sparsity] * n_blocks
+
+
+@dataclass(frozen=True)
+class PruneConfig:
+    """The baselines' settings; the defaults are their papers' (SSLC's: ours, see docs/methods.md)."""
+    blocksize: int = 128  # SparseGPT's lazy-batch width
+    percdamp: float = 0.01  # SparseGPT's dampening: 1 % of the mean diagonal of H
+    ria_alpha: float = 0.5  # RIA's exponent a on ||X_j||
+    eggs_diagonals: int = 1  # EGGS: b cyclic diagonals kept in every m x m tile
+    rank_ratio: float = 0.25  # SSLC: the share of the kept parameters given to the low-rank part
+    alternations: int = 10  # SSLC: at most this many (low-rank, sparse) steps per layer
+    sslc_momentum: float = 0.8  # SSLC: the low-rank step's extrapolation of S (ours; 0: plain alternation, as OATS)
+    si_epochs: int = 2  # Sparsity Induction (ours where the paper is silent: docs/methods.md): mask refreshes
+    si_lr: float = 1e-2  # Adam's step on the log-scales and the shifts
+    si_lambda: float = 1e-2  # weight of the norm term
+    si_alpha: float = 1.0  # its exponent's factor
+    si_p: float = 2.0  # its entrywise p-norm
+    si_clamp: float = 10.0  # Eq. 5's scales clamped into [1 / c, c] times their median (1: the shift alone)
+    batch_size: int = 8  # calibration windows per forward pass
+
+    def __post_init__(self):
+        """Every setting in its range, or a ValueError that opens on its name."""
+        checks = (("blocksize", self.blocksize >= 1, "an integer >= 1"),
+                  ("percdamp", self.percdamp >= 0, "a number >= 0"),
+                  # ||X_j||^a overflows float32 past |a| ~ 4 on real activations (every larger score ties at inf)
+                  ("ria_alpha", -4 <= self.ria_alpha <= 4, "a number in [-4, 4]"),
+                  ("eggs_diagonals", self.eggs_diagonals >= 0, "an integer >= 0"),
+                  ("rank_ratio", 0 <= self.rank_ratio < 1, "a number in [0, 1)"),
+                  ("alternations", self.alternations >= 1, "an integer >= 1"),
+                  ("sslc_momentum", 0 <= self.sslc_momentum < 1, "a number in [0, 1)"),
+                  ("si_epochs", self.si_epochs >= 0, "an integer >= 0"),  # 0: the transform as initialised
+                  # SI trains in float32: bounds past which a step, |W|^p or exp(-alpha ...) leaves its range
+                  ("si_lr", 0 < self.si_lr <= 1, "a number in (0, 1]"),
+                  ("si_lambda", 0 <= self.si_lambda <= 1e6, "a number in [0, 1e6]"),
+                  ("si_alpha", 0 <= self.si_alpha <= 100, "a number in [0, 100]"),
+                  ("si_p", 1 <= self.si_p <= 8, "a number in [1, 8]"),
+                  ("si_clamp", 1 <= self.si_clamp <= 1e6, "a number in [1, 1e6]"),
+                  ("batch_size", self.batch_size >= 1, "an integer >= 1"))
+        for name, ok, rule in checks:
+            v = getattr(self, name)
+            if not (ok and math.isfinite(v) and (isinstance(v, int) or "integer" not in rule)):
+                raise ValueError(f"{name} {v!r} must be {rule}")
+
+
+BASELINES = ("magnitude", "wanda", "sparsegpt", "ria", "eggs", "sslc")
+SI_BASES = ("magnitude", "wanda", "sparsegpt", "ria", "eggs")  # "+si": Sparsity Induction before them
+
+
+def prune_layer(method, lin, stats, sparsity, config):
+    """The Linear `lin` pruned by `method` at `sparsity`, from its calibration statistics (InputStats): `lin`
+    itself, its weight changed in place, or for SSLC a new SparsePlusLowRank layer."""
+    W = lin.weight
+    if method == "sslc":
+        S, U, V, _ = sslc_prune(W, stats.act_norm, sparsity, config.rank_ratio, config.alternations,
+                                momentum=config.sslc_momentum)
+        return SparsePlusLowRank(S.to(W.dtype), U, V, lin.bias)
+    if method == "sparsegpt":
+        W.copy_(sparsegpt_prune(W, stats.H, sparsity, config.blocksize, config.percdamp))
+    elif method == "magnitude":
+        W.mul_(magnitude_mask(W, sparsity))
+    elif method == "wanda":
+        W.mul_(score_mask(wanda_score(W, stats.act_norm), sparsity))
+    elif method == "ria":
+        W.mul_(score_mask(ria_score(W, stats.act_norm, config.ria_alpha), sparsity))
+    elif method == "eggs":
+        if not isinstance(sparsity, tuple):
+            raise ValueError(f"EGGS prunes N:M patterns such as 2:4, not the fraction {sparsity}")
+        W.mul_(eggs_mask(ria_score(W, stats.act_norm, config.ria_alpha), *sparsity, config.eggs_diagonals))
+    else:
+        raise ValueError(f"unknown pruning method {method!r}; choose from {', '.join(BASELINES)}")
+    return lin
+
+
+def calibration_streams(method):
+    """How many calibration streams (N, T, C) prune_model holds at once: a block's inputs and outputs, and with
+    Sparsity Induction the dense block's outputs too; plain magnitude pruning reads no data."""
+    return 0 if method == "magnitude" else 2 + method.endswith("+si")
+
+
+@torch.no_grad()
+def prune_model(model, method, sparsity, calib=None, device="cpu", config=PruneConfig()):
+    """Prune every Linear in every decoder block of `model` in place with `method` (one of BASELINES, or one of
+    SI_BASES + "+si": Sparsity Induction first, induce_and_prune), at `sparsity` (a fraction, an (n, m) N:M
+    pattern, or a list: one fraction per block).
+
+    The statistics of block i come from inputs that went through the already-pruned blocks 0..i-1
+    (as in Wanda and SparseGPT). One block at a time visits `device`, with the calibration streams where they
+    fit there (embed_calibration), else one batch of them at a time.
+    """
+    home, bs = device_of(model), config.batch_size
+    base, si, streams = method.removesuffix("+si"), method.endswith("+si"), calibration_streams(method)
+    # beside the block: SparseGPT's Hessians and temporaries (SI: also a copy of the weights, and |W|^p and the
+    # removed weights in fp32)
+    X = None if not streams else embed_calibration(model, calib, device, bs, n_streams=streams,
+                                                   reserve_bytes=(4 + 5 * si) * param_bytes(model.blocks[0]))
+    progress = Progress(len(model.blocks), method)
+    for block, s in zip(model.blocks, block_sparsities(sparsity, len(model.blocks))):
+        block.to(device)
+        stats, Y = {}, None
+        if X is not None:  # SI: every k-th token too, about 4096 in all, for its medians
+            every = max(1, X.shape[0] * X.shape[1] // 4096) if si else 0
+            stats = new_stats(block, base == "sparsegpt", device, every)
+            Y = run_block(block, X, device, bs, stats)  # the dense block's outputs
+        if si:
+            induce_and_prune(block, (X, Y), stats, base, s, config)
+        else:
+            for name, lin in block.linears().items():
+                pruned = prune_layer(method, lin, stats.get(name), s, config)
+                if pruned is not lin:  # a new kind of layer (SSLC's) takes the Linear's place in the block
+                    parent, _, attr = name.rpartition(".")
+                    setattr(block.get_submodule(parent), attr, pruned)
+        del stats, Y
+        if X is not None:
+            X = run_block(block, X, device, bs)  # next block's inputs, from this pruned block
+        block.to(home)
+        progress.step()
+    return model
+
+
+def prunable_copy(model):
+    """A copy of the dense model to prune in place: its blocks are copied, the embeddings, final norm and head
+    are shared (pruning never changes them), so each method costs one set of blocks, not a reload."""
+    shared = {id(p): p for name, p in model.named_parameters() if not name.startswith("blocks.")}
+    return copy.deepcopy(model, memo=shared)
+
+
 def kept_share(model):
     """The share of the prunable layers' parameters a pruned model holds: nonzero weights, and SSLC's U and V."""
     layers = [lin for block in model.blocks for lin in block.linears().values()]
@@ -742,28 +637,130 @@ def achieved_sparsity(model):
     return sum((W == 0).sum().item() for W in weights) / sum(W.numel() for W in weights)
 
 
-def parse_sparsity(text):
-    """'0.5' -> 0.5, '2:4' -> (2, 4); ValueError with the reason otherwise."""
-    text = text.strip()
-    if ":" in text:
-        try:
-            n, m = (int(v) for v in text.split(":"))
-        except ValueError:
-            raise ValueError(f"N:M sparsity {text!r} must be two integers such as 2:4") from None
-        if not 0 < n < m:
-            raise ValueError(f"N:M sparsity {text!r} must keep n of m weights with 0 < n < m, e.g. 2:4 or 4:8")
-        return (n, m)
-    try:
-        s = float(text)
-    except ValueError:
-        raise ValueError(f"sparsity {text!r} is neither a fraction such as 0.5 nor an N:M pattern such as 2:4") \
-            from None
-    if not (0 <= s < 1) or math.isnan(s):
-        raise ValueError(f"sparsity {s} is outside [0, 1); use a fraction of weights to remove, e.g. 0.5")
-    return s
-
-
 def format_sparsity(sparsity):
     """'2:4' for an N:M pattern; a fraction rounded to 10 digits (a mean of per-block sparsities may be
     0.6499999999999999)."""
     return f"{sparsity[0]}:{sparsity[1]}" if isinstance(sparsity, tuple) else round(sparsity, 10)
+
+
+# -----------------------------------------------------------------------------
+# statistics: forward hooks that only accumulate
+
+
+class InputStats:
+    """Accumulates a linear layer's inputs: column sums and sums of squares (Wanda), optionally X^T X (SparseGPT)
+    and every `sample_every`-th token (Sparsity Induction's medians)."""
+
+    def __init__(self, n_in, hessian, device, sample_every=0):
+        self.sum = torch.zeros(n_in, dtype=torch.float32, device=device)
+        self.sq = torch.zeros(n_in, dtype=torch.float32, device=device)
+        self.XtX = torch.zeros(n_in, n_in, dtype=torch.float32, device=device) if hessian else None
+        self.sample_every, self.samples = sample_every, []
+        self.n = 0  # tokens seen
+
+    def add(self, x):
+        x = x.detach().reshape(-1, x.shape[-1]).float()  # (tokens, in)
+        self.sum += x.sum(0)
+        self.sq += x.pow(2).sum(0)
+        if self.XtX is not None:
+            self.XtX += x.t() @ x
+        if self.sample_every:  # a copy: a strided view would keep the whole batch alive
+            self.samples.append(x[::self.sample_every].clone())
+        self.n += x.shape[0]
+
+    @property
+    def mean(self):
+        return self.sum / self.n  # E[X_j] over all calibration tokens
+
+    @property
+    def act_norm(self):
+        return self.sq.sqrt()  # ||X_j||_2 over all calibration tokens
+
+    @property
+    def H(self):
+        return 2 * self.XtX / self.n
+
+
+def run_block(block, X, device, batch_size, stats=None):
+    """Run `block` over the stream X (N, T, C) in batches; optionally feed `stats` {name: InputStats}."""
+    hooks = [] if stats is None else [
+        lin.register_forward_hook(lambda mod, inp, out, s=stats[name]: s.add(inp[0]))
+        for name, lin in block.linears().items()]
+    out = torch.empty_like(X)
+    with torch.no_grad():
+        for i in range(0, X.shape[0], batch_size):
+            out[i:i + batch_size] = block(X[i:i + batch_size].to(device)).to(out.device)
+    for h in hooks:
+        h.remove()
+    return out
+
+
+def new_stats(block, hessian, device, sample_every=0):
+    return {name: InputStats(lin.in_features, hessian, device, sample_every) for name, lin in block.linears().items()}
+
+
+# -----------------------------------------------------------------------------
+# where the calibration streams live, and progress on stderr
+
+
+def free_device_bytes(device):
+    """Bytes a CUDA device can still give: free on the card plus what PyTorch's cache holds unused."""
+    free, _ = torch.cuda.mem_get_info(device)
+    return free + torch.cuda.memory_reserved(device) - torch.cuda.memory_allocated(device)
+
+
+def stream_device(device, stream_bytes, reserve_bytes, free_bytes=None):
+    """Where the calibration streams live: on the compute device when they fit beside `reserve_bytes` (one
+    block's working set), else in CPU memory, from where each batch moves to the device when it is used."""
+    device = torch.device(device)
+    if device.type == "cpu":
+        return device
+    if free_bytes is None:
+        free_bytes = free_device_bytes(device)
+    return device if stream_bytes + reserve_bytes <= free_bytes else torch.device("cpu")
+
+
+def device_of(module):
+    """Where a model or block's weights are (all of one module's weights are on one device)."""
+    return next(module.parameters()).device
+
+
+@torch.no_grad()
+def embed_calibration(model, calib, device, batch_size, n_streams, reserve_bytes):
+    """The first block's inputs (N, T, C) for calibration ids (N, T).
+
+    The caller keeps `n_streams` tensors of this size alive at once (inputs, targets, ...); they go where
+    stream_device() says, which is CPU memory when they would not fit on the device beside one block.
+    """
+    home = device_of(model)
+    first = model.embed(calib[:1].to(home))  # (1, T, C)
+    shape = (len(calib), *first.shape[1:])
+    stream_bytes = n_streams * math.prod(shape) * first.element_size()
+    where = stream_device(device, stream_bytes, reserve_bytes)
+    if where != torch.device(device):
+        print(f"calibration streams ({stream_bytes / 2**30:.1f} GiB) do not fit on {device} beside one block "
+              f"({reserve_bytes / 2**30:.1f} GiB); keeping them in CPU memory, moved per batch",
+              file=sys.stderr)
+    X = torch.empty(shape, dtype=first.dtype, device=where)
+    for i in range(0, len(calib), batch_size):
+        X[i:i + batch_size] = model.embed(calib[i:i + batch_size].to(home)).to(where)
+    return X
+
+
+def param_bytes(module):
+    """Bytes of a module's parameters (a tied weight counts once)."""
+    return sum(p.numel() * p.element_size() for p in module.parameters())
+
+
+class Progress:
+    """Per-block progress on stderr with elapsed time and an estimate of what remains."""
+
+    def __init__(self, total, what, start=0):
+        self.total, self.what, self.start, self.done, self.t0 = total, what, start, 0, time.time()
+
+    def step(self, extra=""):
+        self.done += 1
+        elapsed = time.time() - self.t0
+        eta = elapsed / self.done * (self.total - self.start - self.done)
+        print(f"{self.what}: block {self.start + self.done}/{self.total} done, {elapsed:.1f}s elapsed, "
+              f"~{eta:.1f}s left{extra}", file=sys.stderr, flush=True)

@@ -21,6 +21,8 @@ ROOT = os.path.dirname(HERE)
 sys.path.insert(0, ROOT)
 
 import default_model  # noqa: E402
+import cli  # noqa: E402
+import run  # noqa: E402
 import data  # noqa: E402
 import epts  # noqa: E402
 import model as M  # noqa: E402
@@ -99,7 +101,7 @@ def build_fixture(kind):
 
 def sensitivity_check(kind, folder):
     """Print how much magnitude pruning hurts the fixture: a robust model would make every method look alike."""
-    model, tok = epts.load(folder)
+    model, tok = cli.load(folder)
     ids = data.eval_tokens(eval_file(), tok, RUN["seqlen"])
     dense = perplexity(model, ids, RUN["seqlen"], 8)
     cells = []
@@ -126,13 +128,13 @@ def eval_file():
 
 def single_sparsity_runs(ckpt, calib, s_list, out_root):
     """The 'one session per sparsity' way: our EPTS code with one group pinned at the target sparsity."""
-    model, tok = epts.load(ckpt)
+    model, tok = cli.load(ckpt)
     calib_ids = data.calibration(calib, tok, RUN["nsamples"], RUN["seqlen"], RUN["seed"])
     results = {}
     for s in s_list:
         t0 = time.time()
         config = epts.EPTSConfig(edges=(s - 1e-6, s), epochs=RUN["epochs"], seed=RUN["seed"])
-        elastic = epts.run_epts(model, calib_ids, os.path.join(out_root, f"single-{s}"), config)
+        elastic = run.run_epts(model, calib_ids, os.path.join(out_root, f"single-{s}"), config)
         results[s] = (elastic, time.time() - t0)
     return results
 
@@ -148,7 +150,7 @@ def matmul_gflops(n=1024, repeat=20):
 
 def reconstruction_gflops(ckpt, calib):
     """Achieved GFLOP/s of one block's EPTS training loop, counting the block's matmuls (fwd + 2x for bwd)."""
-    model, tok = epts.load(ckpt)
+    model, tok = cli.load(ckpt)
     calib_ids = data.calibration(calib, tok, 8, RUN["seqlen"], 0)
     block = model.blocks[0]
     X = model.embed(calib_ids)
@@ -173,12 +175,12 @@ def reconstruction_gflops(ckpt, calib):
 def run_fixture(kind, ckpt, calib, evals):
     out = os.path.join(CACHE, f"run-{kind}")
     shutil.rmtree(out, ignore_errors=True)  # timings are measured: never reuse an earlier run's elastic model
-    request = epts.Request(ckpt=ckpt, sparsities=SPARSITIES + [(2, 4)],
+    request = cli.Request(ckpt=ckpt, sparsities=SPARSITIES + [(2, 4)],
                            methods=["dense", "magnitude", "wanda", "sparsegpt", "epts"], calib=calib, evals=[evals],
                            nsamples=RUN["nsamples"], seqlen=RUN["seqlen"], out=out, eval_batch_size=8)
-    report = epts.main(request, epts.EPTSConfig(epochs=RUN["epochs"], seed=RUN["seed"]))
+    report = cli.main(request, epts.EPTSConfig(epochs=RUN["epochs"], seed=RUN["seed"]))
     singles = single_sparsity_runs(ckpt, calib, SPARSITIES, out)
-    model, tok = epts.load(ckpt)
+    model, tok = cli.load(ckpt)
     ids = data.eval_tokens(evals, tok, RUN["seqlen"])
     for s, (elastic, seconds) in singles.items():
         m = epts.deploy(M.load_model(ckpt), elastic, s)
@@ -187,7 +189,7 @@ def run_fixture(kind, ckpt, calib, evals):
                                   "ppl": ppl, "seconds": round(seconds, 3)})
     # ablation: the low-group check keeps adapter 0 in a block when it lowers that block's error on the
     # calibration windows it was trained on; here group 0 deploys bare in every block instead
-    elastic = epts.load_elastic(out)
+    elastic = run.load_elastic(out)
     bare = {**elastic, "blocks": [{**rec, "use_adapter0": False} for rec in elastic["blocks"]]}
     for s in [s for s in SPARSITIES if s <= elastic["edges"][1]]:
         ppl = perplexity(epts.deploy(M.load_model(ckpt), bare, s), ids, RUN["seqlen"], 8)
@@ -265,7 +267,7 @@ def replace_section(path, section):
 def fixture_and_data(kind):
     """The fixture model of `kind`, its calibration windows (RUN's), and a function giving a model's perplexity
     on the evaluation text."""
-    model, tok = epts.load(build_fixture(kind))
+    model, tok = cli.load(build_fixture(kind))
     calib = data.calibration(os.path.join(SHARED, "wikitext-2", "valid.txt"), tok, RUN["nsamples"], RUN["seqlen"],
                              RUN["seed"])
     ids = data.eval_tokens(eval_file(), tok, RUN["seqlen"])
@@ -286,7 +288,7 @@ def random_block(name, windows, seqlen):
 
 def prune_seconds(model, method, sparsity, calib):
     """Seconds of prune_model(method) on a copy of `model`, its calibration pass over `calib` included."""
-    pruned = epts.prunable_copy(model)
+    pruned = prune.prunable_copy(model)
     t0 = time.time()
     prune.prune_model(pruned, method, sparsity, calib)
     return time.time() - t0

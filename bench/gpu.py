@@ -32,9 +32,11 @@ HERE = os.path.dirname(os.path.abspath(__file__))
 ROOT = os.path.dirname(HERE)
 sys.path.insert(0, ROOT)
 
+import run  # noqa: E402
 import epts  # noqa: E402
 import model as M  # noqa: E402
 import prune  # noqa: E402
+from random_checkpoint import save_random  # noqa: E402
 
 
 def sync(device):
@@ -84,7 +86,7 @@ def measure(raw, args):
     """One shape: a random checkpoint, then the step, the block and the whole run's figures."""
     device, dtype = args.device, getattr(torch, args.dtype)
     with tempfile.TemporaryDirectory() as ckpt:
-        M.save_random(raw, ckpt, args.blocks)
+        save_random(raw, ckpt, args.blocks)
         model = M.load_model(ckpt, dtype).to("cpu" if args.offload else device)
     cfg, T, G = model.cfg, args.seqlen, len(epts.EPTSConfig.edges) - 1
     P = sum(lin.weight.numel() for lin in model.blocks[0].linears().values())
@@ -95,7 +97,7 @@ def measure(raw, args):
     with tempfile.TemporaryDirectory() as out:
         sync(device)
         t0 = time.perf_counter()
-        epts.run_epts(model, calib, out, config, device)
+        run.run_epts(model, calib, out, config, device)
         sync(device)
         run_seconds = time.perf_counter() - t0
     peak = torch.cuda.max_memory_allocated() / 2**30 if str(device).startswith("cuda") else None

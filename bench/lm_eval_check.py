@@ -28,7 +28,7 @@ import torch
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 sys.path.insert(0, os.path.join(HERE, ".."))
-import epts  # noqa: E402
+import cli  # noqa: E402
 from eval import TASKS, loglikelihoods, zero_shot  # noqa: E402
 
 WIKITEXT = os.path.join(HERE, "..", "..", "shared", "data", "wikitext-2", "test.txt")
@@ -118,7 +118,7 @@ def lm_eval_scores(ckpt, items):
 
 
 def our_scores(ckpt, items):
-    model, tok = epts.load(ckpt)
+    model, tok = cli.load(ckpt)
     found = {}
     for task, docs in items.items():
         per_item = [TASKS[task][1](d)[0] for d in docs]

@@ -3,8 +3,8 @@ Loading at real sizes, and the elastic file's size there: for each configs/NAME.
 real config and ONE decoder block of random bf16 weights (sharded, as real releases are) is written, then a
 fresh process loads it with model.load_model and saves one block's elastic record (G = 7 groups, rank 8:
 the paper's settings; the file's size depends only on the shapes). Then the whole model's elastic file (one
-such record per block of the real model: 3 GB for LLaMA-2-70B) is written with epts.save and read back with
-epts.load_elastic, every checksum verified.
+such record per block of the real model: 3 GB for LLaMA-2-70B) is written with run.save and read back with
+run.load_elastic, every checksum verified.
 
     python bench/load_bench.py        # prints a table; writes bench/load_results.json
 """
@@ -43,6 +43,7 @@ def measure(folder, n_blocks):
     `n_blocks` such records."""
     import torch
     import epts
+    import run
     import model as M
     before = status_bytes("VmRSS")
     t0 = time.time()
@@ -53,22 +54,22 @@ def measure(folder, n_blocks):
     block = model.blocks[0]
     norms = {name: torch.ones(lin.in_features) for name, lin in block.linears().items()}
     layers = epts.elastic_layers(block, norms, n_groups=7, rank=8)
-    rec = epts.block_record(layers, True, norms, [0.0] * 10)
-    epts.save(rec, os.path.join(folder, "block.pt"))
+    rec = run.checked(epts.block_record(layers, True, norms, [0.0] * 10))
+    run.save(rec, os.path.join(folder, "block.pt"))
     block_bytes = 2 * sum(p.numel() for p in block.parameters())
     del model, block, layers
     # distinct copies: torch.save would store one storage shared by every record only once
     copy = lambda r: {k: {n: t.clone() for n, t in v.items()} if isinstance(v, dict) else v  # noqa: E731
                       for k, v in r.items()}
-    elastic = {"format": epts.FORMAT, "blocks": [copy(rec) for _ in range(n_blocks)]}
-    elastic["sha256"] = epts.file_checksum(elastic)
+    elastic = {"format": run.FORMAT, "blocks": [copy(rec) for _ in range(n_blocks)]}
+    elastic["sha256"] = run.file_checksum(elastic)
     path = os.path.join(folder, "elastic.pt")
     t0 = time.time()
-    epts.save(elastic, path)
+    run.save(elastic, path)
     save_seconds = time.time() - t0
     del elastic
     t0 = time.time()
-    loaded = epts.load_elastic(path)
+    loaded = run.load_elastic(path)
     load_elastic_seconds = time.time() - t0
     assert len(loaded["blocks"]) == n_blocks and all(torch.equal(b["B"][n], t) for b in loaded["blocks"][-1:]
                                                       for n, t in rec["B"].items())
@@ -85,12 +86,13 @@ def main():
         print(json.dumps(measure(sys.argv[2], int(sys.argv[3]))))
         return
     import model as M
+    from random_checkpoint import save_random
     results = {}
     for name in NAMES:
         with open(os.path.join(ROOT, "configs", f"{name}.json")) as f:
             raw = json.load(f)
         with tempfile.TemporaryDirectory() as folder:
-            M.save_random(raw, folder, n_blocks=1)
+            save_random(raw, folder, n_blocks=1)
             # measure in a fresh process, so that nothing of the writer's memory counts
             out = subprocess.run([sys.executable, __file__, "--measure", folder, str(raw["num_hidden_layers"])],
                                  check=True, capture_output=True, text=True).stdout

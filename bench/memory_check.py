@@ -99,15 +99,16 @@ def measure(shape):
     """Peak resident-memory growth of one EPTS run (one epoch) over a block of `shape`, in a fresh process."""
     import torch
     import epts
+    import run
     dtype = torch.float32 if shape["elt"] == 4 else torch.bfloat16
     with tempfile.TemporaryDirectory() as out:  # a run on 2 x 8 tokens pages in torch's code and thread pools
-        epts.run_epts(block_model(SHAPE, dtype), torch.randint(0, 256, (2, 8)), out, epts.EPTSConfig(epochs=1))
+        run.run_epts(block_model(SHAPE, dtype), torch.randint(0, 256, (2, 8)), out, epts.EPTSConfig(epochs=1))
     model = block_model(shape, dtype)
     calib = torch.randint(0, 256, (shape["N"], shape["T"]))
     before = status_bytes("VmRSS")
     open("/proc/self/clear_refs", "w").write("5")  # restart the peak (VmHWM) from here
     with tempfile.TemporaryDirectory() as out:
-        elastic = epts.run_epts(model, calib, out, epts.EPTSConfig(epochs=1))
+        elastic = run.run_epts(model, calib, out, epts.EPTSConfig(epochs=1))
     kept = sum(t.numel() * t.element_size() for rec in elastic["blocks"] for k in ("act_norm", "A", "B")
                for t in rec[k].values())
     # what stays resident once run_epts has returned, beyond the elastic model it returns: no tensor holds it

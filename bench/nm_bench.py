@@ -19,7 +19,6 @@ sys.path.insert(0, os.path.dirname(HERE))
 sys.path.insert(0, HERE)
 
 import bench  # noqa: E402
-import epts  # noqa: E402
 import prune  # noqa: E402
 
 PATTERNS = [(2, 4), (4, 8)]
@@ -47,7 +46,7 @@ def fixture_rows(kind):
     rows = [{"method": "dense", "sparsity": "0", "ppl": ppl(model)}]
     for n, m in PATTERNS:
         for label, method, b in METHODS:
-            pruned = epts.prunable_copy(model)
+            pruned = prune.prunable_copy(model)
             t0 = time.time()
             prune.prune_model(pruned, method, (n, m), calib, config=prune.PruneConfig(eggs_diagonals=b))
             seconds = time.time() - t0

@@ -62,7 +62,6 @@ def add_outliers(model, channels, k=K):
 def rows(kind):
     """Dense and every method at SPARSITIES on the fixture `kind`, plain and with outliers."""
     import bench
-    import epts
     model, calib, ppl = bench.fixture_and_data(kind)
     found = []
     for bed in ("plain", "outliers"):
@@ -71,7 +70,7 @@ def rows(kind):
         found.append({"model": kind, "bed": bed, "method": "dense", "sparsity": 0.0, "ppl": ppl(model)})
         for method in METHODS:
             for s in SPARSITIES:
-                pruned = epts.prunable_copy(model)
+                pruned = prune.prunable_copy(model)
                 prune.prune_model(pruned, method, s, calib)
                 found.append({"model": kind, "bed": bed, "method": method, "sparsity": s, "ppl": ppl(pruned)})
                 bench.log(f"{kind} {bed} {method} {s}: {found[-1]['ppl']:.2f}")

@@ -21,6 +21,7 @@ sys.path.insert(0, HERE)
 
 import bench  # noqa: E402
 import epts  # noqa: E402
+import run  # noqa: E402
 import prune  # noqa: E402
 from eval import perplexity  # noqa: E402
 
@@ -55,7 +56,7 @@ def fixture_rows(kind):
     for base in BASES:
         for label, config in VARIANTS:
             for s in SPARSITIES:
-                pruned = epts.prunable_copy(model)
+                pruned = prune.prunable_copy(model)
                 t0 = time.time()
                 prune.prune_model(pruned, base + label.split()[0] if label else base, s, calib, config=config)
                 rows.append({"method": base + label, "sparsity": prune.format_sparsity(s),
@@ -63,13 +64,13 @@ def fixture_rows(kind):
                 bench.log(f"{kind} {base}{label} {s}: ppl {rows[-1]['ppl']:.2f}, {rows[-1]['block_s']:.2f}s/block")
     on_calib = lambda m: perplexity(m, calib.reshape(-1), calib.shape[1], 8)  # noqa: E731
     for s in SPARSITIES:  # and both on the calibration windows themselves: a mismatch with the test text, or not
-        plain, corrected = epts.prunable_copy(model), mean_corrected_wanda(epts.prunable_copy(model), calib, s)
+        plain, corrected = prune.prunable_copy(model), mean_corrected_wanda(prune.prunable_copy(model), calib, s)
         prune.prune_model(plain, "wanda", s, calib)
         rows.append({"method": "wanda, mean bias only", "sparsity": prune.format_sparsity(s), "block_s": 0,
                      "ppl": ppl(corrected), "calib_ppl": on_calib(corrected), "wanda_calib_ppl": on_calib(plain)})
     with tempfile.TemporaryDirectory() as out:
         t0 = time.time()
-        epts.run_epts(epts.prunable_copy(model), calib, out, epts.EPTSConfig(epochs=bench.RUN["epochs"]))
+        run.run_epts(prune.prunable_copy(model), calib, out, epts.EPTSConfig(epochs=bench.RUN["epochs"]))
         rows.append({"method": "epts (one run)", "block_s": (time.time() - t0) / len(model.blocks)})
     return rows
 

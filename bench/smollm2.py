@@ -118,8 +118,8 @@ def check(folder=FOLDER):
     """Our model's logits against transformers' on the same folder, and our tokenizer against `tokenizers`'."""
     import tokenizers
     import transformers
-    import epts
-    ours, tok = epts.load(folder)
+    import cli
+    ours, tok = cli.load(folder)
     ref = transformers.AutoModelForCausalLM.from_pretrained(folder, dtype=torch.float32).eval()
     text = "The tower is 324 metres (1,063 ft) tall, about the same height as an 81-storey building."
     ids = torch.tensor([tok.encode(text)])

@@ -20,7 +20,6 @@ sys.path.insert(0, os.path.dirname(HERE))
 sys.path.insert(0, HERE)
 
 import bench  # noqa: E402
-import epts  # noqa: E402
 import prune  # noqa: E402
 
 SPARSITIES = [0.5, 0.6]
@@ -37,7 +36,7 @@ def fixture_rows(kind):
         [("sslc", ratio, n, beta) for ratio in RATIOS for n, beta in SETTINGS]
     for s in SPARSITIES:
         for method, ratio, n, beta in settings:
-            pruned = epts.prunable_copy(model)
+            pruned = prune.prunable_copy(model)
             config = prune.PruneConfig(rank_ratio=ratio or 0.0, alternations=n or 1, sslc_momentum=beta or 0.0)
             t0 = time.time()
             prune.prune_model(pruned, method, s, calib, config=config)

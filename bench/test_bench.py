@@ -1,5 +1,5 @@
 """Tests of the benchmarks' own code: the README's memory formula against autograd, and the results table.
-Run by `make test` beside test_epts.py."""
+Run by `make test` beside the test_*.py files."""
 
 import json
 import os
@@ -10,6 +10,7 @@ import pytest
 import torch
 
 import epts
+
 import model as M
 import prune
 from conftest import calib_ids, tiny_llama
@@ -204,7 +205,7 @@ def test_si_bench_mean_bias_and_tables():
     import prune
     calib = torch.randint(0, 64, (4, 16), generator=torch.Generator().manual_seed(0))
     dense = tiny_llama()
-    corrected = si_bench.mean_corrected_wanda(epts.prunable_copy(dense), calib, 0.5)
+    corrected = si_bench.mean_corrected_wanda(prune.prunable_copy(dense), calib, 0.5)
     x = dense.blocks[0].input_layernorm(dense.embed(calib))
     q, q_pruned = dense.blocks[0].self_attn.q_proj, corrected.blocks[0].self_attn.q_proj
     assert prune.achieved_sparsity(corrected) == 0.5
@@ -242,14 +243,14 @@ def test_outlier_bed_keeps_the_function_and_wandas_masks_and_strips_magnitudes(f
     prune.run_block(model.blocks[0], model.embed(ids), "cpu", 4, norms)
     act_norm = next(iter(norms.values())).act_norm  # the first norm's outputs: the outliers are its loudest
     assert (act_norm[channels].min() >= act_norm.topk(outliers.CHANNELS).values.min()) and len(channels) == 2
-    bed = outliers.add_outliers(epts.prunable_copy(model), channels)
+    bed = outliers.add_outliers(prune.prunable_copy(model), channels)
     assert not torch.equal(bed.blocks[0].linears()[next(iter(bed.blocks[0].linears()))].weight,
                            model.blocks[0].linears()[next(iter(model.blocks[0].linears()))].weight)
     assert torch.equal(bed(ids), model(ids))
     masks = {}
     for name, m in (("plain", model), ("bed", bed)):
         for method in ("wanda", "magnitude"):
-            pruned = prune.prune_model(epts.prunable_copy(m), method, 0.5, ids)
+            pruned = prune.prune_model(prune.prunable_copy(m), method, 0.5, ids)
             masks[name, method] = [lin.weight != 0 for b in pruned.blocks for lin in b.linears().values()]
     assert all(torch.equal(a, b) for a, b in zip(masks["plain", "wanda"], masks["bed", "wanda"]))
     fed = [n for n, lin in bed.blocks[0].linears().items() if lin.in_features == model.cfg.hidden_size
