@@ -298,8 +298,8 @@ def plan(r, config, procs=SOLO):
     out_dir = (r.out or os.path.join("runs", f"epts-{os.path.basename(os.path.normpath(r.ckpt))}")) \
         if train_epts else None
     check_outputs(r, rows, out_dir, writer=procs.index == 0)  # under torchrun process 0 alone works in --out
-    if r.export and any(m.endswith("+si") for m in r.methods):
-        M.check_bias_export(cfg)  # SI's shift gives every layer a bias
+    if r.export and any(m.endswith("+si") for m in r.methods) and r.pruning.si_init == "eq5":
+        M.check_bias_export(cfg)  # Eq. 5's shift gives every layer a bias
     deployed = allocation if isinstance(allocation, list) else [s for m, s in rows if m == "epts"]
     elastic = None
     if "epts" in r.methods and r.elastic:
@@ -622,7 +622,8 @@ PRUNING_FLAGS = {
     "si_lambda": "SI: weight of the norm term",
     "si_alpha": "SI: the norm term's exp(-alpha sum ||W~||_p)",
     "si_p": "SI: the norm term's entrywise p",
-    "si_clamp": "SI: Eq. 5's scales clamped into [1/c, c] times their median; 1: the shift alone"}
+    "si_clamp": "SI: Eq. 5's scales clamped into [1/c, c] times their median; 1: the shift alone",
+    "si_init": "SI: act (ours: the scales from the activation norms, kept where they help) or eq5 (the paper's)"}
 
 
 def parse_args(argv):

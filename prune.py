@@ -14,7 +14,10 @@ import sys
 import time
 from dataclasses import dataclass
 from types import SimpleNamespace
+
 import torch
+import torch.nn.functional as F
+
 from model import SparsePlusLowRank  # SSLC's layer: the model files read and write it
 
 
@@ -304,20 +307,9 @@ def sslc_prune(W, act_norm, sparsity, rank_ratio=0.25, alternations=10, momentum
 # Per layer W~ = diag(row) W diag(col) and x~ = (x - delta) / col, the scales shared by the layer pairs of
 # Block.scale_pairs (row * col factors cancel through each pair) and a shift delta per layer. With W~ pruned to
 # W^, the layer on the original x is P = W^ / (row col) with bias b + (W - P) delta: exact, whatever the method.
-# Note: |W~_ij| ||x~_j|| = row_i |W_ij| ||x_j - delta_j||, so Wanda's masks ignore the scales, and with the masks
-# fixed the block's output does not depend on them: the shift trains through the block's output error, the
-# scales only through the norm term; they act where a score is not scale-free (magnitude's, RIA's sums).
-
-
-def centred_stats(stats, delta, col):
-    """Wanda's ||x~_j|| and SparseGPT's H~ (when X^T X is kept) of x~ = (x - delta) / col, from x's sums."""
-    n = stats.n
-    sq = stats.sq - 2 * delta * stats.sum + n * delta ** 2  # (in,): sum over tokens of (x_j - delta_j)^2
-    H = None
-    if stats.XtX is not None:
-        C = stats.XtX - torch.outer(delta, stats.sum) - torch.outer(stats.sum, delta) + n * torch.outer(delta, delta)
-        H = 2 * C / n / torch.outer(col, col)
-    return SimpleNamespace(act_norm=sq.clamp_min(0).sqrt() / col, H=H)
+# Wanda's masks ignore the scales. si_init "eq5": the paper as written (Eq. 5's scales on every pair, shifts from the
+# means, the term exp(-alpha sum)); "act" (ours, the default): the pairs a norm feeds scaled by ||x_j||, no shift,
+# the mean relative norm as the term, each block kept in SI's basis only where that lowers its output error.
 
 
 def si_prune_layer(method, W, stats, sparsity, basis, config):
@@ -325,35 +317,33 @@ def si_prune_layer(method, W, stats, sparsity, basis, config):
     in) and the bias change (W - P) delta."""
     row, col, delta = basis
     Wt = W.float() * row.view(-1, 1) * col
-    Wt = prune_layer(method, SimpleNamespace(weight=Wt), centred_stats(stats, delta, col), sparsity, config).weight
+    Wt = prune_layer(method, SimpleNamespace(weight=Wt), stats.centred(delta, col), sparsity, config).weight
     P = Wt / row.view(-1, 1) / col
     return P, (W.float() - P) @ delta
 
 
-def scale_pairs_on(block):
-    """block.scale_pairs() with its index tensors on the block's device, made once per block."""
+def scale_pairs_on(block, names=None):
+    """block.scale_pairs() (those named in `names`, if given) with their index tensors on the block's device."""
     device = device_of(block)
     return {name: (size, [(module, dim, None if index is None else index.to(device), power)
                           for module, dim, index, power in entries])
-            for name, (size, entries) in block.scale_pairs().items()}
+            for name, (size, entries) in block.scale_pairs().items() if names is None or name in names}
 
 
 def si_factors(block, pairs, scales):
-    """{module: [row, col]}: the product of the scales on each module's weight rows and columns."""
-    factors = {}
+    """{module: [row, col]}: the product of the scales on each module's weight rows and columns (every Linear's)."""
+    ones = lambda W: [torch.ones(W.shape[0], device=W.device), torch.ones(W.shape[-1], device=W.device)]  # noqa: E731
+    factors = {n: ones(lin.weight) for n, lin in block.linears().items()}  # 1 on a layer no pair scales
     for name, (size, entries) in pairs.items():
         for module, dim, index, power in entries:
-            W = block.get_submodule(module).weight
-            f = factors.setdefault(module, [torch.ones(W.shape[0], device=W.device),
-                                            torch.ones(W.shape[-1], device=W.device)])
+            f = factors.setdefault(module, ones(block.get_submodule(module).weight))
             f[dim] = f[dim] * (scales[name] if index is None else scales[name][index]) ** power
     return factors
 
 
 def si_init(block, pairs, stats, clamp):
-    """Eq. 5: the scale of channel i is (median_i - mean_i)^2 of the values it carries over the calibration
-    tokens, divided by its median over the channels and clamped into [1 / clamp, clamp] (a scale shared by
-    several channels, GQA's, takes their mean); 1 where no layer's input carries it (q_k)."""
+    """Eq. 5: channel i's scale is (median_i - mean_i)^2 of its values over the calibration tokens over its median
+    over the channels, clamped into [1 / clamp, clamp] (GQA's shared scales: the mean); 1 where no input carries it."""
     scales = {}
     for name, (size, entries) in pairs.items():
         inputs = [(module, index) for module, dim, index, _ in entries if dim == 1]
@@ -369,33 +359,43 @@ def si_init(block, pairs, stats, clamp):
     return scales
 
 
-def norm_term(abs_W, factors, p, alpha):
-    """The paper's R_p = exp(-alpha sum_l ||W~_l||_p), each layer's entrywise p-norm relative to its untransformed
-    one so that alpha needs no unit; abs_W: {layer: (|W|^p, ||W||_p)}."""
+def act_scales(pairs, stats):
+    """Ours: channel j's scale is ||x_j|| over the live channels' median, so |W~_ij| ranks as Wanda's score and
+    magnitude keeps the loud channels' small weights; a dead channel 1e-6, a layer with no live input 1 everywhere."""
+    scales = {}
+    for name, (size, entries) in pairs.items():
+        a = stats[next(m for m, dim, _, _ in entries if dim == 1)].act_norm.float()  # (size,), the first reader's
+        scales[name] = (a / (a[a > 0].median() if (a > 0).any() else 1)).clamp_min(1e-6)
+    return scales
+
+
+def norm_term(abs_W, factors, p, alpha, paper=True):
+    """The paper's R_p = exp(-alpha sum_l ||W~_l||_p), each layer's p-norm relative to its untransformed one (ours,
+    paper=False: their mean, whose gradient moves the scales from the first step); abs_W: {layer: (|W|^p, ||W||_p)}."""
     total = 0
     for name, (Wp, norm) in abs_W.items():
         row, col = factors[name]
         total = total + (row ** p @ Wp @ col ** p) ** (1 / p) / norm
-    return torch.exp(-alpha * total)
+    return torch.exp(-alpha * total) if paper else total / max(len(abs_W), 1)
 
 
 def induce_and_prune(block, streams, stats, method, sparsity, config):
-    """Sparsity Induction on one block, then `method` in its basis: the scales start at Eq. 5 and the shifts at
-    the inputs' means; for si_epochs the masks are refreshed from the statistics (SparseGPT's from Wanda's score,
-    its saliency with a diagonal H), then the scales and shifts take Adam steps on the block's output MSE
-    against the dense outputs Y plus si_lambda times the norm term. streams = (X, Y): the block's inputs and the
-    dense block's outputs (N, T, C). Leaves every Linear pruned, with a bias."""
-    (X, Y), layers, pairs, p = streams, block.linears(), scale_pairs_on(block), config.si_p
+    """SI on one block, then `method` in its basis: each of si_epochs refreshes the masks from the statistics
+    (SparseGPT's from Wanda's score), then Adam steps the scales (and eq5's shifts) on the output MSE against the
+    dense outputs Y plus si_lambda times the norm term. streams = (X, Y), (N, T, C)."""
+    (X, Y), layers, p, paper = streams, block.linears(), config.si_p, config.si_init == "eq5"
+    pairs = scale_pairs_on(block, None if paper else ("attn_in", "mlp_in"))  # ours: the pairs a norm feeds
     W = {n: lin.weight.detach().clone() for n, lin in layers.items()}
     b = {n: torch.zeros(lin.out_features, device=W[n].device) if lin.bias is None else lin.bias.detach().float()
          for n, lin in layers.items()}
-    for n, lin in layers.items():
+    for n, lin in (layers.items() if paper else ()):  # eq5's shifts give every layer a bias; ours has no shift
         lin.bias = torch.nn.Parameter(b[n].to(W[n].dtype), requires_grad=False)
-    log_s = {g: s.log().requires_grad_() for g, s in si_init(block, pairs, stats, config.si_clamp).items()}
-    delta = {n: stats[n].mean.requires_grad_() for n in layers}  # the optimum for a fixed mask
+    start = si_init(block, pairs, stats, config.si_clamp) if paper else act_scales(pairs, stats)
+    log_s = {g: s.log().requires_grad_() for g, s in start.items()}
+    delta = {n: stats[n].mean.requires_grad_(paper) if paper else torch.zeros_like(stats[n].mean) for n in layers}
     # an all-zero layer has no norm to scale (0/0, and an infinite gradient of x^(1/p) at 0): left out of the term
     abs_W = {n: (W[n].float().abs() ** p, torch.linalg.vector_norm(W[n].float(), p)) for n in layers if W[n].any()}
-    opt = torch.optim.Adam([*log_s.values(), *delta.values()], lr=config.si_lr)
+    opt = torch.optim.Adam([*log_s.values(), *(delta.values() if paper else ())], lr=config.si_lr)
     proxy, gen = "wanda" if method == "sparsegpt" else method, torch.Generator().manual_seed(0)
     for _ in range(config.si_epochs):
         with torch.no_grad():  # this epoch's masks, from the statistics alone
@@ -406,11 +406,11 @@ def induce_and_prune(block, streams, stats, method, sparsity, config):
                 removed[n] = W[n].float() - P  # (out, in): the weights the mask removes
         for batch in torch.randperm(len(X), generator=gen).split(config.batch_size):
             with torch.enable_grad():  # (prune_model runs without autograd)
-                biases = {f"{n}.bias": (b[n] + removed[n] @ delta[n]).to(W[n].dtype) for n in layers}
+                biases = {f"{n}.bias": (b[n] + removed[n] @ delta[n]).to(W[n].dtype) for n in layers if paper}
                 out = torch.func.functional_call(block, biases, (X[batch].to(device_of(block)),))
                 factors = si_factors(block, pairs, {g: s.exp() for g, s in log_s.items()})
-                loss = torch.nn.functional.mse_loss(out.float(), Y[batch].to(out.device).float()) + \
-                    config.si_lambda * norm_term(abs_W, factors, p, config.si_alpha)
+                loss = F.mse_loss(out.float(), Y[batch].to(out.device).float()) + \
+                    config.si_lambda * norm_term(abs_W, factors, p, config.si_alpha, paper)
                 opt.zero_grad(set_to_none=True)
                 loss.backward()
             opt.step()
@@ -419,7 +419,16 @@ def induce_and_prune(block, streams, stats, method, sparsity, config):
         for n, lin in layers.items():
             P, shift = si_prune_layer(method, W[n], stats[n], sparsity, (*factors[n], delta[n].detach()), config)
             lin.weight.copy_(P)
-            lin.bias.copy_(b[n] + shift)
+            if paper:
+                lin.bias.copy_(b[n] + shift)
+        if not paper:  # ours: SI's basis only where it lowers the block's error, else the base method as it is
+            induced, err = [lin.weight.clone() for lin in layers.values()], output_error(block, X, Y, config.batch_size)
+            for n, lin in layers.items():
+                lin.weight.copy_(W[n])
+                prune_layer(method, lin, stats[n], sparsity, config)
+            if output_error(block, X, Y, config.batch_size) > err:
+                for lin, P in zip(layers.values(), induced):
+                    lin.weight.copy_(P)
 
 
 # -----------------------------------------------------------------------------
@@ -515,6 +524,7 @@ class PruneConfig:
     si_alpha: float = 1.0  # its exponent's factor
     si_p: float = 2.0  # its entrywise p-norm
     si_clamp: float = 10.0  # Eq. 5's scales clamped into [1 / c, c] times their median (1: the shift alone)
+    si_init: str = "act"  # the transform's start: "act" (ours, the activation norms) or "eq5" (the paper's)
     batch_size: int = 8  # calibration windows per forward pass
 
     def __post_init__(self):
@@ -535,6 +545,8 @@ class PruneConfig:
                   ("si_p", 1 <= self.si_p <= 8, "a number in [1, 8]"),
                   ("si_clamp", 1 <= self.si_clamp <= 1e6, "a number in [1, 1e6]"),
                   ("batch_size", self.batch_size >= 1, "an integer >= 1"))
+        if self.si_init not in ("act", "eq5"):
+            raise ValueError(f"si_init {self.si_init!r} must be act (ours, the default) or eq5 (the paper's)")
         for name, ok, rule in checks:
             v = getattr(self, name)
             if not (ok and math.isfinite(v) and (isinstance(v, int) or "integer" not in rule)):
@@ -680,6 +692,16 @@ class InputStats:
     def H(self):
         return 2 * self.XtX / self.n
 
+    def centred(self, delta, col):
+        """Wanda's ||x~_j|| and SparseGPT's H~ (when X^T X is kept) of x~ = (x - delta) / col (Sparsity Induction's
+        basis), from the sums of x."""
+        n, H = self.n, None
+        sq = self.sq - 2 * delta * self.sum + n * delta ** 2  # (in,): sum over tokens of (x_j - delta_j)^2
+        if self.XtX is not None:
+            C = self.XtX - torch.outer(delta, self.sum) - torch.outer(self.sum, delta) + n * torch.outer(delta, delta)
+            H = 2 * C / n / torch.outer(col, col)
+        return SimpleNamespace(act_norm=sq.clamp_min(0).sqrt() / col, H=H)
+
 
 def run_block(block, X, device, batch_size, stats=None):
     """Run `block` over the stream X (N, T, C) in batches; optionally feed `stats` {name: InputStats}."""
@@ -693,6 +715,13 @@ def run_block(block, X, device, batch_size, stats=None):
     for h in hooks:
         h.remove()
     return out
+
+
+@torch.no_grad()
+def output_error(block, X, Y, batch_size):
+    """The block's summed squared error against Y (N, T, C) on the windows of X, a batch at a time."""
+    return sum(F.mse_loss(block(x.to(device_of(block))).float(), y.to(device_of(block)).float(), reduction="sum")
+               for x, y in zip(X.split(batch_size), Y.split(batch_size))).item()
 
 
 def new_stats(block, hessian, device, sample_every=0):
