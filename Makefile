@@ -26,6 +26,7 @@ bench:
 	$(PYTHON) bench/nm_bench.py
 	$(PYTHON) bench/sslc_bench.py
 	$(PYTHON) bench/si_bench.py
+	$(PYTHON) bench/si_default.py
 	$(PYTHON) bench/outliers.py
 	$(PYTHON) bench/gpu.py
 	$(PYTHON) bench/speed.py

@@ -584,8 +584,7 @@ def main(request=Request(), config=EPTSConfig()):
 
 
 def as_flag(e):
-    """A settings class's ValueError (EPTSConfig's, PruneConfig's), which opens on the setting's name, in the words
-    of its command-line flag."""
+    """A settings class's ValueError, which opens on the setting's name, in the words of its flag."""
     name, _, rest = str(e).partition(" ")
     return f"--{'groups' if name == 'edges' else name.replace('_', '-')} {rest}"
 
@@ -712,8 +711,7 @@ def parse_args(argv):
 
 
 def interrupt(signum, frame):
-    """SIGTERM (timeout, kill, Slurm, docker stop) ends the run as Ctrl-C does: temporary files and folders are
-    removed on the way out, finished EPTS blocks stay."""
+    """SIGTERM (timeout, kill, Slurm) ends the run as Ctrl-C does: temporary files go, finished EPTS blocks stay."""
     raise KeyboardInterrupt
 
 

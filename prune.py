@@ -612,11 +612,12 @@ def prune_model(model, method, sparsity, calib=None, device="cpu", config=PruneC
             every = max(1, X.shape[0] * X.shape[1] // 4096) if si else 0
             stats = new_stats(block, base == "sparsegpt", device, every)
             Y = run_block(block, X, device, bs, stats)  # the dense block's outputs
-        if si:
+        # ours (si_init act) leaves SparseGPT as it is: its masks and updates follow the scales but for its dampening
+        if si and (base != "sparsegpt" or config.si_init == "eq5"):
             induce_and_prune(block, (X, Y), stats, base, s, config)
         else:
             for name, lin in block.linears().items():
-                pruned = prune_layer(method, lin, stats.get(name), s, config)
+                pruned = prune_layer(base, lin, stats.get(name), s, config)
                 if pruned is not lin:  # a new kind of layer (SSLC's) takes the Linear's place in the block
                     parent, _, attr = name.rpartition(".")
                     setattr(block.get_submodule(parent), attr, pruned)

@@ -27,7 +27,8 @@ sys.path.insert(0, HERE)
 import prune  # noqa: E402
 
 CHANNELS, K = 2, 64.0  # real LLMs: 2-4 of 4096 hidden channels, activations 100-1000x the median
-METHODS = ("magnitude", "wanda", "sparsegpt", "magnitude+si", "wanda+si")
+METHODS = ("magnitude", "wanda", "sparsegpt", "magnitude+si", "wanda+si")  # +si: Eq. 5 (si_default.py: ours)
+EQ5 = prune.PruneConfig(si_init="eq5")
 SPARSITIES = (0.5, 0.7)
 
 
@@ -71,7 +72,7 @@ def rows(kind):
         for method in METHODS:
             for s in SPARSITIES:
                 pruned = prune.prunable_copy(model)
-                prune.prune_model(pruned, method, s, calib)
+                prune.prune_model(pruned, method, s, calib, config=EQ5)
                 found.append({"model": kind, "bed": bed, "method": method, "sparsity": s, "ppl": ppl(pruned)})
                 bench.log(f"{kind} {bed} {method} {s}: {found[-1]['ppl']:.2f}")
     return found

@@ -69,11 +69,12 @@ MODELS = {"llama fixture": lambda: bench.fixture_and_data("llama"),
           "built-in": builtin, "smollm2": smollm2}
 
 
-def rows(name, variants):
+def rows(name, variants, wanted):
+    """Dense and every (method, sparsity) in `wanted` (None: all of BASES) under every variant."""
     model, calib, ppl = MODELS[name]()
     found = [{"model": name, "method": "dense", "variant": "alone", "sparsity": 0.0, "ppl": ppl(model)}]
     for base, sparsities in BASES.items():
-        for s in sparsities:
+        for s in (s for s in sparsities if wanted is None or (base, str(prune.format_sparsity(s))) in wanted):
             for variant in variants:
                 pruned = prune.prunable_copy(model)
                 config = VARIANTS[variant]
@@ -83,6 +84,10 @@ def rows(name, variants):
                               "ppl": ppl(pruned)})
                 bench.log(f"{name} {base} {variant} {prune.format_sparsity(s)}: {found[-1]['ppl']:.2f}")
     return found
+
+
+def key(row):
+    return row["model"], row["method"], row["variant"], str(row["sparsity"])
 
 
 def table(results):
@@ -97,27 +102,32 @@ def table(results):
             for s in map(prune.format_sparsity, sparsities):
                 got = [by.get((name, base, v, str(s))) for v in VARIANTS]
                 cells[str(s)] = " / ".join("—" if x is None else f"{x:,.2f}" for x in got)
-                worst = max(worst, got[1] / got[0])
-            lines.append(f"| {name} | {base} | " + " | ".join(cells.get(s, "") for s in ("0.5", "0.7", "2:4")) +
-                         f" | {worst:.3f} |")
+                worst = max(worst, got[1] / got[0]) if None not in got[:2] else worst  # a row not measured
+            if worst:
+                lines.append(f"| {name} | {base} | " + " | ".join(cells.get(s, "") for s in ("0.5", "0.7", "2:4")) +
+                             f" | {worst:.3f} |")
     return "\n".join(lines)
 
 
 if __name__ == "__main__":
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--smollm2", action="store_true", help="also SmolLM2-135M (about an hour on 2 CPU cores)")
-    p.add_argument("--only", choices=list(MODELS), help="this model alone, its rows replacing its earlier ones")
+    p.add_argument("--only", choices=list(MODELS), help="this model alone (its new rows replace the same earlier ones)")
     p.add_argument("--no-eq5", action="store_true", help="without the paper's Eq. 5 variant")
+    p.add_argument("--rows", help="only these, e.g. magnitude:0.5,wanda:2:4 (method:sparsity)")
+    p.add_argument("--out", default=RESULTS, help="the results file, merged with what it holds")
     a = p.parse_args()
+    wanted = None if not a.rows else {(r.split(":", 1)[0], r.split(":", 1)[1]) for r in a.rows.split(",")}
     names = [a.only] if a.only else [n for n in MODELS if n != "smollm2" or a.smollm2]
     variants = [v for v in VARIANTS if not (a.no_eq5 and v == "+si eq5")]
     results = {"rows": []}
-    if os.path.isfile(RESULTS):
-        with open(RESULTS) as f:
+    if os.path.isfile(a.out):
+        with open(a.out) as f:
             results = json.load(f)
     for name in names:
-        new = rows(name, variants)
+        new = rows(name, variants, wanted)
         results = {"date": str(date.today()), "command": "python bench/si_default.py " + " ".join(sys.argv[1:]),
-                   "machine": bench.machine(), "rows": [r for r in results["rows"] if r["model"] != name] + new}
-        M.save_json(results, RESULTS)  # after every model: a long run loses nothing
+                   "machine": bench.machine(),
+                   "rows": [r for r in results["rows"] if key(r) not in {*map(key, new)}] + new}
+        M.save_json(results, a.out)  # after every model: a long run loses nothing
     print(table(results))
