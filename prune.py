@@ -361,7 +361,7 @@ def si_init(block, pairs, stats, clamp):
 
 def act_scales(pairs, stats):
     """Ours: channel j's scale is ||x_j|| over the live channels' median, so |W~_ij| ranks as Wanda's score and
-    magnitude keeps the loud channels' small weights; a dead channel 1e-6, a layer with no live input 1 everywhere."""
+    magnitude keeps the loud channels' small weights; a dead channel, and every channel of a dead input, 1e-6."""
     scales = {}
     for name, (size, entries) in pairs.items():
         a = stats[next(m for m, dim, _, _ in entries if dim == 1)].act_norm.float()  # (size,), the first reader's

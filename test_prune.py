@@ -630,6 +630,24 @@ def test_si_default_scales_move_and_the_norm_term_falls(monkeypatch):
     assert term1 < term0
 
 
+def test_act_scales_are_the_activation_norms_over_their_median():
+    """Ours: each norm-fed pair's scale is ||x_j|| of the first layer reading it over the live channels' median;
+    a dead channel 1e-6, and so every channel of an input with none live (one scale: magnitude's masks unchanged)."""
+    block, X, Y, stats = biased_block()
+    pairs = prune.scale_pairs_on(block, ("attn_in", "mlp_in"))
+    scales = prune.act_scales(pairs, stats)
+    for name, reader in (("attn_in", "self_attn.q_proj"), ("mlp_in", "mlp.gate_proj")):
+        a = stats[reader].act_norm
+        torch.testing.assert_close(scales[name], a / a.median())
+    stats["self_attn.q_proj"].sq[:3] = 0  # three dead channels
+    stats["mlp.gate_proj"].sq.zero_()  # no live input
+    scales = prune.act_scales(pairs, stats)
+    a = stats["self_attn.q_proj"].act_norm
+    assert torch.equal(scales["attn_in"][:3], torch.full((3,), 1e-6))
+    torch.testing.assert_close(scales["attn_in"][3:], a[3:] / a[3:].median())
+    assert torch.equal(scales["mlp_in"], torch.full_like(scales["mlp_in"], 1e-6))
+
+
 def test_si_default_keeps_the_base_method_where_its_basis_does_not_help(monkeypatch):
     """Ours: a block stays in SI's basis only where that lowers its output error. With scales that can only hurt
     (random over six decades), every block is pruned exactly as by magnitude alone; SparseGPT, whose masks and

@@ -114,12 +114,13 @@ if __name__ == "__main__":
     p.add_argument("--smollm2", action="store_true", help="also SmolLM2-135M (about an hour on 2 CPU cores)")
     p.add_argument("--only", choices=list(MODELS), help="this model alone (its new rows replace the same earlier ones)")
     p.add_argument("--no-eq5", action="store_true", help="without the paper's Eq. 5 variant")
+    p.add_argument("--alone", action="store_true", help="the methods alone, no +si")
     p.add_argument("--rows", help="only these, e.g. magnitude:0.5,wanda:2:4 (method:sparsity)")
     p.add_argument("--out", default=RESULTS, help="the results file, merged with what it holds")
     a = p.parse_args()
     wanted = None if not a.rows else {(r.split(":", 1)[0], r.split(":", 1)[1]) for r in a.rows.split(",")}
     names = [a.only] if a.only else [n for n in MODELS if n != "smollm2" or a.smollm2]
-    variants = [v for v in VARIANTS if not (a.no_eq5 and v == "+si eq5")]
+    variants = [v for v in VARIANTS if not (a.no_eq5 and v == "+si eq5") and not (a.alone and v != "alone")]
     results = {"rows": []}
     if os.path.isfile(a.out):
         with open(a.out) as f:
