@@ -6,7 +6,7 @@ PYTHON ?= python3
 setup:
 	$(PYTHON) -m pip install -q -r requirements-test.txt
 
-# the whole suite, the real-shape tier included (about 10 minutes on 2 CPU cores); pytest exits 5 when no
+# the whole suite, the real-shape tier included (about 12 minutes on 2 CPU cores); pytest exits 5 when no
 # test ran, which must fail too
 test:
 	$(PYTHON) -m pytest -q test_*.py bench/test_bench.py; rc=$$?; \

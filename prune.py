@@ -612,8 +612,9 @@ def prune_model(model, method, sparsity, calib=None, device="cpu", config=PruneC
             every = max(1, X.shape[0] * X.shape[1] // 4096) if si else 0
             stats = new_stats(block, base == "sparsegpt", device, every)
             Y = run_block(block, X, device, bs, stats)  # the dense block's outputs
-        # ours (si_init act) leaves SparseGPT as it is: its masks and updates follow the scales but for its dampening
-        if si and (base != "sparsegpt" or config.si_init == "eq5"):
+        # ours (si_init act) rescales for magnitude alone: Wanda's, RIA's and EGGS's scores weigh the activations
+        # already, and SparseGPT's masks and updates follow the scales but for its dampening
+        if si and (base == "magnitude" or config.si_init == "eq5"):
             induce_and_prune(block, (X, Y), stats, base, s, config)
         else:
             for name, lin in block.linears().items():

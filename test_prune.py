@@ -650,13 +650,13 @@ def test_act_scales_are_the_activation_norms_over_their_median():
 
 def test_si_default_keeps_the_base_method_where_its_basis_does_not_help(monkeypatch):
     """Ours: a block stays in SI's basis only where that lowers its output error. With scales that can only hurt
-    (random over six decades), every block is pruned exactly as by magnitude alone; SparseGPT, whose masks and
-    updates follow the scales but for its dampening, ours leaves as it is."""
+    (random over six decades), every block is pruned exactly as by magnitude alone; Wanda, SparseGPT and RIA
+    (whose scores weigh the activations already, or follow the scales) ours leaves as they are."""
     g = torch.Generator().manual_seed(0)
     monkeypatch.setattr(prune, "act_scales", lambda pairs, stats: {
         name: 10 ** (6 * torch.rand(size, generator=g) - 3) for name, (size, _) in pairs.items()})
     model, calib = tiny_llama(), calib_ids(8, 16)
-    for method in ("magnitude", "sparsegpt"):  # SparseGPT: left as it is by ours, whatever the scales
+    for method in ("magnitude", "wanda", "sparsegpt", "ria"):  # all but magnitude: left as they are by ours
         alone = prune.prune_model(prune.prunable_copy(model), method, 0.5, calib)
         induced = prune.prune_model(prune.prunable_copy(model), method + "+si", 0.5, calib)
         assert all(torch.equal(a, b) for a, b in zip(alone.state_dict().values(), induced.state_dict().values()))
