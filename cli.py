@@ -622,7 +622,7 @@ PRUNING_FLAGS = {
     "si_alpha": "SI: the norm term's exp(-alpha sum ||W~||_p)",
     "si_p": "SI: the norm term's entrywise p",
     "si_clamp": "SI: Eq. 5's scales clamped into [1/c, c] times their median; 1: the shift alone",
-    "si_init": "SI: act (ours: magnitude's scales from the activation norms, kept where they help) or eq5 (the paper's)"}
+    "si_init": "SI: act (ours: magnitude's scales from the activation norms, where they help) or eq5 (the paper's)"}
 
 
 def parse_args(argv):
