@@ -392,7 +392,7 @@ def induce_and_prune(block, streams, stats, method, sparsity, config):
         lin.bias = torch.nn.Parameter(b[n].to(W[n].dtype), requires_grad=False)
     start = si_init(block, pairs, stats, config.si_clamp) if paper else act_scales(pairs, stats)
     log_s = {g: s.log().requires_grad_() for g, s in start.items()}
-    delta = {n: stats[n].mean.requires_grad_(paper) if paper else torch.zeros_like(stats[n].mean) for n in layers}
+    delta = {n: stats[n].mean.requires_grad_() if paper else torch.zeros_like(stats[n].mean) for n in layers}
     # an all-zero layer has no norm to scale (0/0, and an infinite gradient of x^(1/p) at 0): left out of the term
     abs_W = {n: (W[n].float().abs() ** p, torch.linalg.vector_norm(W[n].float(), p)) for n in layers if W[n].any()}
     opt = torch.optim.Adam([*log_s.values(), *(delta.values() if paper else ())], lr=config.si_lr)
@@ -403,7 +403,7 @@ def induce_and_prune(block, streams, stats, method, sparsity, config):
             for n, lin in layers.items():
                 P, _ = si_prune_layer(proxy, W[n], stats[n], sparsity, (*factors[n], delta[n]), config)
                 lin.weight.copy_(P)
-                removed[n] = W[n].float() - P  # (out, in): the weights the mask removes
+                removed[n] = W[n].float() - P if paper else None  # (out, in): what the mask removes (eq5's bias)
         for batch in torch.randperm(len(X), generator=gen).split(config.batch_size):
             with torch.enable_grad():  # (prune_model runs without autograd)
                 biases = {f"{n}.bias": (b[n] + removed[n] @ delta[n]).to(W[n].dtype) for n in layers if paper}
